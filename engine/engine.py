@@ -1,0 +1,218 @@
+"""The Engine: load a GGUF, then `schedule() -> run -> postprocess` one step at a time.
+
+The engine is single-threaded by design: the server drives `step()` from one thread and
+hands requests in between steps.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from engine.kv_cache import KVCache
+from engine.loader import GGUFModelFile, open_gguf
+from engine.model import BatchInput, MoEModel, Segment
+from engine.placement import build_expert_source
+from engine.sampler import sample
+from engine.scheduler import Scheduler, SchedulerConfig, ScheduledSeq
+from engine.sequence import SamplingParams, Sequence, StepOutput
+from engine.chat_template import render_chat
+from engine.tokenizer import Tokenizer
+from kernels.errors import MoestreamError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    device: str = "cpu"
+    ctx_size: int = 4096  # longest sequence (prompt + output), capped by the model's
+    max_batch: int = 8  # sequences decoded together
+    max_batched_tokens: int = 256  # prefill chunk budget per step
+    max_waiting: int = 64
+    vram_budget: str | int | None = None
+    max_cached_experts: int | None = None
+    prefetch: bool = True
+    pin_memory: bool = True
+    kernel_backend: str = "auto"
+    kv_block_size: int = 16
+
+    def kv_tokens(self, model_context_length: int) -> int:
+        """KV cache capacity in tokens: a full context for each of max_batch sequences."""
+        max_len = min(self.ctx_size, model_context_length)
+        return -(-max_len // self.kv_block_size) * self.kv_block_size * self.max_batch
+
+
+class Engine:
+    def __init__(self, file: GGUFModelFile, config: EngineConfig):
+        self.file, self.engine_config = file, config
+        self.config = file.config
+        self.device = torch.device(config.device)
+        self.tokenizer = Tokenizer.from_reader(file.reader)
+        self.max_model_len = min(config.ctx_size, self.config.context_length)
+        n_blocks = config.kv_tokens(self.config.context_length) // config.kv_block_size
+        kv_dtype = torch.float32 if self.device.type == "cpu" else torch.float16
+        self.kv = KVCache(self.config.n_layers, self.config.n_kv_heads, self.config.head_dim,
+                          n_blocks, config.kv_block_size, kv_dtype, self.device)
+        self.experts, self.plan = build_expert_source(file, config, self.kv.nbytes)
+        dtype = torch.float32 if self.device.type == "cpu" else torch.float16
+        self.model = MoEModel(file, self.experts, self.device, dtype, config.kernel_backend,
+                              prefetch=config.prefetch and self.plan is not None)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_batch, config.max_batched_tokens, config.max_waiting), self.kv
+        )
+        self.sequences: dict[int, Sequence] = {}
+        self.chat_template = file.meta.get("tokenizer.chat_template")
+
+    @classmethod
+    def from_gguf(cls, path: str | Path, device: str = "cpu", vram_budget: str | int | None = None,
+                  max_cached_experts: int | None = None, **options) -> Engine:
+        return cls(open_gguf(path), EngineConfig(device=device, vram_budget=vram_budget,
+                                                 max_cached_experts=max_cached_experts, **options))
+
+    # -- requests -------------------------------------------------------------------
+    def check_prompt(self, prompt_ids: list[int]) -> None:
+        if not prompt_ids:
+            raise MoestreamError("the prompt is empty: send at least one token")
+        if len(prompt_ids) >= self.max_model_len:
+            raise MoestreamError(
+                f"the prompt has {len(prompt_ids)} tokens but the context holds {self.max_model_len}: "
+                "shorten the prompt or start the server with a larger --ctx-size")
+        self._check_vocab(prompt_ids)
+
+    def _check_vocab(self, token_ids: list[int]) -> None:
+        bad = [t for t in token_ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise MoestreamError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+        self.check_prompt(prompt_ids)
+        if not self.scheduler.can_add():
+            raise QueueFull(f"{self.engine_config.max_waiting} requests are already waiting; retry later")
+        seq = Sequence(list(prompt_ids), params)
+        self.sequences[seq.seq_id] = seq
+        self.scheduler.add(seq)
+        return seq
+
+    def abort(self, seq_id: int) -> None:
+        seq = self.sequences.pop(seq_id, None)
+        if seq is not None and not seq.is_finished:
+            self.scheduler.finish(seq, "abort")
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- one step -------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return []
+        batch, sampling = self._build_batch(scheduled)
+        logits = self.model.forward(batch, self.kv)
+        for item in scheduled:
+            item.seq.num_computed += item.n_tokens
+        return self._postprocess(sampling, sample(logits, sampling))
+
+    def _build_batch(self, scheduled: list[ScheduledSeq]) -> tuple[BatchInput, list[Sequence]]:
+        tokens, positions, slots, segments, logits_rows, sampling = [], [], [], [], [], []
+        offset = 0
+        for item in scheduled:
+            seq, start = item.seq, item.seq.num_computed
+            end = start + item.n_tokens
+            tokens += seq.token_ids[start:end]
+            positions += range(start, end)
+            slots.append(self.kv.slots(seq.block_table, start, end))
+            segments.append(Segment(offset, item.n_tokens, self.kv.slots(seq.block_table, 0, end)))
+            offset += item.n_tokens
+            if end == seq.num_tokens:  # the chunk reaches the sequence's last token: sample
+                logits_rows.append(offset - 1)
+                sampling.append(seq)
+        batch = BatchInput(
+            token_ids=torch.tensor(tokens, dtype=torch.long),
+            positions=torch.tensor(positions, dtype=torch.long, device=self.device),
+            slot_mapping=torch.cat(slots),
+            segments=segments,
+            logits_rows=torch.tensor(logits_rows, dtype=torch.long, device=self.device),
+        )
+        return batch, sampling
+
+    def _postprocess(self, seqs: list[Sequence], chosen: list) -> list[StepOutput]:
+        outputs = []
+        for seq, (token, logprob) in zip(seqs, chosen):
+            seq.output_ids.append(token)
+            reason = self._finish_reason(seq, token)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+                self.sequences.pop(seq.seq_id, None)
+            outputs.append(StepOutput(seq.seq_id, token, reason is not None, reason, logprob))
+        return outputs
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.tokenizer.eos_ids):
+            return "stop"
+        if len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    # -- conveniences ---------------------------------------------------------------
+    def generate(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[StepOutput]:
+        """Run one request to completion (other queued requests advance too)."""
+        seq = self.add_request(prompt_ids, params)
+        try:
+            while not seq.is_finished:
+                for out in self.step():
+                    if out.seq_id == seq.seq_id:
+                        yield out
+        finally:
+            self.abort(seq.seq_id)
+
+    def chat_prompt_ids(self, messages: list[dict], **template_vars) -> list[int]:
+        """Render messages with the model's chat template and tokenize (special tokens parsed)."""
+        tok = self.tokenizer
+        text = render_chat(self.chat_template, messages, add_generation_prompt=True,
+                           bos_token=tok.token_text(tok.bos_id) if tok.bos_id is not None else "",
+                           eos_token=tok.token_text(tok.eos_id) if tok.eos_id is not None else "",
+                           **template_vars)
+        ids = tok.encode(text, add_special=False, parse_special=True)
+        if tok.add_bos and tok.bos_id is not None and ids[:1] != [tok.bos_id]:
+            ids = [tok.bos_id] + ids
+        return ids
+
+    @torch.inference_mode()
+    def score(self, token_ids: list[int]) -> torch.Tensor:
+        """Logits [len(token_ids), vocab] (float32) of a fresh sequence, every position."""
+        if not 0 < len(token_ids) <= self.max_model_len:
+            raise MoestreamError(f"score takes 1 to {self.max_model_len} tokens, got {len(token_ids)}")
+        self._check_vocab(token_ids)
+        table: list[int] = []
+        if not self.kv.can_allocate(table, len(token_ids)):
+            raise MoestreamError("not enough free KV cache to score this sequence now; retry when idle")
+        self.kv.allocate(table, len(token_ids))
+        try:
+            n = len(token_ids)
+            slots = self.kv.slots(table, 0, n)
+            batch = BatchInput(
+                token_ids=torch.tensor(token_ids, dtype=torch.long),
+                positions=torch.arange(n, device=self.device),
+                slot_mapping=slots,
+                segments=[Segment(0, n, slots)],
+                logits_rows=torch.arange(n, device=self.device),
+            )
+            return self.model.forward(batch, self.kv).cpu()
+        finally:
+            self.kv.free(table)
+
+    def stats(self) -> dict:
+        stats = dict(self.experts.stats())
+        stats.update(kv_cache_usage=self.kv.usage, num_running=len(self.scheduler.running),
+                     num_waiting=len(self.scheduler.waiting))
+        return stats
+
+
+class QueueFull(MoestreamError):
+    """The waiting queue is full; the server answers 503 with Retry-After."""

@@ -1,0 +1,64 @@
+"""Small building blocks of the forward: norms, rotary embedding, resident weights."""
+
+from __future__ import annotations
+
+import torch
+
+import kernels
+from engine.config import RopeStyle
+from engine.loader import RawTensor
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+def dequantize_tensor(t: RawTensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A whole resident tensor as floats (norms, biases, attention, router, lm_head)."""
+    if t.data.dtype != torch.uint8:
+        return t.data.reshape(t.dims).to(device=device, dtype=dtype)
+    rows = 1
+    for d in t.dims[:-1]:
+        rows *= d
+    w = kernels.dequantize(t.data.to(device), t.qtype, (rows, t.dims[-1]), tensor_name=t.name)
+    return w.reshape(t.dims).to(dtype)
+
+
+class Embedding:
+    """token_embd kept as stored; only the looked-up rows are decoded."""
+
+    def __init__(self, t: RawTensor, dtype: torch.dtype, device: torch.device):
+        self.t, self.dtype, self.device = t, dtype, device
+        self.d_model = t.dims[-1]
+
+    def __call__(self, token_ids: torch.Tensor) -> torch.Tensor:
+        rows = self.t.data[token_ids.cpu()]
+        if rows.dtype != torch.uint8:
+            return rows.to(device=self.device, dtype=self.dtype)
+        out = kernels.dequantize(rows.to(self.device), self.t.qtype, (len(token_ids), self.d_model),
+                                 tensor_name=self.t.name)
+        return out.to(self.dtype)
+
+
+class Rope:
+    """Rotary embedding as llama.cpp applies it (NORM: adjacent pairs; NEOX: halves)."""
+
+    def __init__(self, style: RopeStyle, dims: int, base: float, scale: float, device: torch.device):
+        self.style, self.dims, self.scale = style, dims, scale
+        self.inv_freq = base ** (-torch.arange(0, dims, 2, dtype=torch.float64, device=device) / dims)
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # x: [T, H, head_dim]; positions: [T]
+        angles = (positions.to(torch.float64)[:, None] * self.scale) * self.inv_freq[None, :]
+        cos = angles.cos().to(torch.float32)[:, None, :]  # [T, 1, dims/2]
+        sin = angles.sin().to(torch.float32)[:, None, :]
+        rot, rest = x[..., : self.dims].float(), x[..., self.dims :]
+        if self.style is RopeStyle.NEOX:
+            a, b = rot[..., : self.dims // 2], rot[..., self.dims // 2 :]
+            out = torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
+        else:
+            a, b = rot[..., 0::2], rot[..., 1::2]
+            out = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
+        return torch.cat([out.to(x.dtype), rest], dim=-1)
+

@@ -1,0 +1,108 @@
+"""Open a GGUF file memory-mapped and check it is something moestream can run.
+
+Every problem a user can cause (not a GGUF, truncated, unknown architecture, a missing
+tensor, an unsupported block type) becomes one MoestreamError naming the file and what
+is wrong, raised here before any weight is touched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFReader
+from gguf.constants import GGML_QUANT_SIZES
+
+from engine.config import ModelConfig
+from kernels.errors import MoestreamError
+from kernels.formats import block_format
+
+# Metadata arrays that can hold hundreds of thousands of entries; the tokenizer reads
+# them straight from the reader, the config never needs them.
+_BIG_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type",
+               "tokenizer.ggml.merges")
+
+
+@dataclass(frozen=True)
+class RawTensor:
+    """A tensor's bytes as stored in the file (a view of the memory map)."""
+
+    name: str
+    qtype: GGMLQuantizationType
+    dims: tuple[int, ...]  # torch order: slowest first, e.g. (n_expert, rows, cols)
+    data: torch.Tensor  # uint8 [..., row_bytes] for block types, float for F32/F16/BF16
+
+    @property
+    def rows_cols(self) -> tuple[int, int]:
+        return self.dims[-2] if len(self.dims) > 1 else 1, self.dims[-1]
+
+    def as_bytes(self) -> torch.Tensor:
+        """The raw bytes, uint8, with the leading dims kept and the last one in bytes."""
+        if self.data.dtype == torch.uint8:
+            return self.data
+        flat = self.data.reshape(*self.dims[:-1], self.dims[-1]) if len(self.dims) > 1 else self.data
+        return flat.contiguous().view(torch.uint8)
+
+
+@dataclass
+class GGUFModelFile:
+    path: Path
+    reader: GGUFReader
+    meta: dict[str, Any]
+    tensors: dict[str, RawTensor]
+    config: ModelConfig
+
+    def tensor(self, name: str) -> RawTensor:
+        if name not in self.tensors:
+            raise MoestreamError(f"{self.path}: tensor {name!r} is missing; the file is "
+                                 f"incomplete or not a {self.config.arch} model as llama.cpp names it")
+        return self.tensors[name]
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+
+def read_metadata(reader: GGUFReader) -> dict[str, Any]:
+    meta: dict[str, Any] = {}
+    for name, field in reader.fields.items():
+        if name in _BIG_ARRAYS or name.startswith("GGUF."):
+            continue
+        meta[name] = field.contents()
+    return meta
+
+
+def _raw_tensor(path: Path, t: Any) -> RawTensor:
+    qtype = GGMLQuantizationType(int(t.tensor_type))
+    dims = tuple(int(d) for d in reversed([int(x) for x in t.shape]))
+    block_format(qtype, tensor_name=t.name)
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    expected = int(t.n_elements) // block_size * type_size
+    if int(t.n_bytes) != expected or t.data.nbytes != expected:
+        raise MoestreamError(f"{path}: tensor {t.name!r} holds {t.data.nbytes} bytes, expected "
+                             f"{expected}; the file is truncated or corrupt: download it again")
+    data = torch.from_numpy(np.asarray(t.data))
+    return RawTensor(t.name, qtype, dims, data)
+
+
+def open_gguf(path: str | Path) -> GGUFModelFile:
+    path = Path(path)
+    if not path.is_file():
+        raise MoestreamError(f"{path}: no such file; pass the path of a .gguf model")
+    try:
+        # mode 'c' (copy-on-write) gives writable views, so torch.from_numpy does not warn,
+        # while the pages stay shared with the file until written (they never are).
+        reader = GGUFReader(path, mode="c")
+    except Exception as exc:  # the reader raises many types on bad bytes
+        raise MoestreamError(f"{path}: not a readable GGUF file ({type(exc).__name__}: {exc}); "
+                             "the file is truncated or corrupt, or not GGUF: download it again") from None
+    meta = read_metadata(reader)
+    tensors = {t.name: _raw_tensor(path, t) for t in reader.tensors}
+    if "token_embd.weight" not in tensors:
+        raise MoestreamError(f"{path}: tensor 'token_embd.weight' is missing; this is a vocab-only "
+                             "or incomplete GGUF, not a model")
+    vocab_size = tensors["token_embd.weight"].dims[0]
+    config = ModelConfig.from_metadata(meta, vocab_size, str(path))
+    return GGUFModelFile(path, reader, meta, tensors, config)

@@ -1,0 +1,197 @@
+"""The MoE transformer forward, plain PyTorch, top to bottom.
+
+One class serves olmoe, qwen2moe, qwen3moe and llama-with-experts (Mixtral): the
+differences are data in `config.spec` (rope style, q/k norm, shared expert). Resident
+weights (attention, router, norms, shared expert, lm_head) are decoded once to floats;
+routed experts stay quantized and come from an ExpertSource (host store or VRAM cache),
+which the MoE layer asks for by id without knowing where they live.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import kernels
+from engine.config import ModelConfig, QKNorm
+from engine.kv_cache import KVCache
+from engine.layers import Embedding, Rope, dequantize_tensor, rms_norm
+from engine.loader import GGUFModelFile
+from offload.layout import ExpertWeights
+from offload.source import ExpertSource
+
+RoutingHook = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+@dataclass
+class Segment:
+    """One sequence's share of a flattened batch."""
+
+    offset: int  # first row of this sequence in the batch's T rows
+    n_new: int  # tokens of this sequence in this step
+    context_slots: torch.Tensor  # KV slots of all its tokens so far, new ones included
+
+
+@dataclass
+class BatchInput:
+    token_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    slot_mapping: torch.Tensor  # [T] KV slot each new token writes
+    segments: list[Segment]
+    logits_rows: torch.Tensor  # rows of T whose logits are wanted
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: torch.Tensor
+    wq: torch.Tensor
+    wk: torch.Tensor
+    wv: torch.Tensor
+    wo: torch.Tensor
+    bq: torch.Tensor | None
+    bk: torch.Tensor | None
+    bv: torch.Tensor | None
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    ffn_norm: torch.Tensor
+    router: torch.Tensor  # [E, D]
+    shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # gate, up, down
+    shared_gate: torch.Tensor | None  # [D] sigmoid gate of the shared expert
+
+
+def expert_ffn(x: torch.Tensor, w: ExpertWeights, backend: str) -> torch.Tensor:
+    """SwiGLU of one routed expert, straight from its quantized blocks."""
+    lay = w.layout
+    gate = kernels.qmatmul(x, w.gate, lay.gate.qtype, lay.gate.shape, backend=backend)
+    up = kernels.qmatmul(x, w.up, lay.up.qtype, lay.up.shape, backend=backend)
+    return kernels.qmatmul(F.silu(gate) * up, w.down, lay.down.qtype, lay.down.shape, backend=backend)
+
+
+class MoEModel:
+    def __init__(self, file: GGUFModelFile, experts: ExpertSource, device: torch.device,
+                 dtype: torch.dtype = torch.float32, kernel_backend: str = "auto",
+                 prefetch: bool = False):
+        cfg = self.config = file.config
+        self.experts, self.device, self.dtype = experts, device, dtype
+        self.kernel_backend, self.prefetch = kernel_backend, prefetch
+        self.routing_hook: RoutingHook | None = None
+        self.embed = Embedding(file.tensor("token_embd.weight"), dtype, device)
+        self.output_norm = self._dense(file, "output_norm.weight")
+        head = "output.weight" if file.has("output.weight") else "token_embd.weight"
+        self.lm_head = self._dense(file, head)
+        self.rope = Rope(cfg.spec.rope, cfg.rope_dims, cfg.rope_base, cfg.rope_scale, device)
+        self.layers = [self._layer(file, i) for i in range(cfg.n_layers)]
+
+    def _dense(self, file: GGUFModelFile, name: str) -> torch.Tensor:
+        return dequantize_tensor(file.tensor(name), self.dtype, self.device)
+
+    def _optional(self, file: GGUFModelFile, name: str) -> torch.Tensor | None:
+        return self._dense(file, name) if file.has(name) else None
+
+    def _layer(self, file: GGUFModelFile, i: int) -> LayerWeights:
+        p = f"blk.{i}."
+        shared = None
+        if self.config.spec.shared_expert:
+            shared = tuple(self._dense(file, f"{p}ffn_{n}_shexp.weight") for n in ("gate", "up", "down"))
+        q_norm = k_norm = None
+        if self.config.spec.qk_norm is not QKNorm.NONE:
+            q_norm, k_norm = self._dense(file, p + "attn_q_norm.weight"), self._dense(file, p + "attn_k_norm.weight")
+        return LayerWeights(
+            attn_norm=self._dense(file, p + "attn_norm.weight"),
+            wq=self._dense(file, p + "attn_q.weight"),
+            wk=self._dense(file, p + "attn_k.weight"),
+            wv=self._dense(file, p + "attn_v.weight"),
+            wo=self._dense(file, p + "attn_output.weight"),
+            bq=self._optional(file, p + "attn_q.bias"),
+            bk=self._optional(file, p + "attn_k.bias"),
+            bv=self._optional(file, p + "attn_v.bias"),
+            q_norm=q_norm,
+            k_norm=k_norm,
+            ffn_norm=self._dense(file, p + "ffn_norm.weight"),
+            router=self._dense(file, p + "ffn_gate_inp.weight"),
+            shared=shared,
+            shared_gate=self._optional(file, p + "ffn_gate_inp_shexp.weight"),
+        )
+
+    @torch.inference_mode()
+    def forward(self, batch: BatchInput, kv: KVCache) -> torch.Tensor:
+        """Logits [len(batch.logits_rows), vocab] (float32) for the rows asked for."""
+        h = self.embed(batch.token_ids)  # [T, D]
+        for i, layer in enumerate(self.layers):
+            h = h + self._attention(i, layer, rms_norm(h, layer.attn_norm, self.config.rms_eps), batch, kv)
+            x = rms_norm(h, layer.ffn_norm, self.config.rms_eps)
+            h = h + self._moe(i, layer, x)
+            if self.prefetch and i + 1 < len(self.layers):
+                self._prefetch(i + 1, h)
+        h = rms_norm(h[batch.logits_rows], self.output_norm, self.config.rms_eps)
+        return F.linear(h, self.lm_head).float()
+
+    def _attention(self, i: int, lw: LayerWeights, x: torch.Tensor, batch: BatchInput,
+                   kv: KVCache) -> torch.Tensor:
+        cfg = self.config
+        T = x.shape[0]
+        q, k, v = F.linear(x, lw.wq, lw.bq), F.linear(x, lw.wk, lw.bk), F.linear(x, lw.wv, lw.bv)
+        if cfg.spec.qk_norm is QKNorm.FULL:
+            q, k = rms_norm(q, lw.q_norm, cfg.rms_eps), rms_norm(k, lw.k_norm, cfg.rms_eps)
+        q = q.view(T, cfg.n_heads, cfg.head_dim)  # [T, H, hd]
+        k = k.view(T, cfg.n_kv_heads, cfg.head_dim)  # [T, KV, hd]
+        v = v.view(T, cfg.n_kv_heads, cfg.head_dim)
+        if cfg.spec.qk_norm is QKNorm.PER_HEAD:
+            q, k = rms_norm(q, lw.q_norm, cfg.rms_eps), rms_norm(k, lw.k_norm, cfg.rms_eps)
+        q, k = self.rope(q, batch.positions), self.rope(k, batch.positions)
+        kv.write(i, batch.slot_mapping, k, v)
+        out = torch.empty(T, cfg.n_heads, cfg.head_dim, dtype=x.dtype, device=x.device)
+        for seg in batch.segments:
+            rows = slice(seg.offset, seg.offset + seg.n_new)
+            out[rows] = self._attend(q[rows], *kv.read(i, seg.context_slots))
+        return F.linear(out.view(T, -1), lw.wo)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # q: [n, H, hd] (the last n positions); k, v: [ctx, KV, hd]
+        n, ctx = q.shape[0], k.shape[0]
+        mask = None
+        if n > 1:
+            qpos = torch.arange(ctx - n, ctx, device=q.device)[:, None]
+            mask = torch.arange(ctx, device=q.device)[None, :] <= qpos  # [n, ctx]
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, enable_gqa=True
+        )  # [H, n, hd]
+        return out.transpose(0, 1)
+
+    def route(self, lw: LayerWeights, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k expert ids [T, k] and their weights [T, k] (softmax, optionally renormalised)."""
+        probs = torch.softmax(F.linear(x, lw.router).float(), dim=-1)
+        weights, ids = probs.topk(self.config.n_experts_used, dim=-1)
+        if self.config.norm_topk:
+            weights = weights / weights.sum(-1, keepdim=True)
+        return ids, weights
+
+    def _moe(self, i: int, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+        T, D = x.shape
+        ids, weights = self.route(lw, x)
+        if self.routing_hook is not None:
+            self.routing_hook(i, ids, weights)
+        # Each (token, k) result lands in its own row and the k rows are summed in a fixed
+        # order, so the result does not depend on the order the experts arrive in.
+        per_k = torch.zeros(T, ids.shape[1], D, dtype=x.dtype, device=x.device)
+        for e, w in self.experts.load(i, ids.unique().tolist()):
+            tok, kth = (ids == e).nonzero(as_tuple=True)
+            y = expert_ffn(x[tok], w, self.kernel_backend)
+            per_k[tok, kth] = y * weights[tok, kth, None].to(y.dtype)
+        out = per_k.sum(1)
+        if lw.shared is not None:
+            gate, up, down = lw.shared
+            s = F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+            if lw.shared_gate is not None:
+                s = s * torch.sigmoid(F.linear(x, lw.shared_gate.view(1, -1)))
+            out = out + s
+        return out
+
+    def _prefetch(self, i: int, h: torch.Tensor) -> None:
+        """Guess layer i's experts from the current hidden state and start their copies."""
+        lw = self.layers[i]
+        ids, _ = self.route(lw, rms_norm(h, lw.ffn_norm, self.config.rms_eps))
+        self.experts.prefetch(i, ids.unique().tolist())

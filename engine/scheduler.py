@@ -1,0 +1,92 @@
+"""Who runs next: continuous batching with chunked prefill and admission by KV room.
+
+Every step serves the running decodes first (one token each), then spends what is left
+of the token budget on prefill chunks, oldest request first. A request is admitted only
+when the KV cache has room for its whole prompt; when a decode cannot grow, the newest
+running sequence is preempted (its blocks freed, recomputed later).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from engine.kv_cache import KVCache
+from engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 8
+    max_batched_tokens: int = 256  # prefill chunk budget per step
+    max_waiting: int = 64
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    n_tokens: int
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCache):
+        self.config, self.kv = config, kv
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def can_add(self) -> bool:
+        return len(self.waiting) < self.config.max_waiting
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
+        self.kv.free(seq.block_table)
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.kv.free(seq.block_table)
+        seq.num_computed, seq.status = 0, SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+
+    def schedule(self) -> list[ScheduledSeq]:
+        budget = self.config.max_batched_tokens
+        scheduled: list[ScheduledSeq] = []
+        for seq in [s for s in self.running if s.num_computed == s.num_tokens - 1]:
+            if seq.status is not SequenceStatus.RUNNING:  # preempted for an older one
+                continue
+            while not self.kv.can_allocate(seq.block_table, seq.num_tokens):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status is SequenceStatus.RUNNING:
+                self.kv.allocate(seq.block_table, seq.num_tokens)
+                scheduled.append(ScheduledSeq(seq, 1))
+                budget -= 1
+        for seq in [s for s in self.running if s.num_computed < s.num_tokens - 1]:
+            if budget <= 0:
+                break
+            n = min(budget, seq.num_tokens - seq.num_computed)
+            scheduled.append(ScheduledSeq(seq, n))
+            budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            if not self.kv.can_allocate(seq.block_table, seq.num_tokens + 1):
+                break
+            self.waiting.popleft()
+            self.kv.allocate(seq.block_table, seq.num_tokens + 1)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            n = min(budget, seq.num_tokens - seq.num_computed)
+            scheduled.append(ScheduledSeq(seq, n))
+            budget -= n
+        return scheduled

@@ -1,0 +1,305 @@
+"""In-register dequantization of GGUF blocks for the Triton kernels.
+
+Every kernel walks K in chunks of `CHUNK` = 256 elements (one super-block of the K and IQ
+types, eight Q8_0 blocks) and calls `dequant_chunk`, which turns the bytes of one chunk of
+BLOCK_N weight rows into an fp32 tile [BLOCK_N, 256] in natural column order. The kernels
+then multiply that tile with activations (GEMV: multiply-add, GEMM: `tl.dot`).
+
+The raw GGUF bytes are read in place: no repacking. Several block sizes are not multiples
+of 4 (Q8_0 34 B, Q6_K 210 B, Q3_K 110 B, IQ2_XXS 66 B, ...), so every field is read as
+uint8 and wider fields (fp16 scales, uint16/uint32 words) are assembled from bytes. Within
+a block the quant bytes of neighbouring columns are neighbouring bytes, so a warp's loads
+stay coalesced. Each type is decoded on a 3-D view [BLOCK_N, groups, group_size] whose
+group is the span sharing one scale, so a scale is loaded once per group, not per element.
+
+Layouts follow llama.cpp `ggml/src/ggml-common.h` (`block_<type>`) and the
+`dequantize_row_*` functions of `ggml-quants.c`; field offsets match kernels/formats.py.
+Lookup tables (IQ4_XS values, IQ2/IQ3 grids) come from the gguf package through
+`lookup_table` and are passed to the kernels as a pointer.
+"""
+
+from functools import lru_cache
+
+import gguf
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+from gguf import GGMLQuantizationType as Q
+
+CHUNK: tl.constexpr = tl.constexpr(256)
+
+# Type ids as compile-time constants: `dequant_chunk` picks one decoder per compiled kernel.
+_Q8_0: tl.constexpr = tl.constexpr(int(Q.Q8_0))
+_Q2_K: tl.constexpr = tl.constexpr(int(Q.Q2_K))
+_Q3_K: tl.constexpr = tl.constexpr(int(Q.Q3_K))
+_Q4_K: tl.constexpr = tl.constexpr(int(Q.Q4_K))
+_Q5_K: tl.constexpr = tl.constexpr(int(Q.Q5_K))
+_Q6_K: tl.constexpr = tl.constexpr(int(Q.Q6_K))
+_IQ4_XS: tl.constexpr = tl.constexpr(int(Q.IQ4_XS))
+_IQ2_XXS: tl.constexpr = tl.constexpr(int(Q.IQ2_XXS))
+_IQ2_XS: tl.constexpr = tl.constexpr(int(Q.IQ2_XS))
+_IQ2_S: tl.constexpr = tl.constexpr(int(Q.IQ2_S))
+_IQ3_XXS: tl.constexpr = tl.constexpr(int(Q.IQ3_XXS))
+_IQ3_S: tl.constexpr = tl.constexpr(int(Q.IQ3_S))
+
+TRITON_QTYPES: frozenset[Q] = frozenset(
+    {Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_XS,
+     Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S}
+)
+_GRID_TYPES = (Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S)
+
+
+@lru_cache(maxsize=None)
+def _host_table(qtype: Q) -> torch.Tensor:
+    if qtype == Q.IQ4_XS:  # the 16 non-linear 4-bit values shared with IQ4_NL
+        return torch.tensor(gguf.quants.IQ4_NL.kvalues, dtype=torch.int8)
+    if qtype in _GRID_TYPES:  # grid rows of 8 (IQ2) or 4 (IQ3) magnitudes, all < 64
+        quant = getattr(gguf.quants, qtype.name)
+        quant.init_grid()
+        return torch.from_numpy(quant.grid.reshape(-1).astype(np.uint8))
+    return torch.zeros(1, dtype=torch.uint8)  # unused by types without a table
+
+
+@lru_cache(maxsize=None)
+def lookup_table(qtype: Q, device: torch.device) -> torch.Tensor:
+    """The lookup table `dequant_chunk` reads for `qtype`, on `device` (a dummy byte if none)."""
+    return _host_table(qtype).to(device)
+
+
+@triton.jit
+def _u8(ptr):
+    """Bytes at `ptr` as int32."""
+    return tl.load(ptr).to(tl.int32)
+
+
+@triton.jit
+def _f16(ptr):
+    """The little-endian fp16 at byte `ptr` (any alignment) as fp32."""
+    lo = tl.load(ptr).to(tl.uint16)
+    hi = tl.load(ptr + 1).to(tl.uint16)
+    return (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _u32(ptr):
+    """The little-endian uint32 at byte `ptr` (any alignment)."""
+    b0 = tl.load(ptr).to(tl.uint32)
+    b1 = tl.load(ptr + 1).to(tl.uint32)
+    b2 = tl.load(ptr + 2).to(tl.uint32)
+    b3 = tl.load(ptr + 3).to(tl.uint32)
+    return b0 | (b1 << 8) | (b2 << 16) | (b3 << 24)
+
+
+@triton.jit
+def _ksign_negative(sign_index, j):
+    """Bit j of llama.cpp's ksigns[sign_index]: 7 stored sign bits, the 8th is their parity."""
+    p = sign_index ^ (sign_index >> 4)
+    p = p ^ (p >> 2)
+    p = p ^ (p >> 1)
+    bits = sign_index | ((p & 1) << 7)
+    return ((bits >> j) & 1) != 0
+
+
+@triton.jit
+def _k_scale_min(ptr, s):
+    """6-bit scale and min of sub-block s (0..7) from the 12 packed bytes at `ptr` (Q4_K/Q5_K)."""
+    j = s % 4
+    a = _u8(ptr + j)
+    b = _u8(ptr + 4 + j)
+    c = _u8(ptr + 8 + j)
+    low = s < 4
+    scale = tl.where(low, a & 63, (c & 15) | ((a >> 6) << 4))
+    minimum = tl.where(low, b & 63, (c >> 4) | ((b >> 6) << 4))
+    return scale.to(tl.float32), minimum.to(tl.float32)
+
+
+@triton.jit
+def _q8_0(row, c, n_blocks):
+    # 8 blocks of 32: fp16 d, int8 qs[32]. Blocks past the row end are clamped to the last
+    # one; the kernels zero the matching activations.
+    s = tl.arange(0, 8)[None, :, None]
+    i = tl.arange(0, 32)[None, None, :]
+    blk = row[:, None, None] + tl.minimum(c * 8 + s, n_blocks - 1) * 34
+    q = tl.load(blk + 2 + i).to(tl.int8, bitcast=True).to(tl.float32)
+    return _f16(blk) * q
+
+
+@triton.jit
+def _q2_k(b):
+    # scales[16] (low nibble scale, high nibble min), qs[64] 2-bit, fp16 d @80, dmin @82
+    t = tl.arange(0, 16)[None, :, None]
+    i16 = tl.arange(0, 16)[None, None, :]
+    s = t // 2
+    q = (_u8(b + 16 + (s // 4) * 32 + (t % 2) * 16 + i16) >> (2 * (s % 4))) & 3
+    sm = _u8(b + t)
+    return _f16(b + 80) * (sm & 15).to(tl.float32) * q.to(tl.float32) - _f16(b + 82) * (sm >> 4).to(tl.float32)
+
+
+@triton.jit
+def _q3_k(b):
+    # hmask[32] high bits (set bit = no -4 offset), qs[64] low 2 bits, scales[12] 6-bit, d @108
+    t = tl.arange(0, 16)[None, :, None]
+    i16 = tl.arange(0, 16)[None, None, :]
+    s = t // 2
+    i = (t % 2) * 16 + i16
+    low = (_u8(b + 32 + (s // 4) * 32 + i) >> (2 * (s % 4))) & 3
+    high = (_u8(b + i) >> s) & 1
+    q = low - 4 + 4 * high
+    scale_lo = (_u8(b + 96 + t % 8) >> (4 * (t // 8))) & 15
+    scale_hi = (_u8(b + 104 + t % 4) >> (2 * (t // 4))) & 3
+    scale = (scale_lo | (scale_hi << 4)) - 32
+    return _f16(b + 108) * scale.to(tl.float32) * q.to(tl.float32)
+
+
+@triton.jit
+def _q4_k(b):
+    # fp16 d, fp16 dmin, scales[12], qs[128]: byte 32*(s//2)+i holds sub-blocks s (low, high)
+    s = tl.arange(0, 8)[None, :, None]
+    i = tl.arange(0, 32)[None, None, :]
+    scale, minimum = _k_scale_min(b + 4, s)
+    q = (_u8(b + 16 + (s // 2) * 32 + i) >> (4 * (s % 2))) & 15
+    return _f16(b) * scale * q.to(tl.float32) - _f16(b + 2) * minimum
+
+
+@triton.jit
+def _q5_k(b):
+    # as Q4_K plus qh[32] @16 (bit s of byte i = 5th bit of element 32*s+i); qs @48
+    s = tl.arange(0, 8)[None, :, None]
+    i = tl.arange(0, 32)[None, None, :]
+    scale, minimum = _k_scale_min(b + 4, s)
+    low = (_u8(b + 48 + (s // 2) * 32 + i) >> (4 * (s % 2))) & 15
+    high = (_u8(b + 16 + i) >> s) & 1
+    q = low | (high << 4)
+    return _f16(b) * scale * q.to(tl.float32) - _f16(b + 2) * minimum
+
+
+@triton.jit
+def _q6_k(b):
+    # ql[128] low nibbles, qh[64] 2-bit highs @128, int8 scales[16] @192, fp16 d @208
+    t = tl.arange(0, 16)[None, :, None]
+    i16 = tl.arange(0, 16)[None, None, :]
+    s = t // 2
+    i = (t % 2) * 16 + i16
+    half = s // 4
+    low = (_u8(b + half * 64 + (s % 2) * 32 + i) >> (4 * ((s // 2) % 2))) & 15
+    high = (_u8(b + 128 + half * 32 + i) >> (2 * (s % 4))) & 3
+    q = (low | (high << 4)) - 32
+    scale = tl.load(b + 192 + t).to(tl.int8, bitcast=True).to(tl.float32)
+    return _f16(b + 208) * scale * q.to(tl.float32)
+
+
+@triton.jit
+def _iq4_xs(b, table):
+    # fp16 d, uint16 scales_h @2, scales_l[4] @4, qs[128] @8 (nibble indices into table)
+    s = tl.arange(0, 8)[None, :, None]
+    i = tl.arange(0, 32)[None, None, :]
+    scales_h = _u8(b + 2) | (_u8(b + 3) << 8)
+    scale_lo = (_u8(b + 4 + s // 2) >> (4 * (s % 2))) & 15
+    scale = (scale_lo | (((scales_h >> (2 * s)) & 3) << 4)) - 32
+    nibble = (_u8(b + 8 + s * 16 + i % 16) >> (4 * (i // 16))) & 15
+    value = tl.load(table + nibble).to(tl.float32)
+    return _f16(b) * scale.to(tl.float32) * value
+
+
+@triton.jit
+def _iq2_xxs(b, grid):
+    # fp16 d, then per 32 elements: 4 grid-index bytes + uint32 (4x7 sign bits, 4-bit scale)
+    g = tl.arange(0, 32)[None, :, None]  # group of 8 elements
+    j = tl.arange(0, 8)[None, None, :]
+    sub = b + 2 + (g // 4) * 8
+    aux = _u32(sub + 4)
+    db = _f16(b) * (0.5 + (aux >> 28).to(tl.float32)) * 0.25
+    magnitude = tl.load(grid + _u8(sub + g % 4) * 8 + j).to(tl.float32)
+    negative = _ksign_negative(((aux >> (7 * (g % 4))) & 127).to(tl.int32), j)
+    return tl.where(negative, -db, db) * magnitude
+
+
+@triton.jit
+def _iq2_xs(b, grid):
+    # fp16 d, uint16 qs[32] @2 (9-bit grid index, 7-bit sign index), 4-bit scales[16] @66
+    g = tl.arange(0, 32)[None, :, None]
+    j = tl.arange(0, 8)[None, None, :]
+    word = _u8(b + 2 + 2 * g) | (_u8(b + 3 + 2 * g) << 8)
+    scale = (_u8(b + 66 + g // 4) >> (4 * ((g // 2) % 2))) & 15
+    db = _f16(b) * (0.5 + scale.to(tl.float32)) * 0.25
+    magnitude = tl.load(grid + (word & 511) * 8 + j).to(tl.float32)
+    negative = _ksign_negative(word >> 9, j)
+    return tl.where(negative, -db, db) * magnitude
+
+
+@triton.jit
+def _iq2_s(b, grid):
+    # fp16 d, qs[32] @2, sign bytes[32] @34, qh[8] @66 (2 high index bits each), scales @74
+    g = tl.arange(0, 32)[None, :, None]
+    j = tl.arange(0, 8)[None, None, :]
+    index = _u8(b + 2 + g) | (((_u8(b + 66 + g // 4) >> (2 * (g % 4))) & 3) << 8)
+    scale = (_u8(b + 74 + g // 4) >> (4 * ((g // 2) % 2))) & 15
+    db = _f16(b) * (0.5 + scale.to(tl.float32)) * 0.25
+    magnitude = tl.load(grid + index * 8 + j).to(tl.float32)
+    negative = ((_u8(b + 34 + g) >> j) & 1) != 0
+    return tl.where(negative, -db, db) * magnitude
+
+
+@triton.jit
+def _iq3_xxs(b, grid):
+    # fp16 d, qs[64] @2 (a grid index per 4 elements), uint32[8] @66 (4x7 sign bits, scale)
+    g = tl.arange(0, 32)[None, :, None]
+    j = tl.arange(0, 8)[None, None, :]
+    aux = _u32(b + 66 + (g // 4) * 4)
+    db = _f16(b) * (0.5 + (aux >> 28).to(tl.float32)) * 0.5
+    magnitude = tl.load(grid + _u8(b + 2 + 2 * g + j // 4) * 4 + j % 4).to(tl.float32)
+    negative = _ksign_negative(((aux >> (7 * (g % 4))) & 127).to(tl.int32), j)
+    return tl.where(negative, -db, db) * magnitude
+
+
+@triton.jit
+def _iq3_s(b, grid):
+    # fp16 d, qs[64] @2, qh[8] @66 (9th index bit), sign bytes[32] @74, 4-bit scales[8] @106
+    g = tl.arange(0, 32)[None, :, None]
+    j = tl.arange(0, 8)[None, None, :]
+    entry = 2 * g + j // 4  # grid entry of 4 elements
+    index = _u8(b + 2 + entry) | (((_u8(b + 66 + entry // 8) >> (entry % 8)) & 1) << 8)
+    scale = (_u8(b + 106 + g // 8) >> (4 * ((g // 4) % 2))) & 15
+    db = _f16(b) * (1.0 + 2.0 * scale.to(tl.float32))
+    magnitude = tl.load(grid + index * 4 + j % 4).to(tl.float32)
+    negative = ((_u8(b + 74 + g) >> j) & 1) != 0
+    return tl.where(negative, -db, db) * magnitude
+
+
+@triton.jit
+def dequant_chunk(row, c, K, table, QTYPE: tl.constexpr, TYPE_SIZE: tl.constexpr):
+    """Chunk c (columns 256c..256c+255) of the rows starting at byte pointers `row` [BLOCK_N].
+
+    Returns fp32 [BLOCK_N, 256]. Only Q8_0 rows may end inside a chunk (K % 256 != 0); the
+    columns past K then hold copies of the last block, which the caller multiplies by zero.
+    """
+    BLOCK_N: tl.constexpr = row.shape[0]
+    if QTYPE == _Q8_0:
+        w = _q8_0(row, c, K // 32)
+    else:
+        b = row[:, None, None] + c * TYPE_SIZE
+        if QTYPE == _Q2_K:
+            w = _q2_k(b)
+        elif QTYPE == _Q3_K:
+            w = _q3_k(b)
+        elif QTYPE == _Q4_K:
+            w = _q4_k(b)
+        elif QTYPE == _Q5_K:
+            w = _q5_k(b)
+        elif QTYPE == _Q6_K:
+            w = _q6_k(b)
+        elif QTYPE == _IQ4_XS:
+            w = _iq4_xs(b, table)
+        elif QTYPE == _IQ2_XXS:
+            w = _iq2_xxs(b, table)
+        elif QTYPE == _IQ2_XS:
+            w = _iq2_xs(b, table)
+        elif QTYPE == _IQ2_S:
+            w = _iq2_s(b, table)
+        elif QTYPE == _IQ3_XXS:
+            w = _iq3_xxs(b, table)
+        else:
+            tl.static_assert(QTYPE == _IQ3_S, "dequant_chunk: no Triton decoder for this type")
+            w = _iq3_s(b, table)
+    return tl.reshape(w, (BLOCK_N, CHUNK))

@@ -1,0 +1,100 @@
+"""Dequant-GEMV for decode: y[M, N] = x[M, K] @ W[N, K]^T for M <= 16, W in GGUF blocks.
+
+Decode is memory-bound: every byte of W is read once and the work per byte is a few integer
+ops and one multiply-add per activation row. Each program owns BLOCK_N weight rows and a
+range of K chunks; it accumulates elementwise products in registers and reduces across K
+only once at the end (no shuffles inside the loop). When the grid of row blocks is too
+small to fill the GPU, K is split across programs (SPLIT_K) into an fp32 partial buffer
+that is summed afterwards, which keeps the result deterministic.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from gguf import GGMLQuantizationType as Q
+
+from kernels.formats import block_format
+from kernels.triton_dequant_tiles import CHUNK, dequant_chunk, lookup_table
+
+MAX_GEMV_ROWS = 16
+_ACC_ELEMENTS = 8192  # fp32 accumulator per program: 64 registers per thread at 4 warps
+_PROGRAMS_PER_SM = 4  # enough resident programs per SM to keep loads in flight
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    block_m: int  # activation rows, padded to a power of two
+    block_n: int  # weight rows per program
+    split_k: int  # programs sharing one row block along K
+    num_warps: int = 4
+
+
+def gemv_config(m: int, n: int, k: int, device: torch.device) -> GemvConfig:
+    """Row block from the accumulator budget; split K until the grid covers the GPU."""
+    block_m = triton.next_power_of_2(m)
+    block_n = max(2, _ACC_ELEMENTS // (block_m * CHUNK))
+    n_chunks = triton.cdiv(k, CHUNK)
+    if device.type != "cuda":  # the interpreter: fewest programs is fastest
+        return GemvConfig(block_m, block_n, split_k=1)
+    n_sm = torch.cuda.get_device_properties(device).multi_processor_count
+    row_programs = triton.cdiv(n, block_n)
+    split_k = min(n_chunks, max(1, triton.cdiv(_PROGRAMS_PER_SM * n_sm, row_programs)))
+    return GemvConfig(block_m, block_n, split_k)
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, table_ptr, out_ptr,
+    M, N, K, row_bytes, stride_xm, stride_split, stride_om, chunks_per_split,
+    QTYPE: tl.constexpr, TYPE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m = tl.arange(0, BLOCK_M)
+    # Rows past N re-read row N-1 (in bounds); their results are never stored.
+    rows = w_ptr + tl.minimum(n, N - 1).to(tl.int64) * row_bytes
+    first = pid_k * chunks_per_split
+    last = tl.minimum(first + chunks_per_split, tl.cdiv(K, CHUNK))
+    acc = tl.zeros((BLOCK_M, BLOCK_N, CHUNK), dtype=tl.float32)
+    for c in range(first, last):
+        k = c * CHUNK + tl.arange(0, CHUNK)
+        x_mask = (m[:, None] < M) & (k[None, :] < K)
+        x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=x_mask, other=0.0)
+        w = dequant_chunk(rows, c, K, table_ptr, QTYPE, TYPE_SIZE)
+        acc += w[None, :, :] * x.to(tl.float32)[:, None, :]
+    y = tl.sum(acc, axis=2)
+    out = out_ptr + pid_k * stride_split + m[:, None] * stride_om + n[None, :]
+    tl.store(out, y.to(out_ptr.dtype.element_ty), mask=(m[:, None] < M) & (n[None, :] < N))
+
+
+def triton_gemv(
+    x: torch.Tensor, qweight: torch.Tensor, qtype: Q, shape: tuple[int, int],
+    config: GemvConfig | None = None,
+) -> torch.Tensor:
+    """x [M, K] (M <= 16, contiguous rows) @ W^T with W [N, K] as raw GGUF bytes -> [M, N] x.dtype.
+
+    The caller (kernels.qmatmul) has validated devices, dtypes and byte counts.
+    """
+    n, k = shape
+    m = x.shape[0]
+    assert 1 <= m <= MAX_GEMV_ROWS and x.shape[1] == k and x.stride(1) == 1, (x.shape, x.stride())
+    config = config or gemv_config(m, n, k, x.device)
+    chunks_per_split = triton.cdiv(triton.cdiv(k, CHUNK), config.split_k)
+    split_k = triton.cdiv(triton.cdiv(k, CHUNK), chunks_per_split)  # no empty splits
+    if split_k == 1:
+        out = torch.empty((1, m, n), dtype=x.dtype, device=x.device)
+    else:
+        out = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(n, config.block_n), split_k)
+    fmt = block_format(qtype)
+    _gemv_kernel[grid](
+        x, qweight, lookup_table(qtype, x.device), out,
+        m, n, k, k // fmt.block_size * fmt.type_size, x.stride(0), out.stride(0), out.stride(1),
+        chunks_per_split,
+        QTYPE=int(qtype), TYPE_SIZE=fmt.type_size, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        num_warps=config.num_warps,
+    )
+    return out[0] if split_k == 1 else out.sum(0).to(x.dtype)

@@ -1,0 +1,140 @@
+"""The device expert cache: fixed slots, LRU across all layers, copies from the host store.
+
+`load` yields the experts already on the device first so they compute while the missing ones
+copy (mixtral-offloading's `load(unordered=True)`). A slot handed out by a load is locked
+until the consumer resumes the generator; when a layer needs more experts than there are
+slots, the misses stream through the unlocked slots in waves instead of failing.
+"""
+
+from collections import OrderedDict, deque
+from collections.abc import Iterator, Sequence
+from time import perf_counter
+
+import torch
+
+from offload.copier import make_copier
+from offload.layout import ExpertWeights
+from offload.stats import CacheStats
+from offload.store import HostExpertStore
+
+Key = tuple[int, int]  # (layer, expert)
+
+
+class ExpertCache:
+    """ExpertSource holding at most `n_slots` experts on `device`; the rest stay in `store`."""
+
+    def __init__(self, store: HostExpertStore, n_slots: int, device: torch.device | str):
+        if n_slots < 1:
+            raise ValueError(f"an expert cache needs at least one slot, got {n_slots}")
+        self.store = store
+        self.device = torch.device(device)
+        self.n_slots = n_slots
+        self.slot_bytes = store.max_expert_bytes
+        self.buffer = torch.empty((n_slots, self.slot_bytes), dtype=torch.uint8, device=self.device)
+        self._slots: OrderedDict[Key, int] = OrderedDict()  # least recently used first
+        self._free = list(range(n_slots - 1, -1, -1))
+        self._locked: set[int] = set()  # slots handed out by the active load
+        self._prefetched: set[Key] = set()  # filled by prefetch, not yet looked up
+        self._is_loading = False
+        self._copier = make_copier(self.device, n_slots)
+        self._stats = CacheStats()
+
+    def cached(self) -> list[Key]:
+        """Keys on the device, least recently used first."""
+        return list(self._slots)
+
+    def load(self, layer: int, expert_ids: Sequence[int]) -> Iterator[tuple[int, ExpertWeights]]:
+        if self._is_loading:
+            raise RuntimeError("ExpertCache.load: finish or close the previous load first")
+        self._is_loading = True
+        try:
+            yield from self._load(layer, list(dict.fromkeys(int(e) for e in expert_ids)))
+        finally:
+            for slot in self._locked:
+                self._copier.release(slot)
+            self._locked.clear()
+            self._is_loading = False
+
+    def _load(self, layer: int, ids: list[int]) -> Iterator[tuple[int, ExpertWeights]]:
+        self._collect_stalls()
+        ready: deque[tuple[int, int]] = deque()  # (expert, slot) in yield order: hits first
+        pending = deque(e for e in ids if (layer, e) not in self._slots)
+        for expert in (e for e in ids if (layer, e) in self._slots):
+            ready.append((expert, self._use_hit((layer, expert))))
+        self._stats.add(layer, expert_lookups=len(ids), expert_hits=len(ready),
+                        expert_misses=len(pending))
+        layout = self.store.layout(layer)
+        self._issue(layer, pending, ready)
+        while ready:
+            expert, slot = ready.popleft()
+            self._copier.wait(slot, layer)
+            yield expert, ExpertWeights.from_blob(layout, self.buffer[slot])
+            self._copier.release(slot)
+            self._locked.discard(slot)
+            self._issue(layer, pending, ready)
+
+    def _use_hit(self, key: Key) -> int:
+        self._slots.move_to_end(key)
+        slot = self._slots[key]
+        self._locked.add(slot)
+        if key in self._prefetched:
+            self._prefetched.discard(key)
+            self._stats.add(key[0], prefetch_used=1)
+        return slot
+
+    def _issue(self, layer: int, pending: deque[int], ready: deque[tuple[int, int]]) -> None:
+        """Start copies for pending misses into every slot that can be claimed now."""
+        while pending and (slot := self._claim_slot(self._locked)) is not None:
+            expert = pending.popleft()
+            seconds = self._fill((layer, expert), slot)
+            if not self._copier.is_async:  # compute waited for the whole copy
+                self._stats.add(layer, stall_s=seconds)
+            self._locked.add(slot)
+            ready.append((expert, slot))
+
+    def prefetch(self, layer: int, expert_ids: Sequence[int]) -> None:
+        """Start copies for experts a coming layer is predicted to use, evicting only unlocked
+        slots that hold none of them; stops quietly when no slot can be claimed."""
+        kept = set(self._locked)
+        for expert in dict.fromkeys(int(e) for e in expert_ids):
+            key = (layer, expert)
+            if key in self._slots:
+                self._slots.move_to_end(key)  # predicted soon: protect it from eviction
+                kept.add(self._slots[key])
+                continue
+            slot = self._claim_slot(kept)
+            if slot is None:
+                return
+            self._fill(key, slot)
+            self._prefetched.add(key)
+            self._stats.add(layer, prefetch_issued=1)
+            kept.add(slot)
+
+    def _claim_slot(self, kept: set[int]) -> int | None:
+        """A free slot, else the least recently used slot not in `kept` (evicted); else None."""
+        if self._free:
+            return self._free.pop()
+        victim = next((key for key, slot in self._slots.items() if slot not in kept), None)
+        if victim is None:
+            return None
+        self._prefetched.discard(victim)
+        self._stats.add(victim[0], expert_evictions=1)
+        return self._slots.pop(victim)
+
+    def _fill(self, key: Key, slot: int) -> float:
+        """Copy `key`'s bytes into `slot` and make it most recently used; returns copy seconds."""
+        start = perf_counter()
+        self._copier.copy(slot, self.buffer[slot], self.store.blob_parts(*key))
+        seconds = perf_counter() - start
+        self._slots[key] = slot
+        self._stats.add(key[0], bytes_to_device=self.store.layout(key[0]).expert_bytes,
+                        copy_s=seconds)
+        return seconds
+
+    def _collect_stalls(self) -> None:
+        for layer, seconds in self._copier.collect_stalls():
+            self._stats.add(layer, stall_s=seconds)
+
+    def stats(self) -> dict:
+        self._collect_stalls()
+        return self._stats.as_dict(n_slots=self.n_slots, slot_bytes=self.slot_bytes)

@@ -1,0 +1,40 @@
+"""Plain counters of an expert source, overall and per layer (server/ turns them into metrics)."""
+
+from collections import defaultdict
+from dataclasses import asdict, dataclass, fields
+
+
+@dataclass
+class CacheCounters:
+    """Counts for one layer; expert_hits + expert_misses == expert_lookups always."""
+
+    expert_lookups: int = 0
+    expert_hits: int = 0
+    expert_misses: int = 0
+    expert_evictions: int = 0
+    bytes_to_device: int = 0
+    copy_s: float = 0.0  # host time spent issuing (CUDA) or doing (CPU) host->device copies
+    stall_s: float = 0.0  # time compute waited for copies
+    prefetch_issued: int = 0
+    prefetch_used: int = 0
+
+
+class CacheStats:
+    """Per-layer CacheCounters; totals are sums, computed when asked so they never drift."""
+
+    def __init__(self) -> None:
+        self._per_layer: defaultdict[int, CacheCounters] = defaultdict(CacheCounters)
+
+    def add(self, layer: int, **amounts: float) -> None:
+        counters = self._per_layer[layer]
+        for name, amount in amounts.items():
+            setattr(counters, name, getattr(counters, name) + amount)
+
+    def as_dict(self, **extra: int) -> dict:
+        """Totals under the counter names, `per_layer` {layer: {...}}, then `extra` items."""
+        totals = CacheCounters()
+        for counters in self._per_layer.values():
+            for f in fields(CacheCounters):
+                setattr(totals, f.name, getattr(totals, f.name) + getattr(counters, f.name))
+        per_layer = {layer: asdict(c) for layer, c in sorted(self._per_layer.items())}
+        return {**asdict(totals), "per_layer": per_layer, **extra}

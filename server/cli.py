@@ -1,0 +1,122 @@
+"""The `moestream` command: serve, generate, inspect, cache-sim and the benchmarks.
+
+Every error a user can cause prints one line naming what is wrong and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from kernels.errors import MoestreamError
+
+EXIT_USAGE = 2
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", required=True, help="path of a .gguf model file")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--vram-budget", default=None,
+                   help="device memory for the model, e.g. 1GiB, 6GB (default: free GPU memory "
+                        "minus a margin; on the CPU everything stays in host memory)")
+    p.add_argument("--max-cached-experts", type=int, default=None,
+                   help="cap the expert cache slots below what the budget allows")
+    p.add_argument("--ctx-size", type=int, default=4096, help="longest sequence in tokens")
+    p.add_argument("--no-pin", action="store_true",
+                   help="read experts from the memory map instead of pinned host memory")
+    p.add_argument("--no-prefetch", action="store_true", help="do not prefetch predicted experts")
+
+
+def engine_options(args: argparse.Namespace) -> dict:
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return dict(device=device, vram_budget=args.vram_budget, max_cached_experts=args.max_cached_experts,
+                ctx_size=args.ctx_size, pin_memory=not args.no_pin, prefetch=not args.no_prefetch)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from server.inspect import describe
+
+    print(describe(Path(args.file), vram_budget=args.vram_budget, ctx_size=args.ctx_size))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from engine import Engine, SamplingParams
+    from engine.tokenizer import StreamDecoder
+
+    engine = Engine.from_gguf(args.model, **engine_options(args))
+    tok = engine.tokenizer
+    if args.chat:
+        prompt_ids = engine.chat_prompt_ids([{"role": "user", "content": args.prompt}])
+    else:
+        prompt_ids = tok.encode(args.prompt, add_special=True)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    decoder = StreamDecoder(tok)
+    for out in engine.generate(prompt_ids, params):
+        if not (out.finish_reason == "stop" and out.token_id in tok.eos_ids):
+            sys.stdout.write(decoder.push(out.token_id))
+            sys.stdout.flush()
+    sys.stdout.write(decoder.flush() + "\n")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from server.app import serve
+
+    return serve(args)
+
+
+def cmd_cache_sim(args: argparse.Namespace) -> int:
+    from offload.cachesim import main as cache_sim_main
+
+    return cache_sim_main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moestream", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="describe a GGUF model and where it would be placed")
+    p.add_argument("file")
+    p.add_argument("--vram-budget", default=None)
+    p.add_argument("--ctx-size", type=int, default=4096)
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("generate", help="generate text from a prompt, streamed to stdout")
+    _add_model_args(p)
+    p.add_argument("--prompt", "-p", required=True)
+    p.add_argument("--max-tokens", "-n", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("cache-sim", help="replay routing traces through LRU/LFU/Belady caches",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_cache_sim)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except MoestreamError as exc:
+        print(f"moestream: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
