@@ -23,10 +23,6 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.free_blocks: deque[int] = deque(range(num_blocks))
 
-    @staticmethod
-    def bytes_for(n_layers: int, n_kv_heads: int, head_dim: int, n_tokens: int, dtype_bytes: int) -> int:
-        return 2 * n_layers * n_kv_heads * head_dim * n_tokens * dtype_bytes
-
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes

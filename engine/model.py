@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-import kernels
+from kernels.qmatmul import qmatmul
 from engine.config import ModelConfig, QKNorm
 from engine.kv_cache import KVCache
 from engine.layers import Embedding, Rope, dequantize_tensor, rms_norm
@@ -65,9 +65,9 @@ class LayerWeights:
 def expert_ffn(x: torch.Tensor, w: ExpertWeights, backend: str) -> torch.Tensor:
     """SwiGLU of one routed expert, straight from its quantized blocks."""
     lay = w.layout
-    gate = kernels.qmatmul(x, w.gate, lay.gate.qtype, lay.gate.shape, backend=backend)
-    up = kernels.qmatmul(x, w.up, lay.up.qtype, lay.up.shape, backend=backend)
-    return kernels.qmatmul(F.silu(gate) * up, w.down, lay.down.qtype, lay.down.shape, backend=backend)
+    gate = qmatmul(x, w.gate, lay.gate.qtype, lay.gate.shape, backend=backend)
+    up = qmatmul(x, w.up, lay.up.qtype, lay.up.shape, backend=backend)
+    return qmatmul(F.silu(gate) * up, w.down, lay.down.qtype, lay.down.shape, backend=backend)
 
 
 class MoEModel:

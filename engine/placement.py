@@ -74,11 +74,17 @@ def make_plan(file: GGUFModelFile, config: EngineConfig, kv_bytes: int,
     dtype_bytes = 4 if torch.device(config.device).type == "cpu" else 2
     max_model_len = min(config.ctx_size, file.config.context_length)
     slot_bytes = max(expert_layout(file, i).expert_bytes for i in range(file.config.n_layers))
+    resident = resident_device_bytes(file, dtype_bytes)
+    workspace = workspace_bytes(file, config, max_model_len, dtype_bytes)
+    if budget is None:  # only a slot cap was given: the budget is exactly what it needs
+        budget_bytes = resident + kv_bytes + workspace + config.max_cached_experts * slot_bytes
+    else:
+        budget_bytes = parse_bytes(budget)
     return plan_placement(
-        budget_bytes=parse_bytes(budget) if budget is not None else None,
-        resident_bytes=resident_device_bytes(file, dtype_bytes),
+        budget_bytes=budget_bytes,
+        resident_bytes=resident,
         kv_bytes=kv_bytes,
-        workspace_bytes=workspace_bytes(file, config, max_model_len, dtype_bytes),
+        workspace_bytes=workspace,
         slot_bytes=slot_bytes,
         n_experts_total=file.config.n_layers * file.config.n_experts,
         max_cached_experts=config.max_cached_experts,

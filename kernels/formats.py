@@ -12,9 +12,6 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
 from kernels.errors import UnsupportedQuantType
 
-QK_K = 256  # elements per super-block of the K and IQ types
-
-
 @dataclass(frozen=True)
 class Field:
     """A named run of bytes inside a block; `dtype` is how the bytes are read (little-endian)."""
@@ -56,22 +53,20 @@ class BlockFormat:
         """Byte offsets of the fp16 scale fields (F16's single element counts as one)."""
         return tuple(f.offset for f in self.fields if f.dtype == torch.float16)
 
-    @property
-    def is_float(self) -> bool:
-        """True for F32/F16/BF16: the block is one plain floating-point element."""
-        return self.block_size == 1
-
     def field(self, name: str) -> Field:
-        return next(f for f in self.fields if f.name == name)
+        for f in self.fields:
+            if f.name == name:
+                return f
+        raise KeyError(f"{self.name} blocks have no field '{name}'")
 
     def read(self, blocks: torch.Tensor, name: str) -> torch.Tensor:
-        """Field `name` of every block: uint8 [n, type_size] -> [n, size / itemsize] of its dtype."""
+        """Field `name` of every block: uint8 [n, type_size] -> [n, size / itemsize]."""
         f = self.field(name)
         return reinterpret(blocks[:, f.offset : f.end], f.dtype)
 
 
 def reinterpret(raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """View uint8 bytes (last dim) as `dtype`, copying only when layout or alignment forbid a view."""
+    """View uint8 bytes (last dim) as `dtype`; copies where layout or alignment forbid a view."""
     if dtype == torch.uint8:
         return raw
     raw = raw.contiguous()
@@ -122,7 +117,7 @@ BLOCK_FORMATS: dict[Q, BlockFormat] = {f.qtype: f for f in _FORMATS}
 
 
 def block_format(qtype: Q | int, tensor_name: str | None = None) -> BlockFormat:
-    """The layout of `qtype`; raises UnsupportedQuantType naming the tensor if we cannot decode it."""
+    """The layout of `qtype`; UnsupportedQuantType (naming the tensor) if we cannot decode it."""
     fmt = BLOCK_FORMATS.get(qtype)  # type: ignore[call-overload]
     if fmt is not None:
         return fmt
@@ -157,7 +152,8 @@ def random_blocks(qtype: Q, n_blocks: int, generator: torch.Generator) -> torch.
     is +-2**u with u uniform in [-8, 0], so dequantized values are finite, NaN-free test data.
     """
     fmt = block_format(qtype)
-    blocks = torch.randint(0, 256, (n_blocks, fmt.type_size), dtype=torch.uint8, generator=generator)
+    shape = (n_blocks, fmt.type_size)
+    blocks = torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator)
     for f in fmt.fields:
         if f.dtype.is_floating_point:
             count = f.size // f.dtype.itemsize

@@ -72,11 +72,12 @@ def _gemv_kernel(
 
 def triton_gemv(
     x: torch.Tensor, qweight: torch.Tensor, qtype: Q, shape: tuple[int, int],
-    config: GemvConfig | None = None,
+    config: GemvConfig | None = None, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x [M, K] (M <= 16, contiguous rows) @ W^T with W [N, K] as raw GGUF bytes -> [M, N] x.dtype.
 
-    The caller (kernels.qmatmul) has validated devices, dtypes and byte counts.
+    Writes into `out` [M, N] (contiguous, x.dtype) when given. The caller (kernels.qmatmul)
+    has validated devices, dtypes and byte counts.
     """
     n, k = shape
     m = x.shape[0]
@@ -84,17 +85,22 @@ def triton_gemv(
     config = config or gemv_config(m, n, k, x.device)
     chunks_per_split = triton.cdiv(triton.cdiv(k, CHUNK), config.split_k)
     split_k = triton.cdiv(triton.cdiv(k, CHUNK), chunks_per_split)  # no empty splits
+    if out is None:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    assert out.shape == (m, n) and out.dtype == x.dtype and out.is_contiguous()
     if split_k == 1:
-        out = torch.empty((1, m, n), dtype=x.dtype, device=x.device)
+        partial = out[None]
     else:
-        out = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
+        partial = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(n, config.block_n), split_k)
     fmt = block_format(qtype)
     _gemv_kernel[grid](
-        x, qweight, lookup_table(qtype, x.device), out,
-        m, n, k, k // fmt.block_size * fmt.type_size, x.stride(0), out.stride(0), out.stride(1),
+        x, qweight, lookup_table(qtype, x.device), partial,
+        m, n, k, k // fmt.block_size * fmt.type_size, x.stride(0), partial.stride(0), partial.stride(1),
         chunks_per_split,
         QTYPE=int(qtype), TYPE_SIZE=fmt.type_size, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         num_warps=config.num_warps,
     )
-    return out[0] if split_k == 1 else out.sum(0).to(x.dtype)
+    if split_k > 1:
+        out.copy_(partial.sum(0))
+    return out

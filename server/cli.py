@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -77,6 +78,52 @@ def cmd_cache_sim(args: argparse.Namespace) -> int:
     return cache_sim_main(args.rest)
 
 
+def _add_serve_parser(sub) -> None:
+    p = sub.add_parser(
+        "serve", help="serve a model on the OpenAI API (chat, completions, models, /metrics)",
+        description="Serve a GGUF MoE model on an OpenAI-compatible HTTP API. Each flag can also "
+                    "be set by the environment variable in brackets (for Docker); a flag on the "
+                    "command line wins.")
+
+    def option(flag: str, env: str, help: str, **kwargs) -> None:
+        if kwargs.get("action") == "store_true":
+            default = os.environ.get(env, "").lower() in ("1", "true", "yes", "on")
+        else:
+            default = os.environ.get(env, kwargs.pop("default", None))
+        p.add_argument(flag, default=default, help=f"{help} [{env}]", **kwargs)
+
+    option("--model", "MOESTREAM_MODEL", "a .gguf file, or hf:OWNER/REPO/FILE.gguf to download it "
+           "into the Hugging Face cache")
+    option("--demo", "MOESTREAM_DEMO", "serve a small synthetic MoE with random weights (gibberish "
+           "text) to try the API and dashboards without a model", action="store_true")
+    option("--host", "MOESTREAM_HOST", "address to bind; 0.0.0.0 exposes the server to the network",
+           default="127.0.0.1")
+    option("--port", "MOESTREAM_PORT", "TCP port", type=int, default=8000)
+    option("--api-key", "MOESTREAM_API_KEY", "require 'Authorization: Bearer KEY' on /v1 "
+           "(/health and /metrics stay open)")
+    option("--served-model-name", "MOESTREAM_SERVED_MODEL_NAME",
+           "the model id clients send (default: the file name without .gguf)")
+    option("--device", "MOESTREAM_DEVICE", "cpu or cuda (default: cuda when available)")
+    option("--vram-budget", "MOESTREAM_VRAM_BUDGET", "device memory for the model, e.g. 2GiB "
+           "(default: free GPU memory minus a margin)")
+    option("--max-cached-experts", "MOESTREAM_MAX_CACHED_EXPERTS",
+           "cap the expert cache slots below what the budget allows", type=int)
+    option("--ctx-size", "MOESTREAM_CTX_SIZE", "longest sequence in tokens (prompt + output)",
+           type=int, default=4096)
+    option("--max-batch", "MOESTREAM_MAX_BATCH", "sequences decoded together", type=int, default=8)
+    option("--max-batched-tokens", "MOESTREAM_MAX_BATCHED_TOKENS", "prefill tokens per step",
+           type=int, default=256)
+    option("--max-waiting", "MOESTREAM_MAX_WAITING", "queued requests before new ones get 503 "
+           "with Retry-After", type=int, default=64)
+    option("--shutdown-grace", "MOESTREAM_SHUTDOWN_GRACE", "seconds SIGTERM waits for requests in "
+           "flight to finish", type=float, default=30.0)
+    option("--no-pin", "MOESTREAM_NO_PIN", "read experts from the memory map instead of pinned "
+           "host memory", action="store_true")
+    option("--no-prefetch", "MOESTREAM_NO_PREFETCH", "do not prefetch predicted experts",
+           action="store_true")
+    p.set_defaults(func=cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moestream", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default="INFO")
@@ -98,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.set_defaults(func=cmd_generate)
+
+    _add_serve_parser(sub)
 
     p = sub.add_parser("cache-sim", help="replay routing traces through LRU/LFU/Belady caches",
                        add_help=False)

@@ -72,11 +72,11 @@ def describe(path: Path, vram_budget: str | None = None, ctx_size: int = 4096) -
 def plan_for(file: GGUFModelFile, vram_budget: str, ctx_size: int):
     """The placement plan the engine would make on a GPU with this budget."""
     from engine.engine import EngineConfig
-    from engine.kv_cache import KVCache
     from engine.placement import make_plan
+    from offload.planner import kv_cache_bytes
 
     cfg = file.config
     config = EngineConfig(device="cuda", ctx_size=ctx_size, vram_budget=vram_budget)
     n_tokens = config.kv_tokens(cfg.context_length)
-    kv_bytes = KVCache.bytes_for(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, n_tokens, 2)
+    kv_bytes = kv_cache_bytes(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, n_tokens, 2)
     return make_plan(file, config, kv_bytes, vram_budget)

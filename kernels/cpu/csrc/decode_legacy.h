@@ -1,0 +1,81 @@
+// 32-element blocks (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL) -> Decoded32: w = d * u + m.
+// Byte layouts: ggml-common.h block_q*; nibble order as gguf.quants (low nibbles first).
+#pragma once
+
+#include "blocks.h"
+#include "gguf_constants.h"
+
+namespace moestream_cpu {
+
+inline void low_high_nibbles(const uint8_t* qs, uint8_t* u) {
+  for (int i = 0; i < 16; ++i) {
+    u[i] = qs[i] & 0x0F;
+    u[16 + i] = qs[i] >> 4;
+  }
+}
+
+inline void add_fifth_bit(const uint8_t* qh, uint8_t* u) {
+  const uint32_t bits = load_u32(qh);
+  for (int i = 0; i < 32; ++i) u[i] |= ((bits >> i) & 1) << 4;
+}
+
+struct Q80 : LegacyFormat {
+  static constexpr int type_size = 34;
+  static void decode(const uint8_t* block, Decoded32& out) {
+    for (int i = 0; i < 32; ++i) out.u[i] = block[2 + i] ^ 0x80;  // int8 q -> q + 128
+    out.d = fp16(block);
+    out.m = -128.0f * out.d;
+  }
+};
+
+struct Q40 : LegacyFormat {
+  static constexpr int type_size = 18;
+  static void decode(const uint8_t* block, Decoded32& out) {
+    low_high_nibbles(block + 2, out.u);
+    out.d = fp16(block);
+    out.m = -8.0f * out.d;
+  }
+};
+
+struct Q41 : LegacyFormat {
+  static constexpr int type_size = 20;
+  static void decode(const uint8_t* block, Decoded32& out) {
+    low_high_nibbles(block + 4, out.u);
+    out.d = fp16(block);
+    out.m = fp16(block + 2);
+  }
+};
+
+struct Q50 : LegacyFormat {
+  static constexpr int type_size = 22;
+  static void decode(const uint8_t* block, Decoded32& out) {
+    low_high_nibbles(block + 6, out.u);
+    add_fifth_bit(block + 2, out.u);
+    out.d = fp16(block);
+    out.m = -16.0f * out.d;
+  }
+};
+
+struct Q51 : LegacyFormat {
+  static constexpr int type_size = 24;
+  static void decode(const uint8_t* block, Decoded32& out) {
+    low_high_nibbles(block + 8, out.u);
+    add_fifth_bit(block + 4, out.u);
+    out.d = fp16(block);
+    out.m = fp16(block + 2);
+  }
+};
+
+struct IQ4NL : LegacyFormat {
+  static constexpr int type_size = 18;
+  static void decode(const uint8_t* block, Decoded32& out) {
+    for (int i = 0; i < 16; ++i) {
+      out.u[i] = KVALUES_IQ4NL[block[2 + i] & 0x0F] + 128;
+      out.u[16 + i] = KVALUES_IQ4NL[block[2 + i] >> 4] + 128;
+    }
+    out.d = fp16(block);
+    out.m = -128.0f * out.d;
+  }
+};
+
+}  // namespace moestream_cpu

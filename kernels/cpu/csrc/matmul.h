@@ -1,0 +1,127 @@
+// y[m, n] = sum_k x[m, k] W[n, k] straight from GGUF blocks, over all cores.
+//
+// Work is a list of jobs (one weight matrix each) whose output rows form one index space, so
+// e.g. an expert's gate and up projections run in a single parallel region. Each thread
+// decodes a tile of weight rows once into L1-sized integer form, then dots every activation
+// row against it: M = 1 streams the weights once; larger M reuses each decoded tile M times.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "activations.h"
+#include "decode_iq.h"
+#include "decode_k.h"
+#include "decode_legacy.h"
+#include "dot.h"
+#include "gguf_constants.h"
+
+namespace moestream_cpu {
+
+// Calls fn(Format{}) for a supported GGML type id; false if the type has no CPU kernel.
+template <class Fn>
+bool with_format(int64_t qtype, Fn&& fn) {
+  switch (qtype) {
+    case GGML_TYPE_Q2_K: fn(Q2K{}); return true;
+    case GGML_TYPE_Q3_K: fn(Q3K{}); return true;
+    case GGML_TYPE_Q4_K: fn(Q4K{}); return true;
+    case GGML_TYPE_Q5_K: fn(Q5K{}); return true;
+    case GGML_TYPE_Q6_K: fn(Q6K{}); return true;
+    case GGML_TYPE_IQ2_XXS: fn(IQ2XXS{}); return true;
+    case GGML_TYPE_IQ2_XS: fn(IQ2XS{}); return true;
+    case GGML_TYPE_IQ2_S: fn(IQ2S{}); return true;
+    case GGML_TYPE_IQ3_XXS: fn(IQ3XXS{}); return true;
+    case GGML_TYPE_IQ3_S: fn(IQ3S{}); return true;
+    case GGML_TYPE_IQ4_XS: fn(IQ4XS{}); return true;
+    case GGML_TYPE_Q8_0: fn(Q80{}); return true;
+    case GGML_TYPE_Q4_0: fn(Q40{}); return true;
+    case GGML_TYPE_Q4_1: fn(Q41{}); return true;
+    case GGML_TYPE_Q5_0: fn(Q50{}); return true;
+    case GGML_TYPE_Q5_1: fn(Q51{}); return true;
+    case GGML_TYPE_IQ4_NL: fn(IQ4NL{}); return true;
+    default: return false;
+  }
+}
+
+// Activation rows quantised for one block family (256 or 32 elements per scale).
+struct QuantizedRows {
+  QuantizedRows() = default;
+  QuantizedRows(QuantizedRows&&) = default;
+  QuantizedRows(const QuantizedRows&) = delete;  // `data` points into the vectors
+
+  std::vector<Act256> k;
+  std::vector<Act32> legacy;
+  const void* data = nullptr;
+};
+
+inline QuantizedRows quantize_for(int64_t qtype, const float* x, int64_t M, int64_t K, int64_t ldx) {
+  QuantizedRows rows;
+  with_format(qtype, [&](auto fmt) {
+    using F = decltype(fmt);
+    if constexpr (std::is_same_v<typename F::Act, Act256>) {
+      rows.k = quantize_rows<Act256, QK>(x, M, K, ldx);
+      rows.data = rows.k.data();
+    } else {
+      rows.legacy = quantize_rows<Act32, QB>(x, M, K, ldx);
+      rows.data = rows.legacy.data();
+    }
+  });
+  return rows;
+}
+
+struct Job {
+  const uint8_t* weight;  // N rows of K / block_size GGUF blocks
+  int64_t qtype, N, K;
+  const void* act;        // M rows of quantised activations for this type's family
+  int64_t M;
+  float* y;               // y[m * ldy + n]
+  int64_t ldy;
+};
+
+// Decoded rows per tile: about half of L1, the rest holds activation and output rows.
+constexpr int64_t TILE_BYTES = 24 * 1024;
+
+template <class F>
+void run_rows(const Job& job, int64_t n0, int64_t n1) {
+  using Dec = typename F::Decoded;
+  using Act = typename F::Act;
+  const int64_t nb = job.K / F::block_size;
+  const int64_t row_bytes = nb * F::type_size;
+  const int64_t tile = std::clamp<int64_t>(TILE_BYTES / (nb * int64_t(sizeof(Dec))), 1, n1 - n0);
+  std::vector<Dec> dec(tile * nb);
+  const Act* act = static_cast<const Act*>(job.act);
+  for (int64_t r0 = n0; r0 < n1; r0 += tile) {
+    const int64_t rows = std::min(tile, n1 - r0);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t b = 0; b < nb; ++b)
+        F::decode(job.weight + (r0 + r) * row_bytes + b * F::type_size, dec[r * nb + b]);
+    for (int64_t m = 0; m < job.M; ++m)
+      for (int64_t r = 0; r < rows; ++r) job.y[m * job.ldy + r0 + r] = dot_row(&dec[r * nb], act + m * nb, nb);
+  }
+}
+
+// Bytes of weights (times activation rows) per parallel task: small matrices stay on one core.
+constexpr int64_t TASK_WORK = 64 * 1024;
+
+inline void run_jobs(const std::vector<Job>& jobs) {
+  int64_t total_rows = 0, total_work = 0;
+  for (const Job& job : jobs) {
+    total_rows += job.N;
+    total_work += job.N * job.K * job.M;
+  }
+  const int64_t work_per_row = std::max<int64_t>(1, total_work / std::max<int64_t>(1, total_rows) / 2);
+  const int64_t grain = std::max<int64_t>(1, TASK_WORK / work_per_row);
+  at::parallel_for(0, total_rows, grain, [&](int64_t begin, int64_t end) {
+    int64_t offset = 0;
+    for (const Job& job : jobs) {
+      const int64_t lo = std::max(begin, offset), hi = std::min(end, offset + job.N);
+      if (lo < hi) with_format(job.qtype, [&](auto fmt) { run_rows<decltype(fmt)>(job, lo - offset, hi - offset); });
+      offset += job.N;
+    }
+  });
+}
+
+}  // namespace moestream_cpu

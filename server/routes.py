@@ -1,0 +1,219 @@
+"""The OpenAI endpoints: /v1/chat/completions, /v1/completions, /v1/models; and /health."""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+from dataclasses import dataclass
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from kernels.errors import MoestreamError
+from server.async_engine import EngineFailed
+from server.errors import APIError
+from server.generation import Delta, Generation
+from server.responses import Envelope, chat_logprobs, completion_logprobs, sse
+from server.schemas import ChatCompletionRequest, CompletionRequest
+from server.state import ServerState
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+_DISCONNECT_POLL_S = 0.5
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+@router.get("/health")
+async def health(request: Request) -> JSONResponse:
+    state = _state(request)
+    if state.draining_since_s is not None:
+        return APIError("the server is shutting down", "unavailable_error").response()
+    if state.engine is None:
+        return APIError("loading model", "unavailable_error").response()
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> dict:
+    return {"object": "list", "data": [_model_card(_state(request))]}
+
+
+@router.get("/v1/models/{model:path}")
+async def get_model(model: str, request: Request) -> dict:
+    state = _state(request)
+    state.check_model(model)
+    return _model_card(state)
+
+
+def _model_card(state: ServerState) -> dict:
+    return {"id": state.settings.served_model_name, "object": "model", "created": state.created,
+            "owned_by": "moestream", "max_model_len": state.engine.engine.max_model_len}
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    arrival_s = time.monotonic()
+    state = _state(request)
+    model = state.check_model(body.model)
+    messages = [m.as_template_input() for m in body.messages]
+    try:
+        prompt_ids = await asyncio.to_thread(state.engine.engine.chat_prompt_ids, messages)
+    except MoestreamError as exc:
+        raise APIError(str(exc), param="messages") from None
+    logprobs = body.num_logprobs
+    gen = await state.start(prompt_ids, lambda n: body.sampling_params(n, logprobs),
+                            body.requested_max_tokens, body.stop_strings, arrival_s, "messages")
+    envelope = Envelope.new("chat.completion", model, "chatcmpl")
+    fmt = ChatFormat(gen, envelope, logprobs is not None)
+    if body.stream:
+        return _event_stream(fmt.events(body.include_usage))
+    return await _respond_unless_gone(request, fmt.response)
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request) -> Response:
+    arrival_s = time.monotonic()
+    state = _state(request)
+    model = state.check_model(body.model)
+    prompt_ids = body.prompt
+    if isinstance(prompt_ids, str):
+        encode = state.engine.engine.tokenizer.encode
+        prompt_ids = await asyncio.to_thread(encode, prompt_ids, add_special=True, parse_special=True)
+    gen = await state.start(prompt_ids, lambda n: body.sampling_params(n, body.logprobs),
+                            body.max_tokens, body.stop_strings, arrival_s, "prompt")
+    envelope = Envelope.new("text_completion", model, "cmpl")
+    fmt = CompletionFormat(gen, envelope, body.logprobs is not None)
+    if body.stream:
+        return _event_stream(fmt.events(body.include_usage))
+    return await _respond_unless_gone(request, fmt.response)
+
+
+class _EventStream(StreamingResponse):
+    """Closes its event generator however the response ends, so a client that hung up
+    aborts its sequence now rather than when the generator is garbage-collected."""
+
+    async def stream_response(self, send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            await self.body_iterator.aclose()
+
+
+def _event_stream(events: AsyncIterator[str]) -> StreamingResponse:
+    return _EventStream(events, media_type="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _respond_unless_gone(request: Request, respond: Callable) -> Response:
+    """Run a non-streaming response; a client that hangs up cancels it (and its sequence)."""
+    task = asyncio.ensure_future(respond())
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
+        if done:
+            return JSONResponse(task.result())
+        if await request.is_disconnected():
+            task.cancel()
+            return Response(status_code=499)
+
+
+def _error_event(exc: Exception) -> str:
+    return sse(APIError(str(exc), "server_error").body())
+
+
+@dataclass
+class _Format(ABC):
+    gen: Generation
+    envelope: Envelope
+    want_logprobs: bool
+
+    async def collect(self) -> tuple[str, list, str]:
+        text, records = [], []
+        async with aclosing(self.gen.deltas()) as deltas:
+            async for delta in deltas:
+                text.append(delta.text)
+                records += delta.logprobs
+        return "".join(text), records, self.gen.finish_reason
+
+    async def events(self, include_usage: bool) -> AsyncIterator[str]:
+        extra = {"usage": None} if include_usage else {}
+        try:
+            for choice in self.opening():
+                yield sse(self.envelope.body([choice], **extra))
+            async with aclosing(self.gen.deltas()) as deltas:
+                async for delta in deltas:
+                    for choice in self.chunk_choices(delta):
+                        yield sse(self.envelope.body([choice], **extra))
+        except EngineFailed as exc:
+            yield _error_event(exc)
+            return
+        if include_usage:
+            yield sse(self.envelope.body([], usage=self.gen.usage))
+        yield sse("[DONE]")
+
+    def opening(self) -> list[dict]:
+        return []
+
+    @abstractmethod
+    def chunk_choices(self, delta: Delta) -> list[dict]:
+        """The stream choices one delta becomes."""
+
+    @abstractmethod
+    async def response(self) -> dict:
+        """The whole (non-streaming) response body."""
+
+
+class ChatFormat(_Format):
+    def opening(self) -> list[dict]:
+        return [{"index": 0, "delta": {"role": "assistant"}, "logprobs": None, "finish_reason": None}]
+
+    def chunk_choices(self, delta: Delta) -> list[dict]:
+        choices = []
+        if delta.text or delta.logprobs:
+            choices.append({"index": 0, "delta": {"content": delta.text},
+                            "logprobs": self._logprobs(delta.logprobs), "finish_reason": None})
+        if delta.finish_reason is not None:
+            choices.append({"index": 0, "delta": {}, "logprobs": None,
+                            "finish_reason": delta.finish_reason})
+        return choices
+
+    async def response(self) -> dict:
+        text, records, finish_reason = await self.collect()
+        choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                  "logprobs": self._logprobs(records), "finish_reason": finish_reason}
+        return self.envelope.body([choice], usage=self.gen.usage)
+
+    def _logprobs(self, records: list) -> dict | None:
+        return chat_logprobs(self.gen.tokenizer, records) if self.want_logprobs else None
+
+
+class CompletionFormat(_Format):
+    _offset: int = 0  # characters of completion text sent so far, for text_offset
+
+    def chunk_choices(self, delta: Delta) -> list[dict]:
+        choices = []
+        if delta.text or delta.logprobs:
+            choices.append({"index": 0, "text": delta.text, "logprobs": self._logprobs(delta.logprobs),
+                            "finish_reason": None})
+            self._offset += len(delta.text)
+        if delta.finish_reason is not None:
+            choices.append({"index": 0, "text": "", "logprobs": None,
+                            "finish_reason": delta.finish_reason})
+        return choices
+
+    async def response(self) -> dict:
+        text, records, finish_reason = await self.collect()
+        choice = {"index": 0, "text": text, "logprobs": self._logprobs(records),
+                  "finish_reason": finish_reason}
+        return self.envelope.body([choice], usage=self.gen.usage)
+
+    def _logprobs(self, records: list) -> dict | None:
+        if not self.want_logprobs:
+            return None
+        return completion_logprobs(self.gen.tokenizer, records, self._offset)

@@ -1,0 +1,156 @@
+"""The app's one engine and its lifecycle: loading, ready, draining; and the gate in front
+of /v1 (API key, 503 while loading or draining, the count of requests in flight)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from engine import Engine, QueueFull, SamplingParams
+from kernels.errors import MoestreamError
+from server.async_engine import AsyncEngine
+from server.errors import APIError
+from server.generation import Generation
+from server.metrics import EngineView, RequestRecord, ServerMetrics
+
+log = logging.getLogger(__name__)
+
+EXIT_USAGE = 2
+LOADING_RETRY_AFTER_S = 5
+QUEUE_FULL_RETRY_AFTER_S = 1
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    served_model_name: str
+    api_key: str | None = None
+    ctx_size: int = 4096  # an upper bound of the model length, for the token-count buckets
+    shutdown_grace_s: float = 30.0
+
+
+@dataclass
+class ServerState:
+    settings: ServerSettings
+    metrics: ServerMetrics
+    engine: AsyncEngine | None = None
+    created: int = field(default_factory=lambda: int(time.time()))
+    draining_since_s: float | None = None
+    num_in_flight: int = 0
+    exit_code: int | None = None  # set when the server must stop (a load failure)
+
+    @property
+    def is_ready(self) -> bool:
+        return self.engine is not None and self.draining_since_s is None
+
+    # -- lifecycle ------------------------------------------------------------------
+    def load_in_background(self, load: Callable[[], Engine], loop: asyncio.AbstractEventLoop) -> None:
+        def run() -> None:
+            try:
+                engine = load()
+            except MoestreamError as exc:
+                log.error("moestream: error: %s", exc)
+                self.exit_code = EXIT_USAGE
+                return
+            except Exception:
+                log.exception("loading the model failed")
+                self.exit_code = 1
+                return
+            loop.call_soon_threadsafe(self._serve, engine, loop)
+
+        threading.Thread(target=run, name="moestream-loader", daemon=True).start()
+
+    def _serve(self, engine: Engine, loop: asyncio.AbstractEventLoop) -> None:
+        self.engine = AsyncEngine(engine, loop).start()
+        cfg = engine.config
+        info = {"arch": cfg.arch, "n_layers": str(cfg.n_layers), "n_experts": str(cfg.n_experts),
+                "n_experts_used": str(cfg.n_experts_used), "max_model_len": str(engine.max_model_len),
+                "device": str(engine.device)}
+        self.metrics.bind_engine(EngineView(lambda: self.engine.stats, engine.plan, info))
+        log.info("ready: serving %r on the OpenAI API", self.settings.served_model_name)
+
+    def begin_drain(self) -> None:
+        if self.draining_since_s is None:
+            self.draining_since_s = time.monotonic()
+            log.info("draining: refusing new requests, waiting for %d in flight (up to %.0f s)",
+                     self.num_in_flight, self.settings.shutdown_grace_s)
+
+    def should_exit(self) -> bool:
+        if self.exit_code is not None:
+            return True
+        if self.draining_since_s is None:
+            return False
+        waited_s = time.monotonic() - self.draining_since_s
+        return self.num_in_flight == 0 or waited_s > self.settings.shutdown_grace_s
+
+    def shutdown(self) -> None:
+        if self.engine is not None:
+            self.engine.stop()
+
+    # -- requests -------------------------------------------------------------------
+    def refusal(self, authorization: str | None) -> APIError | None:
+        key = self.settings.api_key
+        if key is not None and not secrets.compare_digest(authorization or "", f"Bearer {key}"):
+            return APIError("missing or wrong API key: send 'Authorization: Bearer <key>'",
+                            "authentication_error", code="invalid_api_key")
+        if self.draining_since_s is not None:
+            return APIError("the server is shutting down", "unavailable_error")
+        if self.engine is None:
+            return APIError("the model is loading; retry shortly", "unavailable_error",
+                            retry_after_s=LOADING_RETRY_AFTER_S)
+        return None
+
+    def check_model(self, model: str | None) -> str:
+        name = self.settings.served_model_name
+        if model is not None and model != name:
+            raise APIError(f"the model {model!r} does not exist; this server serves {name!r}",
+                           "not_found_error", param="model", code="model_not_found")
+        return name
+
+    async def start(self, prompt_ids: list[int], make_params: Callable[[int], SamplingParams],
+                    requested_max_tokens: int | None, stops: list[str], arrival_s: float,
+                    prompt_param: str) -> Generation:
+        """Queue a request; `make_params(max_tokens)` builds its sampling settings."""
+        engine = self.engine
+        room = engine.engine.max_model_len - len(prompt_ids)
+        max_tokens = max(1, min(requested_max_tokens or room, room))
+        try:
+            params = make_params(max_tokens)
+        except MoestreamError as exc:
+            raise APIError(str(exc)) from None
+        try:
+            stream = await engine.add(prompt_ids, params)
+        except QueueFull as exc:
+            raise APIError(str(exc), "unavailable_error", code="queue_full",
+                           retry_after_s=QUEUE_FULL_RETRY_AFTER_S) from None
+        except MoestreamError as exc:
+            raise APIError(str(exc), param=prompt_param) from None
+        record = RequestRecord(arrival_s, len(prompt_ids))
+        return Generation(engine, stream, engine.engine.tokenizer, stops, self.metrics, record)
+
+
+class Gate:
+    """ASGI middleware in front of /v1: API key, loading/draining refusals, in-flight count."""
+
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1"):
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        authorization = headers.get(b"authorization", b"").decode("latin-1") or None
+        error = self.state.refusal(authorization)
+        if error is not None:
+            await error.response()(scope, receive, send)
+            return
+        self.state.num_in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.state.num_in_flight -= 1

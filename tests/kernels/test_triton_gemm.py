@@ -1,0 +1,33 @@
+"""Dequant-GEMM (prefill, tl.dot) under the Triton interpreter vs gguf.quants.dequantize + numpy."""
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from kernels.reference import qmatmul_reference
+from kernels.triton_gemm import GemmConfig, triton_gemm
+from tests.kernels.triton_helpers import (
+    TRITON_TYPES, activations, assert_matches, poisoned, random_weight,
+)
+
+
+def _run(qtype: Q, m: int, n: int, k: int, dtype: torch.dtype, config: GemmConfig | None, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    raw, weight = random_weight(qtype, n, k, gen)
+    x = activations(m, k, dtype, gen)
+    y = triton_gemm(x, raw, qtype, (n, k), config=config, out=poisoned((m, n), dtype))
+    assert_matches(y, x.double().numpy() @ weight.T, dtype)
+    assert_matches(y, qmatmul_reference(x, raw, qtype, (n, k)).double().numpy(), dtype)
+
+
+@pytest.mark.parametrize("qtype", TRITON_TYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("m, dtype", [(16, torch.float32), (64, torch.float16)], ids=["m16-fp32", "m64-fp16"])
+def test_gemm_every_type(qtype: Q, m: int, dtype: torch.dtype) -> None:
+    _run(qtype, m, 64, 512, dtype, None, seed=int(qtype) * 100 + m)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q8_0], ids=lambda q: q.name)
+def test_gemm_ragged_tiles(qtype: Q) -> None:
+    """M = 37 and N = 80 end inside their tiles; Q8_0 also ends K (= 288) inside a chunk."""
+    k = 288 if qtype == Q.Q8_0 else 256
+    _run(qtype, 37, 80, k, torch.float16, GemmConfig(block_m=32, block_n=64), seed=37)

@@ -1,0 +1,42 @@
+"""Dequant-GEMV (decode) under the Triton interpreter vs gguf.quants.dequantize + numpy matmul."""
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from kernels.reference import qmatmul_reference
+from kernels.triton_gemv import GemvConfig, triton_gemv
+from tests.kernels.triton_helpers import (
+    TRITON_TYPES, activations, assert_matches, poisoned, random_weight,
+)
+
+
+def _run(qtype: Q, m: int, n: int, k: int, dtype: torch.dtype, config: GemvConfig | None, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    raw, weight = random_weight(qtype, n, k, gen)
+    x = activations(m, k, dtype, gen)
+    y = triton_gemv(x, raw, qtype, (n, k), config=config, out=poisoned((m, n), dtype))
+    assert_matches(y, x.double().numpy() @ weight.T, dtype)
+    assert_matches(y, qmatmul_reference(x, raw, qtype, (n, k)).double().numpy(), dtype)
+
+
+@pytest.mark.parametrize("qtype", TRITON_TYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("m, dtype", [(1, torch.float16), (3, torch.float32)], ids=["m1-fp16", "m3-fp32"])
+def test_gemv_every_type(qtype: Q, m: int, dtype: torch.dtype) -> None:
+    _run(qtype, m, 64, 512, dtype, None, seed=int(qtype) * 10 + m)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.IQ2_XS], ids=lambda q: q.name)
+def test_gemv_sixteen_rows(qtype: Q) -> None:
+    _run(qtype, 16, 32, 256, torch.float32, None, seed=16)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q6_K, Q.Q8_0], ids=lambda q: q.name)
+def test_gemv_split_k_and_ragged_rows(qtype: Q) -> None:
+    """K split over 3 programs (of 4 chunks, one split short); N = 40 is not a row-block multiple."""
+    _run(qtype, 2, 40, 1024, torch.float32, GemvConfig(block_m=2, block_n=16, split_k=3), seed=3)
+
+
+def test_gemv_q8_0_row_ending_inside_a_chunk() -> None:
+    """Q8_0 rows of 320 = 256 + 64 columns: the last chunk holds only two blocks."""
+    _run(Q.Q8_0, 3, 24, 320, torch.float16, GemvConfig(block_m=4, block_n=8, split_k=2), seed=320)

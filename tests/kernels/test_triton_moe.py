@@ -1,0 +1,118 @@
+"""Grouped MoE matmul and expert FFN over shuffled cache slots vs per-expert gguf references.
+
+Slots not holding a routed expert are filled with 0xFF bytes (NaN fp16 scales), so reading
+the wrong slot or offset turns the output into NaN and fails the check.
+"""
+
+from dataclasses import dataclass
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from kernels.expert_layout import ExpertLayout, SlotTensor
+from kernels.formats import random_blocks
+from kernels.moe_align import moe_align_block_size
+from kernels.moe_ffn import moe_ffn
+from kernels.qmatmul import grouped_qmatmul
+from kernels.triton_moe import moe_block_m, triton_grouped_qmatmul
+from tests.kernels.triton_helpers import activations, assert_matches, poisoned
+
+
+@dataclass
+class Slots:
+    buffer: torch.Tensor  # uint8 [n_slots, slot_bytes]
+    slot_of_expert: torch.Tensor  # int32 [n_experts]
+
+    def weight(self, expert: int, t: SlotTensor) -> np.ndarray:
+        """Expert's W as float64, decoded by gguf from the bytes in its slot."""
+        raw = self.buffer[int(self.slot_of_expert[expert]), t.offset_bytes : t.end_bytes]
+        return gguf.quants.dequantize(raw.numpy().reshape(t.shape[0], -1), t.qtype).astype(np.float64)
+
+
+def _fill_slots(tensors: list[SlotTensor], n_experts: int, n_slots: int, gen: torch.Generator) -> Slots:
+    slot_bytes = max(t.end_bytes for t in tensors) + 5
+    buffer = torch.full((n_slots, slot_bytes), 0xFF, dtype=torch.uint8)
+    slot_of_expert = torch.randperm(n_slots, generator=gen)[:n_experts].to(torch.int32)
+    for slot in slot_of_expert.tolist():
+        for t in tensors:
+            n_blocks = t.nbytes // gguf.GGML_QUANT_SIZES[t.qtype][1]
+            buffer[slot, t.offset_bytes : t.end_bytes] = random_blocks(t.qtype, n_blocks, gen).reshape(-1)
+    return Slots(buffer, slot_of_expert)
+
+
+def _routing(n_tokens: int, top_k: int, n_experts: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.stack([torch.randperm(n_experts, generator=gen)[:top_k] for _ in range(n_tokens)])
+    return ids, torch.rand(n_tokens, top_k, generator=gen)
+
+
+GROUPED_CASES = [  # qtype, offset, tokens, top_k, experts, x per pair, routed weights, dtype
+    (Q.Q4_K, 0, 5, 2, 6, False, True, torch.float16),
+    (Q.Q6_K, 210, 16, 4, 8, True, False, torch.float32),
+    (Q.Q8_0, 7, 3, 2, 4, False, True, torch.float32),  # an odd byte offset inside the slot
+    (Q.IQ3_S, 110, 4, 2, 3, True, True, torch.float16),
+]
+
+
+@pytest.mark.parametrize("qtype, offset, n_tokens, top_k, n_experts, per_pair, weighted, dtype", GROUPED_CASES,
+                         ids=lambda v: v.name if isinstance(v, Q) else None)
+def test_grouped_matches_per_expert(qtype, offset, n_tokens, top_k, n_experts, per_pair, weighted, dtype) -> None:
+    gen = torch.Generator().manual_seed(offset + n_tokens)
+    weight = SlotTensor(offset, qtype, (64, 256))
+    slots = _fill_slots([weight], n_experts, n_experts + 3, gen)
+    topk_ids, topk_weights = _routing(n_tokens, top_k, n_experts, gen)
+    x = activations(n_tokens * top_k if per_pair else n_tokens, 256, dtype, gen)
+    routed = topk_weights if weighted else None
+
+    expected = np.empty((n_tokens, top_k, 64))
+    for t in range(n_tokens):
+        for j in range(top_k):
+            row = x[t * top_k + j if per_pair else t].double().numpy()
+            scale = topk_weights[t, j].item() if weighted else 1.0
+            expected[t, j] = scale * (slots.weight(int(topk_ids[t, j]), weight) @ row)
+
+    n_pairs = n_tokens * top_k
+    alignment = moe_align_block_size(topk_ids, n_experts, moe_block_m(n_pairs, n_experts))
+    out = triton_grouped_qmatmul(x, slots.buffer, slots.slot_of_expert, weight, alignment, routed,
+                                 out=poisoned((n_pairs, 64), dtype))
+    assert_matches(out.view(n_tokens, top_k, 64), expected, dtype)
+    args = (x, slots.buffer, slots.slot_of_expert, weight, topk_ids, routed)
+    assert_matches(grouped_qmatmul(*args, backend="triton"), expected, dtype)
+    assert_matches(grouped_qmatmul(*args, backend="torch"), expected, dtype)
+
+
+def _layout(fused: bool) -> ExpertLayout:
+    hidden, inter = 256, 256
+    if fused:  # gate|up back to back with one type: one [2I, D] matmul
+        gate = SlotTensor(0, Q.Q4_K, (inter, hidden))
+        up = SlotTensor(gate.end_bytes, Q.Q4_K, (inter, hidden))
+    else:
+        gate = SlotTensor(0, Q.Q5_K, (inter, hidden))
+        up = SlotTensor(gate.end_bytes + 64, Q.IQ4_XS, (inter, hidden))
+    return ExpertLayout(gate, up, SlotTensor(up.end_bytes, Q.Q6_K, (hidden, inter)))
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-gate-up", "separate-gate-up"])
+def test_moe_ffn_matches_numpy(fused: bool) -> None:
+    gen = torch.Generator().manual_seed(int(fused))
+    layout = _layout(fused)
+    assert (layout.fused_gate_up is not None) == fused
+    n_experts, n_tokens, top_k = 4, 3, 2
+    slots = _fill_slots([layout.gate, layout.up, layout.down], n_experts, 6, gen)
+    topk_ids, topk_weights = _routing(n_tokens, top_k, n_experts, gen)
+    x = activations(n_tokens, 256, torch.float32, gen)
+
+    expected = np.zeros((n_tokens, 256))
+    for t in range(n_tokens):
+        row = x[t].double().numpy()
+        for j in range(top_k):
+            e = int(topk_ids[t, j])
+            gate, up = slots.weight(e, layout.gate) @ row, slots.weight(e, layout.up) @ row
+            hidden = gate / (1 + np.exp(-gate)) * up
+            expected[t] += topk_weights[t, j].item() * (slots.weight(e, layout.down) @ hidden)
+
+    for backend in ("triton", "torch"):
+        y = moe_ffn(x, slots.buffer, slots.slot_of_expert, layout, topk_ids, topk_weights, backend=backend)
+        assert_matches(y, expected, torch.float32)

@@ -1,0 +1,47 @@
+"""Test data and checks shared by the Triton kernel tests.
+
+Weights are fresh random GGUF blocks (kernels.formats.random_blocks); the independent
+oracle is gguf.quants.dequantize followed by a float64 numpy matmul.
+"""
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from kernels.formats import random_blocks, row_bytes
+
+TRITON_TYPES = (
+    Q.Q8_0, Q.Q4_K, Q.Q6_K, Q.Q5_K, Q.Q3_K, Q.Q2_K, Q.IQ4_XS,
+    Q.IQ3_S, Q.IQ3_XXS, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S,
+)
+# Max |error| relative to max |reference|: fp32 accumulates exactly enough for 1e-5; fp16
+# rounds the output (and, in the GEMM, the dequantized weights) to 11 bits.
+REL_TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
+
+
+def random_weight(qtype: Q, n: int, k: int, generator: torch.Generator) -> tuple[torch.Tensor, np.ndarray]:
+    """Raw bytes [n, row_bytes] of a random W [n, k] and W itself from gguf's dequantizer (float64)."""
+    n_blocks = n * k // gguf.GGML_QUANT_SIZES[qtype][0]
+    raw = random_blocks(qtype, n_blocks, generator).reshape(n, row_bytes(qtype, k))
+    return raw, gguf.quants.dequantize(raw.numpy(), qtype).astype(np.float64)
+
+
+def activations(m: int, k: int, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    """Small enough that x @ W^T of random blocks (|w| up to ~4000) stays far inside fp16 range."""
+    return (torch.randn(m, k, generator=generator) / 32).to(dtype)
+
+
+def poisoned(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An output buffer full of NaN, so any element a kernel forgets to write fails the check."""
+    return torch.full(shape, float("nan"), dtype=dtype)
+
+
+def assert_matches(y: torch.Tensor, reference: np.ndarray, dtype: torch.dtype) -> None:
+    """y is finite and within REL_TOL[dtype] * max|reference| of the reference everywhere."""
+    assert y.dtype == dtype and tuple(y.shape) == reference.shape
+    got = y.double().numpy()
+    assert np.isfinite(got).all(), "output has NaN/inf: an element was not written"
+    scale = max(np.abs(reference).max(), 1e-30)
+    error = np.abs(got - reference).max() / scale
+    assert error <= REL_TOL[dtype], f"max error {error:.2e} of max |ref| {scale:.3g}"
