@@ -24,7 +24,7 @@ from gguf import GGMLQuantizationType as Q
 # (N, K) of expert and dense projections: OLMoE / Qwen3-30B-A3B experts, Mixtral expert, 7B.
 SHAPES = [(1024, 2048), (2048, 1024), (768, 2048), (2048, 768), (14336, 4096), (4096, 14336), (4096, 4096)]
 ROWS = [1, 2, 4, 8, 16, 64, 512]
-SMOKE_SHAPES, SMOKE_ROWS = [(64, 512)], [1, 3, 16]
+SMOKE_SHAPES, SMOKE_ROWS = [(64, 512)], [1, 3, 17]
 REL_TOL = {torch.float16: 3e-3, torch.bfloat16: 2e-2, torch.float32: 1e-3}  # fp32 dots run in TF32
 
 
@@ -74,6 +74,19 @@ def copy_gb_s(device: torch.device) -> float:
     return 2 * n_bytes / time_ms(lambda: dst.copy_(src), device) / 1e6
 
 
+def weight_blocks(qtype: Q, n_blocks: int, gen: torch.Generator) -> torch.Tensor:
+    """Random blocks with fp16 scales near 2**-10, so weights are O(1) as in real models and
+    fp16 activations through a whole expert FFN stay finite."""
+    from kernels.formats import block_format, random_blocks
+
+    blocks = random_blocks(qtype, n_blocks, gen)
+    for offset in block_format(qtype).fp16_fields:
+        scale = (torch.rand(n_blocks, generator=gen) + 0.5) * 2**-10
+        scale = torch.where(torch.rand(n_blocks, generator=gen) < 0.5, -scale, scale)
+        blocks[:, offset : offset + 2] = scale.half().view(torch.uint8).reshape(n_blocks, 2)
+    return blocks
+
+
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     """Max |y - ref| / max |ref|; inf when y has a NaN/inf."""
     if not torch.isfinite(y).all():
@@ -82,7 +95,7 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def bench_matmuls(qtypes: list[Q], shapes, rows, dtypes, device: torch.device, copy_rate: float) -> list[Row]:
-    from kernels.formats import random_blocks, row_bytes
+    from kernels.formats import row_bytes
     from kernels.qmatmul import qmatmul
     from kernels.triton_gemm import triton_gemm
     from kernels.triton_gemv import MAX_GEMV_ROWS, triton_gemv
@@ -92,10 +105,10 @@ def bench_matmuls(qtypes: list[Q], shapes, rows, dtypes, device: torch.device, c
     for qtype in qtypes:
         for n, k in shapes:
             rb = row_bytes(qtype, k)
-            raw = random_blocks(qtype, n * rb // _type_size(qtype), gen).reshape(n, rb).to(device)
+            raw = weight_blocks(qtype, n * rb // _type_size(qtype), gen).reshape(n, rb).to(device)
             for dtype in dtypes:
                 for m in rows:
-                    x = (torch.randn(m, k, generator=gen) / 32).to(device, dtype)
+                    x = torch.randn(m, k, generator=gen).to(device, dtype)
                     ref = qmatmul(x, raw, qtype, (n, k), backend="torch")
                     torch_us = time_ms(lambda: qmatmul(x, raw, qtype, (n, k), backend="torch"), device) * 1e3
                     kernels = [("gemm", triton_gemm)] + ([("gemv", triton_gemv)] if m <= MAX_GEMV_ROWS else [])
@@ -112,7 +125,6 @@ def bench_matmuls(qtypes: list[Q], shapes, rows, dtypes, device: torch.device, c
 def bench_moe(qtype: Q, dims: tuple[int, int, int, int], tokens: list[int], dtype, device, copy_rate) -> list[Row]:
     """Grouped gate|up matmul and the whole expert FFN over n_experts shuffled slots, top-k routing."""
     from kernels.expert_layout import ExpertLayout, SlotTensor
-    from kernels.formats import random_blocks
     from kernels.moe_ffn import moe_ffn
     from kernels.qmatmul import grouped_qmatmul
 
@@ -122,28 +134,28 @@ def bench_moe(qtype: Q, dims: tuple[int, int, int, int], tokens: list[int], dtyp
     up = SlotTensor(gate.end_bytes, qtype, (inter, hidden))
     layout = ExpertLayout(gate, up, SlotTensor(up.end_bytes, qtype, (hidden, inter)))
     n_slots = n_experts + 8
-    blocks = random_blocks(qtype, n_slots * layout.slot_bytes // _type_size(qtype), gen)
+    blocks = weight_blocks(qtype, n_slots * layout.slot_bytes // _type_size(qtype), gen)
     slots = blocks.reshape(n_slots, layout.slot_bytes).to(device)
     slot_of_expert = torch.randperm(n_slots, generator=gen)[:n_experts].to(device, torch.int32)
     table = []
     for n_tokens in tokens:
         topk_ids = torch.stack([torch.randperm(n_experts, generator=gen)[:top_k] for _ in range(n_tokens)]).to(device)
         topk_weights = torch.rand(n_tokens, top_k, generator=gen).to(device)
-        x = (torch.randn(n_tokens, hidden, generator=gen) / 32).to(device, dtype)
+        x = torch.randn(n_tokens, hidden, generator=gen).to(device, dtype)
         touched_bytes = torch.unique(topk_ids).numel() * layout.slot_bytes
         fused = layout.fused_gate_up
-        cases = [
+        cases = [  # name, run(backend), (N, K), weight bytes read
             ("moe gate|up", lambda b: grouped_qmatmul(x, slots, slot_of_expert, fused, topk_ids, backend=b),
-             touched_bytes * 2 // 3),
+             (2 * inter, hidden), touched_bytes * 2 // 3),
             ("moe ffn", lambda b: moe_ffn(x, slots, slot_of_expert, layout, topk_ids, topk_weights, backend=b),
-             touched_bytes),
+             (hidden, inter), touched_bytes),
         ]
-        for name, run, n_bytes in cases:
+        for name, run, (n, k), n_bytes in cases:
             err = rel_err(run("triton"), run("torch"))
             us = time_ms(lambda: run("triton"), device) * 1e3
             torch_us = time_ms(lambda: run("torch"), device) * 1e3
             gb_s = n_bytes / us / 1e3
-            table.append(Row(name, qtype.name, str(dtype)[6:], n_tokens, inter, hidden, us, gb_s,
+            table.append(Row(name, qtype.name, str(dtype)[6:], n_tokens, n, k, us, gb_s,
                              100 * gb_s / copy_rate, torch_us, err))
             print(_format([table[-1].cells()], widths=_WIDTHS), flush=True)
     return table

@@ -23,6 +23,7 @@ from engine.sequence import SamplingParams, Sequence, StepOutput
 from engine.chat_template import render_chat
 from engine.tokenizer import Tokenizer
 from kernels.errors import MoestreamError
+from offload.trace import RoutingRecorder
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class EngineConfig:
     pin_memory: bool = True
     kernel_backend: str = "auto"
     kv_block_size: int = 16
+    record_routing: str | None = None  # JSONL file of each token's experts per layer
 
     def kv_tokens(self, model_context_length: int) -> int:
         """KV cache capacity in tokens: a full context for each of max_batch sequences."""
@@ -66,6 +68,12 @@ class Engine:
             SchedulerConfig(config.max_batch, config.max_batched_tokens, config.max_waiting), self.kv
         )
         self.sequences: dict[int, Sequence] = {}
+        self._batch_rows: tuple[list[int], list[int]] = ([], [])  # (seq id, position) per row
+        self.recorder: RoutingRecorder | None = None
+        if config.record_routing:
+            self.recorder = RoutingRecorder(config.record_routing, self.config.n_experts,
+                                            self.config.n_layers, self.config.n_experts_used)
+            self.model.routing_hook = self._record_routing
         self.chat_template = file.meta.get("tokenizer.chat_template")
 
     @classmethod
@@ -119,18 +127,21 @@ class Engine:
 
     def _build_batch(self, scheduled: list[ScheduledSeq]) -> tuple[BatchInput, list[Sequence]]:
         tokens, positions, slots, segments, logits_rows, sampling = [], [], [], [], [], []
+        row_seqs: list[int] = []
         offset = 0
         for item in scheduled:
             seq, start = item.seq, item.seq.num_computed
             end = start + item.n_tokens
             tokens += seq.token_ids[start:end]
             positions += range(start, end)
+            row_seqs += [seq.seq_id] * item.n_tokens
             slots.append(self.kv.slots(seq.block_table, start, end))
             segments.append(Segment(offset, item.n_tokens, self.kv.slots(seq.block_table, 0, end)))
             offset += item.n_tokens
             if end == seq.num_tokens:  # the chunk reaches the sequence's last token: sample
                 logits_rows.append(offset - 1)
                 sampling.append(seq)
+        self._batch_rows = (row_seqs, positions)
         batch = BatchInput(
             token_ids=torch.tensor(tokens, dtype=torch.long),
             positions=torch.tensor(positions, dtype=torch.long, device=self.device),
@@ -139,6 +150,11 @@ class Engine:
             logits_rows=torch.tensor(logits_rows, dtype=torch.long, device=self.device),
         )
         return batch, sampling
+
+    def _record_routing(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> None:
+        seq_ids, positions = self._batch_rows
+        if len(seq_ids) == len(ids):  # score() runs outside the scheduler: not recorded
+            self.recorder.record_batch(seq_ids, positions, layer, ids.tolist(), weights.tolist())
 
     def _postprocess(self, seqs: list[Sequence], chosen: list) -> list[StepOutput]:
         outputs = []
@@ -203,9 +219,15 @@ class Engine:
                 segments=[Segment(0, n, slots)],
                 logits_rows=torch.arange(n, device=self.device),
             )
+            self._batch_rows = ([], [])
             return self.model.forward(batch, self.kv).cpu()
         finally:
             self.kv.free(table)
+
+    def close(self) -> None:
+        """Flush and close what the engine writes (the routing trace)."""
+        if self.recorder is not None:
+            self.recorder.close()
 
     def stats(self) -> dict:
         stats = dict(self.experts.stats())

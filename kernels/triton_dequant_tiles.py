@@ -1,9 +1,9 @@
 """In-register dequantization of GGUF blocks for the Triton kernels.
 
-Every kernel walks K in chunks of `CHUNK` = 256 elements (one super-block of the K and IQ
-types, eight Q8_0 blocks) and calls `dequant_chunk`, which turns the bytes of one chunk of
-BLOCK_N weight rows into an fp32 tile [BLOCK_N, 256] in natural column order. The kernels
-then multiply that tile with activations (GEMV: multiply-add, GEMM: `tl.dot`).
+Every kernel walks K in tiles of BLOCK_K = 32..256 columns and calls `dequant_tile`, which
+turns the bytes of one tile of BLOCK_N weight rows into an fp32 [BLOCK_N, BLOCK_K] tile in
+natural column order; the kernels then multiply it with activations (GEMV: multiply-add,
+GEMM: `tl.dot`). A tile never straddles a 256-column super-block of the K and IQ types.
 
 The raw GGUF bytes are read in place: no repacking. Several block sizes are not multiples
 of 4 (Q8_0 34 B, Q6_K 210 B, Q3_K 110 B, IQ2_XXS 66 B, ...), so every field is read as
@@ -27,9 +27,10 @@ import triton
 import triton.language as tl
 from gguf import GGMLQuantizationType as Q
 
-CHUNK: tl.constexpr = tl.constexpr(256)
+SUPER_BLOCK_COLUMNS = 256  # columns of one K/IQ super-block (host side)
+SUPER_BLOCK: tl.constexpr = tl.constexpr(SUPER_BLOCK_COLUMNS)
 
-# Type ids as compile-time constants: `dequant_chunk` picks one decoder per compiled kernel.
+# Type ids as compile-time constants: `dequant_tile` picks one decoder per compiled kernel.
 _Q8_0: tl.constexpr = tl.constexpr(int(Q.Q8_0))
 _Q2_K: tl.constexpr = tl.constexpr(int(Q.Q2_K))
 _Q3_K: tl.constexpr = tl.constexpr(int(Q.Q3_K))
@@ -63,7 +64,7 @@ def _host_table(qtype: Q) -> torch.Tensor:
 
 @lru_cache(maxsize=None)
 def lookup_table(qtype: Q, device: torch.device) -> torch.Tensor:
-    """The lookup table `dequant_chunk` reads for `qtype`, on `device` (a dummy byte if none)."""
+    """The lookup table `dequant_tile` reads for `qtype`, on `device` (a dummy byte if none)."""
     return _host_table(qtype).to(device)
 
 
@@ -115,20 +116,20 @@ def _k_scale_min(ptr, s):
 
 
 @triton.jit
-def _q8_0(row, c, n_blocks):
-    # 8 blocks of 32: fp16 d, int8 qs[32]. Blocks past the row end are clamped to the last
-    # one; the kernels zero the matching activations.
-    s = tl.arange(0, 8)[None, :, None]
+def _q8_0(row, g0, NG: tl.constexpr, n_blocks):
+    # blocks g0.. of 34 B: fp16 d, int8 qs[32]. Blocks past the row end are clamped to the
+    # last one; the kernels zero the matching activations.
+    s = (g0 + tl.arange(0, NG))[None, :, None]
     i = tl.arange(0, 32)[None, None, :]
-    blk = row[:, None, None] + tl.minimum(c * 8 + s, n_blocks - 1) * 34
+    blk = row[:, None, None] + tl.minimum(s, n_blocks - 1) * 34
     q = tl.load(blk + 2 + i).to(tl.int8, bitcast=True).to(tl.float32)
     return _f16(blk) * q
 
 
 @triton.jit
-def _q2_k(b):
+def _q2_k(b, g0, NG: tl.constexpr):
     # scales[16] (low nibble scale, high nibble min), qs[64] 2-bit, fp16 d @80, dmin @82
-    t = tl.arange(0, 16)[None, :, None]
+    t = (g0 + tl.arange(0, NG))[None, :, None]
     i16 = tl.arange(0, 16)[None, None, :]
     s = t // 2
     q = (_u8(b + 16 + (s // 4) * 32 + (t % 2) * 16 + i16) >> (2 * (s % 4))) & 3
@@ -137,9 +138,9 @@ def _q2_k(b):
 
 
 @triton.jit
-def _q3_k(b):
+def _q3_k(b, g0, NG: tl.constexpr):
     # hmask[32] high bits (set bit = no -4 offset), qs[64] low 2 bits, scales[12] 6-bit, d @108
-    t = tl.arange(0, 16)[None, :, None]
+    t = (g0 + tl.arange(0, NG))[None, :, None]
     i16 = tl.arange(0, 16)[None, None, :]
     s = t // 2
     i = (t % 2) * 16 + i16
@@ -153,9 +154,9 @@ def _q3_k(b):
 
 
 @triton.jit
-def _q4_k(b):
+def _q4_k(b, g0, NG: tl.constexpr):
     # fp16 d, fp16 dmin, scales[12], qs[128]: byte 32*(s//2)+i holds sub-blocks s (low, high)
-    s = tl.arange(0, 8)[None, :, None]
+    s = (g0 + tl.arange(0, NG))[None, :, None]
     i = tl.arange(0, 32)[None, None, :]
     scale, minimum = _k_scale_min(b + 4, s)
     q = (_u8(b + 16 + (s // 2) * 32 + i) >> (4 * (s % 2))) & 15
@@ -163,9 +164,9 @@ def _q4_k(b):
 
 
 @triton.jit
-def _q5_k(b):
+def _q5_k(b, g0, NG: tl.constexpr):
     # as Q4_K plus qh[32] @16 (bit s of byte i = 5th bit of element 32*s+i); qs @48
-    s = tl.arange(0, 8)[None, :, None]
+    s = (g0 + tl.arange(0, NG))[None, :, None]
     i = tl.arange(0, 32)[None, None, :]
     scale, minimum = _k_scale_min(b + 4, s)
     low = (_u8(b + 48 + (s // 2) * 32 + i) >> (4 * (s % 2))) & 15
@@ -175,9 +176,9 @@ def _q5_k(b):
 
 
 @triton.jit
-def _q6_k(b):
+def _q6_k(b, g0, NG: tl.constexpr):
     # ql[128] low nibbles, qh[64] 2-bit highs @128, int8 scales[16] @192, fp16 d @208
-    t = tl.arange(0, 16)[None, :, None]
+    t = (g0 + tl.arange(0, NG))[None, :, None]
     i16 = tl.arange(0, 16)[None, None, :]
     s = t // 2
     i = (t % 2) * 16 + i16
@@ -190,9 +191,9 @@ def _q6_k(b):
 
 
 @triton.jit
-def _iq4_xs(b, table):
+def _iq4_xs(b, table, g0, NG: tl.constexpr):
     # fp16 d, uint16 scales_h @2, scales_l[4] @4, qs[128] @8 (nibble indices into table)
-    s = tl.arange(0, 8)[None, :, None]
+    s = (g0 + tl.arange(0, NG))[None, :, None]
     i = tl.arange(0, 32)[None, None, :]
     scales_h = _u8(b + 2) | (_u8(b + 3) << 8)
     scale_lo = (_u8(b + 4 + s // 2) >> (4 * (s % 2))) & 15
@@ -203,9 +204,9 @@ def _iq4_xs(b, table):
 
 
 @triton.jit
-def _iq2_xxs(b, grid):
+def _iq2_xxs(b, grid, g0, NG: tl.constexpr):
     # fp16 d, then per 32 elements: 4 grid-index bytes + uint32 (4x7 sign bits, 4-bit scale)
-    g = tl.arange(0, 32)[None, :, None]  # group of 8 elements
+    g = (g0 + tl.arange(0, NG))[None, :, None]  # group of 8 elements
     j = tl.arange(0, 8)[None, None, :]
     sub = b + 2 + (g // 4) * 8
     aux = _u32(sub + 4)
@@ -216,9 +217,9 @@ def _iq2_xxs(b, grid):
 
 
 @triton.jit
-def _iq2_xs(b, grid):
+def _iq2_xs(b, grid, g0, NG: tl.constexpr):
     # fp16 d, uint16 qs[32] @2 (9-bit grid index, 7-bit sign index), 4-bit scales[16] @66
-    g = tl.arange(0, 32)[None, :, None]
+    g = (g0 + tl.arange(0, NG))[None, :, None]
     j = tl.arange(0, 8)[None, None, :]
     word = _u8(b + 2 + 2 * g) | (_u8(b + 3 + 2 * g) << 8)
     scale = (_u8(b + 66 + g // 4) >> (4 * ((g // 2) % 2))) & 15
@@ -229,9 +230,9 @@ def _iq2_xs(b, grid):
 
 
 @triton.jit
-def _iq2_s(b, grid):
+def _iq2_s(b, grid, g0, NG: tl.constexpr):
     # fp16 d, qs[32] @2, sign bytes[32] @34, qh[8] @66 (2 high index bits each), scales @74
-    g = tl.arange(0, 32)[None, :, None]
+    g = (g0 + tl.arange(0, NG))[None, :, None]
     j = tl.arange(0, 8)[None, None, :]
     index = _u8(b + 2 + g) | (((_u8(b + 66 + g // 4) >> (2 * (g % 4))) & 3) << 8)
     scale = (_u8(b + 74 + g // 4) >> (4 * ((g // 2) % 2))) & 15
@@ -242,9 +243,9 @@ def _iq2_s(b, grid):
 
 
 @triton.jit
-def _iq3_xxs(b, grid):
+def _iq3_xxs(b, grid, g0, NG: tl.constexpr):
     # fp16 d, qs[64] @2 (a grid index per 4 elements), uint32[8] @66 (4x7 sign bits, scale)
-    g = tl.arange(0, 32)[None, :, None]
+    g = (g0 + tl.arange(0, NG))[None, :, None]
     j = tl.arange(0, 8)[None, None, :]
     aux = _u32(b + 66 + (g // 4) * 4)
     db = _f16(b) * (0.5 + (aux >> 28).to(tl.float32)) * 0.5
@@ -254,9 +255,9 @@ def _iq3_xxs(b, grid):
 
 
 @triton.jit
-def _iq3_s(b, grid):
+def _iq3_s(b, grid, g0, NG: tl.constexpr):
     # fp16 d, qs[64] @2, qh[8] @66 (9th index bit), sign bytes[32] @74, 4-bit scales[8] @106
-    g = tl.arange(0, 32)[None, :, None]
+    g = (g0 + tl.arange(0, NG))[None, :, None]
     j = tl.arange(0, 8)[None, None, :]
     entry = 2 * g + j // 4  # grid entry of 4 elements
     index = _u8(b + 2 + entry) | (((_u8(b + 66 + entry // 8) >> (entry % 8)) & 1) << 8)
@@ -268,38 +269,42 @@ def _iq3_s(b, grid):
 
 
 @triton.jit
-def dequant_chunk(row, c, K, table, QTYPE: tl.constexpr, TYPE_SIZE: tl.constexpr):
-    """Chunk c (columns 256c..256c+255) of the rows starting at byte pointers `row` [BLOCK_N].
+def dequant_tile(row, kt, K, table, QTYPE: tl.constexpr, TYPE_SIZE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Columns kt*BLOCK_K .. kt*BLOCK_K + BLOCK_K-1 of the rows starting at byte pointers `row`.
 
-    Returns fp32 [BLOCK_N, 256]. Only Q8_0 rows may end inside a chunk (K % 256 != 0); the
-    columns past K then hold copies of the last block, which the caller multiplies by zero.
+    Returns fp32 [BLOCK_N, BLOCK_K]; BLOCK_K is 32, 64, 128 or 256, so a tile never straddles
+    a 256-column super-block and always holds whole scale groups. Only Q8_0 rows may end
+    inside a tile (K % BLOCK_K != 0); columns past K then repeat the last block, which the
+    caller multiplies by zero activations.
     """
-    BLOCK_N: tl.constexpr = row.shape[0]
+    tl.static_assert(BLOCK_K >= 32 and SUPER_BLOCK % BLOCK_K == 0, "BLOCK_K: 32, 64, 128 or 256")
+    col0 = kt * BLOCK_K
     if QTYPE == _Q8_0:
-        w = _q8_0(row, c, K // 32)
+        w = _q8_0(row, col0 // 32, BLOCK_K // 32, K // 32)
     else:
-        b = row[:, None, None] + c * TYPE_SIZE
+        b = row[:, None, None] + (col0 // SUPER_BLOCK) * TYPE_SIZE
+        first = col0 % SUPER_BLOCK  # column of the tile inside its super-block
         if QTYPE == _Q2_K:
-            w = _q2_k(b)
+            w = _q2_k(b, first // 16, BLOCK_K // 16)
         elif QTYPE == _Q3_K:
-            w = _q3_k(b)
+            w = _q3_k(b, first // 16, BLOCK_K // 16)
         elif QTYPE == _Q4_K:
-            w = _q4_k(b)
+            w = _q4_k(b, first // 32, BLOCK_K // 32)
         elif QTYPE == _Q5_K:
-            w = _q5_k(b)
+            w = _q5_k(b, first // 32, BLOCK_K // 32)
         elif QTYPE == _Q6_K:
-            w = _q6_k(b)
+            w = _q6_k(b, first // 16, BLOCK_K // 16)
         elif QTYPE == _IQ4_XS:
-            w = _iq4_xs(b, table)
+            w = _iq4_xs(b, table, first // 32, BLOCK_K // 32)
         elif QTYPE == _IQ2_XXS:
-            w = _iq2_xxs(b, table)
+            w = _iq2_xxs(b, table, first // 8, BLOCK_K // 8)
         elif QTYPE == _IQ2_XS:
-            w = _iq2_xs(b, table)
+            w = _iq2_xs(b, table, first // 8, BLOCK_K // 8)
         elif QTYPE == _IQ2_S:
-            w = _iq2_s(b, table)
+            w = _iq2_s(b, table, first // 8, BLOCK_K // 8)
         elif QTYPE == _IQ3_XXS:
-            w = _iq3_xxs(b, table)
+            w = _iq3_xxs(b, table, first // 8, BLOCK_K // 8)
         else:
-            tl.static_assert(QTYPE == _IQ3_S, "dequant_chunk: no Triton decoder for this type")
-            w = _iq3_s(b, table)
-    return tl.reshape(w, (BLOCK_N, CHUNK))
+            tl.static_assert(QTYPE == _IQ3_S, "dequant_tile: no Triton decoder for this type")
+            w = _iq3_s(b, table, first // 8, BLOCK_K // 8)
+    return tl.reshape(w, (row.shape[0], BLOCK_K))

@@ -1,10 +1,10 @@
 """Dequant-GEMM for prefill: y[M, N] = x[M, K] @ W[N, K]^T, W in GGUF blocks.
 
-Each program owns a [BLOCK_M, BLOCK_N] output tile. Per 256-column chunk it loads the
+Each program owns a [BLOCK_M, BLOCK_N] output tile. Per BLOCK_K columns it loads the
 activation tile, dequantizes the weight tile in registers (kernels/triton_dequant_tiles.py),
 casts it to the activation dtype and feeds `tl.dot` with an fp32 accumulator. fp32
 activations go through `tl.dot`'s default precision (TF32 on tensor-core GPUs); fp16/bf16
-activations multiply in their own type. `dot_chunks` is shared with the grouped MoE kernel.
+activations multiply in their own type. `dot_tiles` is shared with the grouped MoE kernel.
 """
 
 from dataclasses import dataclass
@@ -15,38 +15,40 @@ import triton.language as tl
 from gguf import GGMLQuantizationType as Q
 
 from kernels.formats import block_format
-from kernels.triton_dequant_tiles import CHUNK, dequant_chunk, lookup_table
+from kernels.triton_dequant_tiles import dequant_tile, lookup_table
 
 
 @dataclass(frozen=True)
 class GemmConfig:
     block_m: int
     block_n: int
+    block_k: int = 256
     num_warps: int = 4
     num_stages: int = 2
 
 
 def gemm_config(m: int, device: torch.device) -> GemmConfig:
-    """Smallest tensor-core row tile that covers M (16..64); wider N tiles on the GPU."""
+    """Smallest tensor-core row tile that covers M (16..64). A [64, 256] dequantized fp32 tile
+    is 64 registers per thread at 4 warps; first guesses, tune with `python -m bench.kernels`."""
     block_m = min(64, max(16, triton.next_power_of_2(m)))
     if device.type != "cuda":  # the interpreter: few, large programs
         return GemmConfig(block_m, block_n=64)
-    return GemmConfig(block_m, block_n=128 if m > 16 else 64, num_warps=8 if m > 16 else 4)
+    return GemmConfig(block_m, block_n=64, num_warps=8 if m > 16 else 4)
 
 
 @triton.jit
-def dot_chunks(acc, x_rows, x_valid, w_rows, K, table_ptr,
-               QTYPE: tl.constexpr, TYPE_SIZE: tl.constexpr):
-    """acc [BM, BN] += x[rows, :K] @ W[rows, :K]^T, K walked in 256-column chunks.
+def dot_tiles(acc, x_rows, x_valid, w_rows, K, table_ptr,
+              QTYPE: tl.constexpr, TYPE_SIZE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc [BM, BN] += x[rows, :K] @ W[rows, :K]^T, K walked in BLOCK_K-column tiles.
 
     x_rows [BM]: pointers to activation rows (valid where x_valid); w_rows [BN]: byte
     pointers to weight rows.
     """
-    for c in range(0, tl.cdiv(K, CHUNK)):
-        k = c * CHUNK + tl.arange(0, CHUNK)
+    for kt in range(0, tl.cdiv(K, BLOCK_K)):
+        k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
         x_mask = x_valid[:, None] & (k[None, :] < K)
         x = tl.load(x_rows[:, None] + k[None, :], mask=x_mask, other=0.0)
-        w = dequant_chunk(w_rows, c, K, table_ptr, QTYPE, TYPE_SIZE)
+        w = dequant_tile(w_rows, kt, K, table_ptr, QTYPE, TYPE_SIZE, BLOCK_K)
         acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc=acc)
     return acc
 
@@ -54,7 +56,8 @@ def dot_chunks(acc, x_rows, x_valid, w_rows, K, table_ptr,
 @triton.jit
 def _gemm_kernel(
     x_ptr, w_ptr, table_ptr, out_ptr, M, N, K, row_bytes, stride_xm, stride_om,
-    QTYPE: tl.constexpr, TYPE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    QTYPE: tl.constexpr, TYPE_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -62,7 +65,7 @@ def _gemm_kernel(
     # Rows past N re-read row N-1 (in bounds); their results are never stored.
     w_rows = w_ptr + tl.minimum(n, N - 1).to(tl.int64) * row_bytes
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = dot_chunks(acc, x_rows, m < M, w_rows, K, table_ptr, QTYPE, TYPE_SIZE)
+    acc = dot_tiles(acc, x_rows, m < M, w_rows, K, table_ptr, QTYPE, TYPE_SIZE, BLOCK_K)
     out = out_ptr + m[:, None].to(tl.int64) * stride_om + n[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(m[:, None] < M) & (n[None, :] < N))
 
@@ -89,7 +92,7 @@ def triton_gemm(
         x, qweight, lookup_table(qtype, x.device), out,
         m, n, k, k // fmt.block_size * fmt.type_size, x.stride(0), out.stride(0),
         QTYPE=int(qtype), TYPE_SIZE=fmt.type_size,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out

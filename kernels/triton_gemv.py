@@ -2,7 +2,7 @@
 
 Decode is memory-bound: every byte of W is read once and the work per byte is a few integer
 ops and one multiply-add per activation row. Each program owns BLOCK_N weight rows and a
-range of K chunks; it accumulates elementwise products in registers and reduces across K
+range of BLOCK_K-column tiles of K; it accumulates elementwise products in registers and reduces across K
 only once at the end (no shuffles inside the loop). When the grid of row blocks is too
 small to fill the GPU, K is split across programs (SPLIT_K) into an fp32 partial buffer
 that is summed afterwards, which keeps the result deterministic.
@@ -16,11 +16,15 @@ import triton.language as tl
 from gguf import GGMLQuantizationType as Q
 
 from kernels.formats import block_format
-from kernels.triton_dequant_tiles import CHUNK, dequant_chunk, lookup_table
+from kernels.triton_dequant_tiles import dequant_tile, lookup_table
 
 MAX_GEMV_ROWS = 16
-_ACC_ELEMENTS = 8192  # fp32 accumulator per program: 64 registers per thread at 4 warps
-_PROGRAMS_PER_SM = 4  # enough resident programs per SM to keep loads in flight
+# First guesses, to be tuned with `python -m bench.kernels` on the target GPU: an fp32
+# accumulator of 4096 values (32 registers per thread at 4 warps) leaves room for the
+# dequantized tile; 4 resident programs per SM keep enough loads in flight.
+_ACC_ELEMENTS_GPU = 4096
+_ACC_ELEMENTS_INTERPRETER = 8192  # fewer, larger programs: the interpreter pays per program
+_PROGRAMS_PER_SM = 4
 
 
 @dataclass(frozen=True)
@@ -28,27 +32,28 @@ class GemvConfig:
     block_m: int  # activation rows, padded to a power of two
     block_n: int  # weight rows per program
     split_k: int  # programs sharing one row block along K
+    block_k: int = 256  # columns per step (one super-block)
     num_warps: int = 4
 
 
 def gemv_config(m: int, n: int, k: int, device: torch.device) -> GemvConfig:
     """Row block from the accumulator budget; split K until the grid covers the GPU."""
     block_m = triton.next_power_of_2(m)
-    block_n = max(2, _ACC_ELEMENTS // (block_m * CHUNK))
-    n_chunks = triton.cdiv(k, CHUNK)
-    if device.type != "cuda":  # the interpreter: fewest programs is fastest
-        return GemvConfig(block_m, block_n, split_k=1)
+    if device.type != "cuda":
+        return GemvConfig(block_m, max(2, _ACC_ELEMENTS_INTERPRETER // (block_m * 256)), split_k=1)
+    block_n = max(2, _ACC_ELEMENTS_GPU // (block_m * 256))
     n_sm = torch.cuda.get_device_properties(device).multi_processor_count
     row_programs = triton.cdiv(n, block_n)
-    split_k = min(n_chunks, max(1, triton.cdiv(_PROGRAMS_PER_SM * n_sm, row_programs)))
+    split_k = min(triton.cdiv(k, 256), max(1, triton.cdiv(_PROGRAMS_PER_SM * n_sm, row_programs)))
     return GemvConfig(block_m, block_n, split_k)
 
 
 @triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, table_ptr, out_ptr,
-    M, N, K, row_bytes, stride_xm, stride_split, stride_om, chunks_per_split,
-    QTYPE: tl.constexpr, TYPE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    M, N, K, row_bytes, stride_xm, stride_split, stride_om, tiles_per_split,
+    QTYPE: tl.constexpr, TYPE_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -56,14 +61,14 @@ def _gemv_kernel(
     m = tl.arange(0, BLOCK_M)
     # Rows past N re-read row N-1 (in bounds); their results are never stored.
     rows = w_ptr + tl.minimum(n, N - 1).to(tl.int64) * row_bytes
-    first = pid_k * chunks_per_split
-    last = tl.minimum(first + chunks_per_split, tl.cdiv(K, CHUNK))
-    acc = tl.zeros((BLOCK_M, BLOCK_N, CHUNK), dtype=tl.float32)
-    for c in range(first, last):
-        k = c * CHUNK + tl.arange(0, CHUNK)
+    first = pid_k * tiles_per_split
+    last = tl.minimum(first + tiles_per_split, tl.cdiv(K, BLOCK_K))
+    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for kt in range(first, last):
+        k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
         x_mask = (m[:, None] < M) & (k[None, :] < K)
         x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=x_mask, other=0.0)
-        w = dequant_chunk(rows, c, K, table_ptr, QTYPE, TYPE_SIZE)
+        w = dequant_tile(rows, kt, K, table_ptr, QTYPE, TYPE_SIZE, BLOCK_K)
         acc += w[None, :, :] * x.to(tl.float32)[:, None, :]
     y = tl.sum(acc, axis=2)
     out = out_ptr + pid_k * stride_split + m[:, None] * stride_om + n[None, :]
@@ -83,8 +88,9 @@ def triton_gemv(
     m = x.shape[0]
     assert 1 <= m <= MAX_GEMV_ROWS and x.shape[1] == k and x.stride(1) == 1, (x.shape, x.stride())
     config = config or gemv_config(m, n, k, x.device)
-    chunks_per_split = triton.cdiv(triton.cdiv(k, CHUNK), config.split_k)
-    split_k = triton.cdiv(triton.cdiv(k, CHUNK), chunks_per_split)  # no empty splits
+    n_tiles = triton.cdiv(k, config.block_k)
+    tiles_per_split = triton.cdiv(n_tiles, config.split_k)
+    split_k = triton.cdiv(n_tiles, tiles_per_split)  # no empty splits
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     assert out.shape == (m, n) and out.dtype == x.dtype and out.is_contiguous()
@@ -97,8 +103,8 @@ def triton_gemv(
     _gemv_kernel[grid](
         x, qweight, lookup_table(qtype, x.device), partial,
         m, n, k, k // fmt.block_size * fmt.type_size, x.stride(0), partial.stride(0), partial.stride(1),
-        chunks_per_split,
-        QTYPE=int(qtype), TYPE_SIZE=fmt.type_size, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        tiles_per_split, QTYPE=int(qtype), TYPE_SIZE=fmt.type_size,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         num_warps=config.num_warps,
     )
     if split_k > 1:

@@ -17,12 +17,13 @@ from kernels.expert_layout import SlotTensor
 from kernels.formats import block_format
 from kernels.moe_align import MoeAlignment
 from kernels.triton_dequant_tiles import lookup_table
-from kernels.triton_gemm import dot_chunks
+from kernels.triton_gemm import dot_tiles
 
 
 @dataclass(frozen=True)
 class GroupedConfig:
     block_n: int
+    block_k: int = 256
     num_warps: int = 4
     num_stages: int = 2
 
@@ -36,7 +37,7 @@ def moe_block_m(n_pairs: int, n_experts: int) -> int:
 def grouped_config(block_m: int, device: torch.device) -> GroupedConfig:
     if device.type != "cuda":  # the interpreter: few, large programs
         return GroupedConfig(block_n=64)
-    return GroupedConfig(block_n=128 if block_m > 16 else 64, num_warps=8 if block_m > 16 else 4)
+    return GroupedConfig(block_n=64, num_warps=8 if block_m > 16 else 4)  # as kernels.triton_gemm
 
 
 @triton.jit
@@ -44,8 +45,8 @@ def _grouped_kernel(
     x_ptr, slots_ptr, slot_of_expert_ptr, table_ptr, out_ptr, topk_weights_ptr,
     sorted_ids_ptr, expert_ids_ptr, num_post_pad_ptr,
     N, K, n_pairs, pairs_per_x_row, slot_stride, weight_offset, row_bytes, stride_xm, stride_om,
-    QTYPE: tl.constexpr, TYPE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    APPLY_WEIGHTS: tl.constexpr,
+    QTYPE: tl.constexpr, TYPE_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, APPLY_WEIGHTS: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     if pid_m * BLOCK_M >= tl.load(num_post_pad_ptr):
@@ -60,7 +61,7 @@ def _grouped_kernel(
     w_rows = weight + tl.minimum(n, N - 1).to(tl.int64) * row_bytes
     x_rows = x_ptr + (pairs // pairs_per_x_row).to(tl.int64) * stride_xm
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = dot_chunks(acc, x_rows, valid, w_rows, K, table_ptr, QTYPE, TYPE_SIZE)
+    acc = dot_tiles(acc, x_rows, valid, w_rows, K, table_ptr, QTYPE, TYPE_SIZE, BLOCK_K)
     if APPLY_WEIGHTS:
         acc = acc * tl.load(topk_weights_ptr + pairs, mask=valid, other=0.0).to(tl.float32)[:, None]
     out = out_ptr + pairs[:, None].to(tl.int64) * stride_om + n[None, :]
@@ -93,7 +94,7 @@ def triton_grouped_qmatmul(
         n, k, alignment.n_pairs, pairs_per_x_row, slot_buffer.stride(0), weight.offset_bytes,
         weight.row_bytes, x.stride(0), out.stride(0),
         QTYPE=int(weight.qtype), TYPE_SIZE=fmt.type_size,
-        BLOCK_M=alignment.block_m, BLOCK_N=config.block_n, APPLY_WEIGHTS=topk_weights is not None,
+        BLOCK_M=alignment.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, APPLY_WEIGHTS=topk_weights is not None,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out

@@ -214,10 +214,13 @@ def _parse_sizes(text: str) -> list[float]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="moestream cache-sim", description=__doc__.splitlines()[0])
-    parser.add_argument("files", nargs="+", help="routing traces (moestream --record-routing or vLLM logs)")
+    parser = argparse.ArgumentParser(prog="moestream cache-sim",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("files", nargs="+",
+                        help="routing traces (moestream --record-routing, or vLLM logs)")
     parser.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)),
-                        help="cache sizes: fractions of all experts (<1) or slot counts (default %(default)s)")
+                        help="cache sizes: fractions of all experts (<1) or slot counts "
+                             "(default %(default)s)")
     parser.add_argument("--policies", default=",".join(POLICIES), help="default %(default)s")
     args = parser.parse_args(argv)
     sizes = _parse_sizes(args.sizes)

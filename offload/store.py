@@ -116,10 +116,12 @@ class HostExpertStore:
         )
 
 
-def _check_parts(layer: int, layout: ExpertLayout, *arrays: ExpertArray) -> tuple[torch.Tensor, ...]:
+def _check_parts(layer: int, layout: ExpertLayout,
+                 *arrays: ExpertArray) -> tuple[torch.Tensor, ...]:
     """uint8 [n_expert, part bytes] tensors sharing memory with `arrays`, checked against layout."""
     parts = []
-    for name, proj, array in zip(("gate", "up", "down"), (layout.gate, layout.up, layout.down), arrays):
+    projections = (layout.gate, layout.up, layout.down)
+    for name, proj, array in zip(("gate", "up", "down"), projections, arrays):
         tensor = _as_tensor(array)
         tensor = tensor.reshape(tensor.shape[0], -1)
         if tensor.dtype != torch.uint8 or tensor.shape[1] != proj.nbytes:

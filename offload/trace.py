@@ -43,7 +43,8 @@ class RoutingTrace:
         return self.n_experts * len(self.layers)
 
     def accesses(self) -> list[int]:
-        """Cache keys in access order: the expert id for one layer, else (layer, expert) as an int."""
+        """Cache keys in access order: the expert id for one layer, else (layer, expert) packed
+        as layer_index * n_experts + expert."""
         index = {layer: i for i, layer in enumerate(self.layers)}
         return [index[r.layer] * self.n_experts + e for r in self.rows for e in r.experts]
 
@@ -87,7 +88,8 @@ def _from_vllm(name: str, meta: dict, raw: list[dict]) -> RoutingTrace:
     prev: dict[int, int] = {}
     for layer in {int(x["layer"]) for x in raw}:
         prev |= _same_slot_prev(_vllm_passes(layer, raw))
-    rows = [TraceRow(int(x["layer"]), tuple(x["topk_ids"]), prev.get(i, -1)) for i, x in enumerate(raw)]
+    rows = [TraceRow(int(x["layer"]), tuple(x["topk_ids"]), prev.get(i, -1))
+            for i, x in enumerate(raw)]
     return _trace(name, meta.get("num_experts"), meta.get("top_k"), rows)
 
 
@@ -120,7 +122,8 @@ def _same_slot_prev(passes: list[list[int]]) -> dict[int, int]:
     return prev
 
 
-def _trace(name: str, n_experts: int | None, top_k: int | None, rows: list[TraceRow]) -> RoutingTrace:
+def _trace(name: str, n_experts: int | None, top_k: int | None,
+           rows: list[TraceRow]) -> RoutingTrace:
     if not rows:
         raise MoestreamError(f"routing trace {name} has no rows after the warm-up block")
     n_experts = n_experts or 1 + max(e for r in rows for e in r.experts)
@@ -143,7 +146,8 @@ class RoutingRecorder:
                      "weights": [round(float(w), 5) for w in weights]})
 
     def record_batch(self, seq_ids: Sequence[int], positions: Sequence[int], layer: int,
-                     expert_ids: Sequence[Sequence[int]], weights: Sequence[Sequence[float]]) -> None:
+                     expert_ids: Sequence[Sequence[int]],
+                     weights: Sequence[Sequence[float]]) -> None:
         """One layer of a batch: row t of expert_ids/weights belongs to seq_ids[t] at positions[t]
         (pass `.tolist()` of the router's top-k tensors: one device sync per layer)."""
         for seq_id, pos, ids, row_weights in zip(seq_ids, positions, expert_ids, weights):

@@ -77,7 +77,7 @@ class DrainingServer(uvicorn.Server):
 
 def serve(args: argparse.Namespace) -> int:
     from server.cli import engine_options
-    from server.demo import DEMO_MODEL_NAME, demo_model_path
+    from server.demo import DEMO_MODEL_NAME, demo_max_cached_experts, demo_model_path
 
     if args.demo:
         log.warning("--demo: serving a small synthetic model with random weights; its text is gibberish")
@@ -90,7 +90,10 @@ def serve(args: argparse.Namespace) -> int:
     else:
         raise MoestreamError("give --model FILE.gguf (or hf:OWNER/REPO/FILE.gguf, or set "
                              "MOESTREAM_MODEL), or --demo for a synthetic model")
-    options = dict(engine_options(args), max_batch=args.max_batch, max_waiting=args.max_waiting)
+    options = dict(engine_options(args), max_batch=args.max_batch, max_waiting=args.max_waiting,
+                   max_batched_tokens=args.max_batched_tokens)
+    if args.demo and args.vram_budget is None and args.max_cached_experts is None:
+        options["max_cached_experts"] = demo_max_cached_experts()
     settings = ServerSettings(served_model_name=args.served_model_name or default_name,
                               api_key=args.api_key, ctx_size=args.ctx_size,
                               shutdown_grace_s=args.shutdown_grace)

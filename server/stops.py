@@ -20,10 +20,12 @@ class StopMatcher:
         """The text that is now safe to emit; sets `is_stopped` when a stop string appears."""
         assert not self.is_stopped, "push after a stop string matched"
         buffer = self.held + text
-        found = [i for i in (buffer.find(s) for s in self.stops) if i >= 0]
+        # The stop that completes first wins, as if the text had come one character at a
+        # time; of two completing at once, the longer (earlier-starting) one.
+        found = [(i + len(s), i) for s, i in ((s, buffer.find(s)) for s in self.stops) if i >= 0]
         if found:
             self.held, self.is_stopped = "", True
-            return buffer[: min(found)]
+            return buffer[: min(found)[1]]
         keep = self._partial_suffix(buffer)
         self.held = buffer[len(buffer) - keep:]
         return buffer[: len(buffer) - keep]

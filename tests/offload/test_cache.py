@@ -17,6 +17,12 @@ def consume(cache: ExpertCache, layer: int, ids: list[int]) -> dict[int, bytes]:
     return got
 
 
+def copied_bytes(store: HostExpertStore, stats: dict) -> int:
+    """Bytes the misses of `stats` must have copied."""
+    return sum(store.layout(layer).expert_bytes * counters["expert_misses"]
+               for layer, counters in stats["per_layer"].items())
+
+
 def test_slot_buffer_is_n_slots_times_largest_expert(store):
     cache = ExpertCache(store, 4, "cpu")
     largest = max(part_bytes(g, F, D) + part_bytes(u, F, D) + part_bytes(d, D, F)
@@ -66,9 +72,7 @@ def test_lru_matches_a_reference_under_pressure(layers, store):
     assert stats["expert_lookups"] == lookups == stats["expert_hits"] + stats["expert_misses"]
     assert (stats["expert_hits"], stats["expert_misses"], stats["expert_evictions"]) == \
         (hits, misses, evictions)
-    assert stats["bytes_to_device"] == sum(
-        store.layout(layer).expert_bytes * c["expert_misses"] for layer, c in stats["per_layer"].items()
-    )
+    assert stats["bytes_to_device"] == copied_bytes(store, stats)
 
 
 def test_more_experts_than_slots_stream_in_waves(layers, store):
@@ -138,15 +142,22 @@ def test_cache_copies_whole_blobs_from_a_pinned_store(layers, fake_pinning):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="copy stream and events need CUDA")
-def test_cuda_cache_streams_byte_exact(layers):
+def test_cuda_copies_and_compute_are_ordered(layers):
+    """Slow 'compute' (a GPU sleep, then a device-side snapshot of the slot) races the copy
+    stream: without the copy-done wait it snapshots a half-copied slot, without the
+    last-use wait the next copy overwrites the slot before the snapshot reads it."""
     store = HostExpertStore(layers, pinned=True, progress=False)
-    cache = ExpertCache(store, 3, "cuda")
+    cache = ExpertCache(store, 2, "cuda")
     cache.prefetch(3, [1, 2])
+    snapshots = []
     for layer, ids in ((3, [1, 2, 0]), (1, [0, 1, 2, 3, 4, 5]), (3, [2])):
-        assert consume(cache, layer, ids) == {e: expected_bytes(layers, layer, e) for e in ids}
+        for expert, w in cache.load(layer, ids):
+            torch.cuda._sleep(2_000_000)
+            snapshots.append((layer, expert, torch.cat(w.parts).clone()))
     torch.cuda.synchronize()
+    for layer, expert, snapshot in snapshots:
+        assert snapshot.cpu().numpy().tobytes() == expected_bytes(layers, layer, expert)
     stats = cache.stats()
     assert stats["prefetch_used"] == 2 and stats["stall_s"] >= 0
-    assert stats["bytes_to_device"] == sum(
-        store.layout(layer).expert_bytes * c["expert_misses"] for layer, c in stats["per_layer"].items()
-    ) + 2 * store.layout(3).expert_bytes
+    prefetched = 2 * store.layout(3).expert_bytes
+    assert stats["bytes_to_device"] == copied_bytes(store, stats) + prefetched

@@ -25,7 +25,9 @@ def test_parse_bytes(text, expected):
     assert parse_bytes(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "GiB", "1.2.3G", "-1G", "6 parsecs", "1GiBs", "1e9", -5, None])
+@pytest.mark.parametrize(
+    "text", ["", "GiB", "1.2.3G", "-1G", "6 parsecs", "1GiBs", "1e9", -5, None]
+)
 def test_parse_bytes_refuses_with_the_accepted_forms(text):
     with pytest.raises(MoestreamError, match="512MiB.*6GB.*64M"):
         parse_bytes(text)
@@ -87,9 +89,9 @@ def test_max_cached_experts_caps_slots():
 def test_kv_cache_bytes_matches_the_tensors_it_sizes():
     n_layers, n_kv_heads, head_dim, n_tokens = 16, 8, 128, 4096
     k = torch.empty((n_layers, n_tokens, n_kv_heads, head_dim), dtype=torch.float16, device="meta")
-    assert kv_cache_bytes(n_layers, n_kv_heads, head_dim, n_tokens, 2) == 2 * k.numel() * k.element_size()
-    # q8_0: 34 bytes per 32 values
-    assert kv_cache_bytes(n_layers, n_kv_heads, head_dim, n_tokens, 34 / 32) == 2 * k.numel() // 32 * 34
+    shape = (n_layers, n_kv_heads, head_dim, n_tokens)
+    assert kv_cache_bytes(*shape, 2) == 2 * k.numel() * k.element_size()
+    assert kv_cache_bytes(*shape, 34 / 32) == 2 * k.numel() // 32 * 34  # q8_0: 34 B per 32
 
 
 def test_default_budget_on_cpu_means_everything_resident():

@@ -21,7 +21,8 @@ def make_layers(seed: int = 0) -> dict[int, tuple]:
     rng = np.random.default_rng(seed)
     layers = {}
     for layer, (tg, tu, td) in LAYER_TYPES.items():
-        layout = ExpertLayout(ProjLayout.of(tg, F, D), ProjLayout.of(tu, F, D), ProjLayout.of(td, D, F))
+        layout = ExpertLayout(ProjLayout.of(tg, F, D), ProjLayout.of(tu, F, D),
+                              ProjLayout.of(td, D, F))
         arrays = [rng.integers(0, 256, (N_EXPERTS, p.nbytes), dtype=np.uint8)
                   for p in (layout.gate, layout.up, layout.down)]
         for array in arrays:

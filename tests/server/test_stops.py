@@ -8,10 +8,12 @@ from server.stops import StopMatcher
 
 
 def reference_output(text: str, stops: list[str]) -> tuple[str, bool]:
-    """The whole output: the text up to the earliest stop string, found by trying every start."""
-    for start in range(len(text)):
-        if any(s and text.startswith(s, start) for s in stops):
-            return text[:start], True
+    """The whole output, reading one character at a time: cut before the first stop string
+    to complete (the longest one when several complete on the same character)."""
+    for end in range(1, len(text) + 1):
+        done = [s for s in stops if s and text[:end].endswith(s)]
+        if done:
+            return text[: end - max(map(len, done))], True
     return text, False
 
 
@@ -55,6 +57,12 @@ def test_stop_split_across_tokens_is_never_emitted() -> None:
     assert matcher.push("hello </") == "hello "
     assert matcher.push("en") == ""
     assert matcher.push("d> more") == ""
+    assert matcher.is_stopped
+
+
+def test_first_completed_stop_wins() -> None:
+    matcher = StopMatcher(["abcd", "bc"])
+    assert matcher.push("abcd") == "a"  # "bc" completes before "abcd" does
     assert matcher.is_stopped
 
 

@@ -36,24 +36,27 @@ inline uint64_t grid4x2(const uint32_t* grid, unsigned a, unsigned b) {
 
 // IQ2_XS/IQ2_S: one 4-bit scale per 16 elements, two per byte; value scale d * (2 s + 1) / 8.
 inline void set_iq2_scales(const uint8_t* scales, float d, Decoded256& out) {
-  for (int j = 0; j < NGROUP; ++j) out.set_scale(j, 2 * ((scales[j / 2] >> (4 * (j % 2))) & 0x0F) + 1);
+  int32_t sc[NGROUP];
+  for (int j = 0; j < NGROUP; ++j) sc[j] = 2 * ((scales[j / 2] >> (4 * (j % 2))) & 0x0F) + 1;
+  out.set_scales(sc);
   out.d = d * 0.125f;
-  out.set_zero(IQ_ZERO);
+  out.set_zero(sc, IQ_ZERO);
 }
 
 struct IQ2XXS : SuperBlockFormat {
   static constexpr int type_size = 66;
   static void decode(const uint8_t* block, Decoded256& out) {
     const uint8_t* qs = block + 2;
+    int32_t sc[NGROUP];
     for (int s = 0; s < 8; ++s) {  // per 32 elements: 4 grid bytes, then uint32 signs + scale
       const uint32_t aux = load_u32(qs + 8 * s + 4);
       for (int g = 0; g < 4; ++g)
         put_signed8(out.u + 32 * s + 8 * g, IQ2XXS_GRID[qs[8 * s + g]], KSIGNS[(aux >> (7 * g)) & 127]);
-      out.set_scale(2 * s, 2 * (aux >> 28) + 1);
-      out.set_scale(2 * s + 1, 2 * (aux >> 28) + 1);
+      sc[2 * s] = sc[2 * s + 1] = 2 * (aux >> 28) + 1;
     }
+    out.set_scales(sc);
     out.d = fp16(block) * 0.125f;
-    out.set_zero(IQ_ZERO);
+    out.set_zero(sc, IQ_ZERO);
   }
 };
 
@@ -87,17 +90,18 @@ struct IQ3XXS : SuperBlockFormat {
   static void decode(const uint8_t* block, Decoded256& out) {
     const uint8_t* qs = block + 2;
     const uint8_t* aux_bytes = block + 66;
+    int32_t sc[NGROUP];
     for (int s = 0; s < 8; ++s) {  // per 32 elements: 8 grid bytes; uint32 signs + scale
       const uint32_t aux = load_u32(aux_bytes + 4 * s);
       for (int g = 0; g < 4; ++g) {
         const uint64_t mag = grid4x2(IQ3XXS_GRID, qs[8 * s + 2 * g], qs[8 * s + 2 * g + 1]);
         put_signed8(out.u + 32 * s + 8 * g, mag, KSIGNS[(aux >> (7 * g)) & 127]);
       }
-      out.set_scale(2 * s, 2 * (aux >> 28) + 1);
-      out.set_scale(2 * s + 1, 2 * (aux >> 28) + 1);
+      sc[2 * s] = sc[2 * s + 1] = 2 * (aux >> 28) + 1;
     }
+    out.set_scales(sc);
     out.d = fp16(block) * 0.25f;  // d * (0.5 + s) / 2 == d / 4 * (2 s + 1)
-    out.set_zero(IQ_ZERO);
+    out.set_zero(sc, IQ_ZERO);
   }
 };
 
@@ -114,9 +118,11 @@ struct IQ3S : SuperBlockFormat {
       const unsigned ib = qs[b] | (((qh[b / 8] >> (b % 8)) & 1) << 8);
       put_signed8(out.u + 8 * g, grid4x2(IQ3S_GRID, ia, ib), signs[g]);
     }
-    for (int j = 0; j < NGROUP; ++j) out.set_scale(j, 1 + 2 * ((scales[j / 4] >> (4 * (j / 2 % 2))) & 0x0F));
+    int32_t sc[NGROUP];
+    for (int j = 0; j < NGROUP; ++j) sc[j] = 1 + 2 * ((scales[j / 4] >> (4 * (j / 2 % 2))) & 0x0F);
+    out.set_scales(sc);
     out.d = fp16(block);
-    out.set_zero(IQ_ZERO);
+    out.set_zero(sc, IQ_ZERO);
   }
 };
 
@@ -128,17 +134,34 @@ struct IQ4XS : SuperBlockFormat {
     const uint16_t scales_h = load_u16(block + 2);
     const uint8_t* scales_l = block + 4;
     const uint8_t* qs = block + 8;
-    for (int s = 0; s < 8; ++s) {  // 16 bytes per 32 elements: low nibbles, then high
+#ifdef MOESTREAM_AVX512_VNNI
+    // 16-entry table lookup per 128-bit lane (vpshufb), then interleave each 16-byte group's
+    // low and high nibbles: group s holds elements 32 s + (0..15 low, 16..31 high).
+    const __m512i table = _mm512_broadcast_i32x4(_mm_add_epi8(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(KVALUES_IQ4NL)), _mm_set1_epi8(static_cast<char>(IQ4_ZERO))));
+    const __m512i first = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);
+    const __m512i second = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
+    for (int p = 0; p < 2; ++p) {
+      const __m512i packed = _mm512_loadu_si512(qs + 64 * p);
+      const __m512i low = _mm512_shuffle_epi8(table, _mm512_and_si512(packed, _mm512_set1_epi8(0x0F)));
+      const __m512i high = _mm512_shuffle_epi8(
+          table, _mm512_and_si512(_mm512_srli_epi16(packed, 4), _mm512_set1_epi8(0x0F)));
+      _mm512_store_si512(out.u + 128 * p, _mm512_permutex2var_epi64(low, first, high));
+      _mm512_store_si512(out.u + 128 * p + 64, _mm512_permutex2var_epi64(low, second, high));
+    }
+#else
+    for (int s = 0; s < 8; ++s)  // 16 bytes per 32 elements: low nibbles, then high
       for (int i = 0; i < 16; ++i) {
         out.u[32 * s + i] = KVALUES_IQ4NL[qs[16 * s + i] & 0x0F] + IQ4_ZERO;
         out.u[32 * s + 16 + i] = KVALUES_IQ4NL[qs[16 * s + i] >> 4] + IQ4_ZERO;
       }
-      const int scale = (((scales_l[s / 2] >> (4 * (s % 2))) & 0x0F) | (((scales_h >> (2 * s)) & 3) << 4)) - 32;
-      out.set_scale(2 * s, scale);
-      out.set_scale(2 * s + 1, scale);
-    }
+#endif
+    int32_t sc[NGROUP];
+    for (int s = 0; s < 8; ++s)
+      sc[2 * s] = sc[2 * s + 1] = (((scales_l[s / 2] >> (4 * (s % 2))) & 0x0F) | (((scales_h >> (2 * s)) & 3) << 4)) - 32;
+    out.set_scales(sc);
     out.d = fp16(block);
-    out.set_zero(IQ4_ZERO);
+    out.set_zero(sc, IQ4_ZERO);
   }
 };
 

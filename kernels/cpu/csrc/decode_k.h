@@ -1,41 +1,66 @@
 // K-quant super-blocks (Q2_K..Q6_K) -> Decoded256. Byte layouts: ggml-common.h block_q*_K,
-// element order as gguf.quants.Q*_K.dequantize_blocks. Loops are written so gcc vectorises them.
+// element order as gguf.quants.Q*_K.dequantize_blocks. The portable loops are the
+// definition; the AVX-512 paths of the Q4_K_M types (Q4_K, Q5_K, Q6_K) compute the same bytes.
 #pragma once
 
 #include "blocks.h"
 
 namespace moestream_cpu {
 
-// Q4_K/Q5_K: 12 bytes hold eight 6-bit scales and eight 6-bit mins (one per 32 elements).
-inline void k_scale_min(const uint8_t* s, uint8_t* scale, uint8_t* min) {
-  for (int j = 0; j < 4; ++j) {
-    scale[j] = s[j] & 63;
-    min[j] = s[j + 4] & 63;
-    scale[j + 4] = (s[j + 8] & 0x0F) | ((s[j] >> 2) & 0x30);
-    min[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 2) & 0x30);
-  }
-}
-
+// Q4_K/Q5_K: 12 bytes hold eight 6-bit scales and eight 6-bit mins (one per 32 elements):
+// bytes 0-3 scales 0-3 (+ top bits of scales 4-7), 4-7 mins 0-3 (+ top bits of mins 4-7),
+// 8-11 low nibbles of scales 4-7 and high nibbles of mins 4-7. Unpacked 4 bytes at a time.
 inline void set_affine_k(const uint8_t* block, Decoded256& out) {
-  uint8_t scale[8], min[8];
-  k_scale_min(block + 4, scale, min);
+  const uint32_t a = load_u32(block + 4), b = load_u32(block + 8), c = load_u32(block + 12);
+  const uint64_t scales = (a & 0x3F3F3F3Fu) | uint64_t((c & 0x0F0F0F0Fu) | ((a >> 2) & 0x30303030u)) << 32;
+  const uint64_t mins = (b & 0x3F3F3F3Fu) | uint64_t(((c >> 4) & 0x0F0F0F0Fu) | ((b >> 2) & 0x30303030u)) << 32;
+#ifdef MOESTREAM_AVX512_VNNI
+  const __m128i sc = _mm_cvtsi64_si128(static_cast<int64_t>(scales));
+  const __m128i mn = _mm_cvtsi64_si128(static_cast<int64_t>(mins));
+  out.set_scales(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(sc, sc)));  // one per 16 elements
+  _mm256_store_si256(reinterpret_cast<__m256i*>(out.mn), _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mn, mn)));
+#else
+  int32_t sc[NGROUP];
   for (int j = 0; j < NGROUP; ++j) {
-    out.set_scale(j, scale[j / 2]);
-    out.mn[j] = min[j / 2];
+    sc[j] = (scales >> (8 * (j / 2))) & 0xFF;
+    out.mn[j] = (mins >> (8 * (j / 2))) & 0xFF;
   }
+  out.set_scales(sc);
+#endif
   out.d = fp16(block);
   out.dmin = fp16(block + 2);
 }
+
+#ifdef MOESTREAM_AVX512_VNNI
+// 64 packed bytes (two runs of 32) -> 128 elements: run 0 low nibbles, run 0 high, run 1 low,
+// run 1 high; returned as the two 64-element halves.
+inline void split_nibbles_64(const uint8_t* qs, __m512i& first, __m512i& second) {
+  const __m512i packed = _mm512_loadu_si512(qs);
+  const __m512i low = _mm512_and_si512(packed, _mm512_set1_epi8(0x0F));
+  const __m512i high = _mm512_and_si512(_mm512_srli_epi16(packed, 4), _mm512_set1_epi8(0x0F));
+  first = _mm512_shuffle_i64x2(low, high, _MM_SHUFFLE(1, 0, 1, 0));
+  second = _mm512_shuffle_i64x2(low, high, _MM_SHUFFLE(3, 2, 3, 2));
+}
+#endif
 
 struct Q4K : SuperBlockFormat {
   static constexpr int type_size = 144;
   static void decode(const uint8_t* block, Decoded256& out) {
     const uint8_t* qs = block + 16;
+#ifdef MOESTREAM_AVX512_VNNI
+    for (int p = 0; p < 2; ++p) {
+      __m512i first, second;
+      split_nibbles_64(qs + 64 * p, first, second);
+      _mm512_store_si512(out.u + 128 * p, first);
+      _mm512_store_si512(out.u + 128 * p + 64, second);
+    }
+#else
     for (int c = 0; c < 4; ++c)  // 32 bytes: low nibbles, then high nibbles, 64 elements
       for (int i = 0; i < 32; ++i) {
         out.u[64 * c + i] = qs[32 * c + i] & 0x0F;
         out.u[64 * c + 32 + i] = qs[32 * c + i] >> 4;
       }
+#endif
     set_affine_k(block, out);
   }
 };
@@ -45,11 +70,27 @@ struct Q5K : SuperBlockFormat {
   static void decode(const uint8_t* block, Decoded256& out) {
     const uint8_t* qh = block + 16;
     const uint8_t* qs = block + 48;
+#ifdef MOESTREAM_AVX512_VNNI
+    // Element 32 b + i takes bit b of qh[i]: test each 32-byte half against its bit.
+    const __m512i bits = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh)));
+    for (int p = 0; p < 2; ++p) {
+      __m512i halves[2];
+      split_nibbles_64(qs + 64 * p, halves[0], halves[1]);
+      for (int k = 0; k < 2; ++k) {
+        const int c = 2 * p + k;  // 64 elements of chunk c: bit 2c (first 32), 2c + 1 (next 32)
+        const __m512i probe = _mm512_inserti64x4(_mm512_set1_epi8(static_cast<char>(1 << (2 * c))),
+                                                 _mm256_set1_epi8(static_cast<char>(2 << (2 * c))), 1);
+        const __mmask64 set = _mm512_test_epi8_mask(bits, probe);
+        _mm512_store_si512(out.u + 64 * c, _mm512_mask_add_epi8(halves[k], set, halves[k], _mm512_set1_epi8(16)));
+      }
+    }
+#else
     for (int c = 0; c < 4; ++c)
       for (int i = 0; i < 32; ++i) {  // bit b of qh[i] is bit 4 of element 32 b + i
         out.u[64 * c + i] = (qs[32 * c + i] & 0x0F) | (((qh[i] >> (2 * c)) & 1) << 4);
         out.u[64 * c + 32 + i] = (qs[32 * c + i] >> 4) | (((qh[i] >> (2 * c + 1)) & 1) << 4);
       }
+#endif
     set_affine_k(block, out);
   }
 };
@@ -60,6 +101,22 @@ struct Q6K : SuperBlockFormat {
     const uint8_t* ql = block;
     const uint8_t* qh = block + 128;
     const auto* scales = reinterpret_cast<const int8_t*>(block + 192);
+#ifdef MOESTREAM_AVX512_VNNI
+    const __m512i nibble = _mm512_set1_epi8(0x0F), two_bits = _mm512_set1_epi8(0x30);
+    for (int h = 0; h < 2; ++h) {  // 128 elements: 64 ql bytes (low, high nibbles), 32 qh bytes
+      const __m512i low = _mm512_loadu_si512(ql + 64 * h);
+      const __m256i top = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh + 32 * h));
+      // qh bits 2t..2t+1 of byte i are bits 4-5 of element 32 t + i.
+      const __m512i top01 = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_slli_epi16(top, 4)),
+                                               _mm256_slli_epi16(top, 2), 1);
+      const __m512i top23 = _mm512_inserti64x4(_mm512_castsi256_si512(top), _mm256_srli_epi16(top, 2), 1);
+      _mm512_store_si512(out.u + 128 * h,
+                         _mm512_or_si512(_mm512_and_si512(low, nibble), _mm512_and_si512(top01, two_bits)));
+      _mm512_store_si512(out.u + 128 * h + 64,
+                         _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(low, 4), nibble),
+                                         _mm512_and_si512(top23, two_bits)));
+    }
+#else
     for (int h = 0; h < 2; ++h)  // two halves of 128 elements: ql 64 bytes, qh 32 bytes each
       for (int i = 0; i < 32; ++i) {
         const uint8_t lo = ql[64 * h + i], hi = ql[64 * h + 32 + i], top = qh[32 * h + i];
@@ -69,9 +126,12 @@ struct Q6K : SuperBlockFormat {
         u[64 + i] = (lo >> 4) | (((top >> 4) & 3) << 4);
         u[96 + i] = (hi >> 4) | (((top >> 6) & 3) << 4);
       }
-    for (int j = 0; j < NGROUP; ++j) out.set_scale(j, scales[j]);
+#endif
+    int32_t sc[NGROUP];
+    for (int j = 0; j < NGROUP; ++j) sc[j] = scales[j];
+    out.set_scales(sc);
     out.d = fp16(block + 208);
-    out.set_zero(32);
+    out.set_zero(sc, 32);
   }
 };
 
@@ -83,10 +143,12 @@ struct Q2K : SuperBlockFormat {
     for (int h = 0; h < 2; ++h)
       for (int t = 0; t < 4; ++t)
         for (int i = 0; i < 32; ++i) out.u[128 * h + 32 * t + i] = (qs[32 * h + i] >> (2 * t)) & 3;
+    int32_t sc[NGROUP];
     for (int j = 0; j < NGROUP; ++j) {
-      out.set_scale(j, scales[j] & 0x0F);
+      sc[j] = scales[j] & 0x0F;
       out.mn[j] = scales[j] >> 4;
     }
+    out.set_scales(sc);
     out.d = fp16(block + 80);
     out.dmin = fp16(block + 82);
   }
@@ -105,13 +167,15 @@ struct Q3K : SuperBlockFormat {
           const int e = 128 * h + 32 * t + i;
           out.u[e] = ((qs[32 * h + i] >> (2 * t)) & 3) | (((hmask[i] >> (e / 32)) & 1) << 2);
         }
+    int32_t sc[NGROUP];
     for (int j = 0; j < NGROUP; ++j) {
       const int low = (j < 8 ? s[j] : s[j - 8] >> 4) & 0x0F;
       const int high = (s[8 + j % 4] >> (2 * (j / 4))) & 3;
-      out.set_scale(j, (low | (high << 4)) - 32);
+      sc[j] = (low | (high << 4)) - 32;
     }
+    out.set_scales(sc);
     out.d = fp16(block + 108);
-    out.set_zero(4);
+    out.set_zero(sc, 4);
   }
 };
 

@@ -4,17 +4,11 @@
 #pragma once
 
 #include "blocks.h"
-
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#define MOESTREAM_AVX512_VNNI 1
-#include <immintrin.h>
-#endif
+#include "isa.h"
 
 namespace moestream_cpu {
 
 #ifdef MOESTREAM_AVX512_VNNI
-
-constexpr const char* DOT_ISA = "avx512-vnni";
 
 inline float hsum256(__m256 v) {
   const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -55,8 +49,6 @@ inline float dot_row(const Decoded32* w, const Act32* x, int64_t nb) {
 }
 
 #else
-
-constexpr const char* DOT_ISA = "portable";
 
 inline float dot_row(const Decoded256* w, const Act256* x, int64_t nb) {
   float acc = 0.0f, acc_min = 0.0f;

@@ -102,5 +102,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize", &moestream_cpu::dequantize_weight, "GGUF bytes of W [N, K] -> float32 [N, K]");
   m.def("expert_ffn", &moestream_cpu::expert_ffn, "down(silu(gate x) * up x) for one expert");
   m.def("supported_types", &moestream_cpu::supported_types, "GGML type ids with a CPU kernel");
-  m.attr("isa") = moestream_cpu::DOT_ISA;
+  m.attr("isa") = moestream_cpu::ISA;
 }

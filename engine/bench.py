@@ -1,0 +1,274 @@
+"""`moestream bench`: prefill/decode speed, TTFT and memory, optionally beside llama.cpp.
+
+Each engine runs in its own worker process (so host RSS and peak VRAM are its own), loads
+the model once, and the runs alternate between them: ours, llama.cpp, ours, ... Both get the
+same prompt token ids (random ordinary tokens from the file's vocab, seeded), the same
+lengths and the same CPU thread count, decode greedily and ignore EOS. Each figure is the
+median over --repeat runs, after --warmup short runs that page the weights in.
+
+llama.cpp on a GPU: all layers go to the GPU and the routed experts of the first
+--n-cpu-moe layers (default: all) stay in host memory, as llama.cpp's --cpu-moe/--n-cpu-moe
+do; llama-cpp-python 0.3.36 has no argument for tensor_buft_overrides, so
+engine.llama_cpp_ref sets it in the model-params struct.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import statistics
+import time
+import traceback
+from dataclasses import asdict, dataclass, fields
+from multiprocessing.connection import Connection
+
+import numpy as np
+from tqdm import tqdm
+
+from kernels.errors import MoestreamError
+
+WARMUP_PROMPT_TOKENS = 16
+WARMUP_GEN_TOKENS = 2
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model: str
+    device: str
+    vram_budget: str | None
+    threads: int
+    prompt_tokens: int
+    gen_tokens: int
+    n_cpu_moe: int | None  # llama.cpp on a GPU: layers whose experts stay on the CPU (None: all)
+
+
+@dataclass(frozen=True)
+class RunMetrics:
+    prefill_tok_s: float
+    decode_tok_s: float
+    ttft_s: float
+    peak_vram_bytes: int | None  # None: not measurable (llama.cpp on a GPU without nvidia-ml-py)
+    host_rss_bytes: int
+    expert_hit_rate: float | None = None  # ours only
+    h2d_gb_s: float | None = None  # ours only: host->device expert bytes / copy time
+
+
+def timing_metrics(n_prompt: int, start_s: float, token_times_s: list[float]) -> dict[str, float]:
+    """TTFT, prefill and decode rates from the wall-clock time of each generated token."""
+    ttft = token_times_s[0] - start_s
+    decode_s = token_times_s[-1] - token_times_s[0]
+    decode = (len(token_times_s) - 1) / decode_s if decode_s > 0 else 0.0
+    return {"ttft_s": ttft, "prefill_tok_s": n_prompt / ttft, "decode_tok_s": decode}
+
+
+def host_rss_bytes() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+# -- the engines, each inside its worker ------------------------------------------------
+class MoestreamRunner:
+    def __init__(self, config: BenchConfig):
+        import torch
+
+        from engine import Engine
+
+        torch.set_num_threads(config.threads)
+        self.torch, self.config = torch, config
+        self.engine = Engine.from_gguf(
+            config.model, device=config.device, vram_budget=config.vram_budget,
+            ctx_size=config.prompt_tokens + config.gen_tokens + 1, max_batch=1,
+            max_batched_tokens=max(config.prompt_tokens, WARMUP_PROMPT_TOKENS))
+
+    def run(self, prompt_ids: list[int], gen_tokens: int) -> RunMetrics:
+        from engine import SamplingParams
+
+        cuda = self.engine.device.type == "cuda"
+        if cuda:
+            self.torch.cuda.synchronize()
+            self.torch.cuda.reset_peak_memory_stats()
+        before = self.engine.stats()
+        params = SamplingParams(max_tokens=gen_tokens, temperature=0.0, ignore_eos=True)
+        start, times = time.perf_counter(), []
+        for _ in self.engine.generate(prompt_ids, params):
+            times.append(time.perf_counter())
+        after = self.engine.stats()
+        return RunMetrics(
+            **timing_metrics(len(prompt_ids), start, times),
+            peak_vram_bytes=self.torch.cuda.max_memory_allocated() if cuda else 0,
+            host_rss_bytes=host_rss_bytes(),
+            **expert_metrics(before, after),
+        )
+
+
+def expert_metrics(before: dict, after: dict) -> dict[str, float | None]:
+    """Hit rate and host->device rate of the expert lookups between two engine.stats()."""
+    def delta(key: str) -> float:
+        return after.get(key, 0) - before.get(key, 0)
+
+    lookups, copy_s = delta("expert_lookups"), delta("copy_s")
+    return {"expert_hit_rate": delta("expert_hits") / lookups if lookups else None,
+            "h2d_gb_s": delta("bytes_to_device") / copy_s / 1e9 if copy_s > 0 else None}
+
+
+def make_runner(name: str, config: BenchConfig):
+    if name == "llama_cpp":
+        from engine.llama_cpp_ref import LlamaCppRunner
+
+        return LlamaCppRunner(config)
+    return MoestreamRunner(config)
+
+
+def _worker_main(conn: Connection, name: str, config: BenchConfig) -> None:
+    try:
+        runner = make_runner(name, config)
+        conn.send(("ready", None))
+        while (request := conn.recv()) is not None:
+            conn.send(("ok", runner.run(*request)))
+    except Exception as exc:  # reported to the parent, which raises it there
+        message = str(exc) if isinstance(exc, MoestreamError) else traceback.format_exc()
+        conn.send(("error", message))
+
+
+class Worker:
+    """One engine in a child process, answering run requests one at a time."""
+
+    def __init__(self, name: str, config: BenchConfig):
+        ctx = multiprocessing.get_context("spawn")  # CUDA and forked torch do not mix
+        self.name = name
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_worker_main, args=(child, name, config), daemon=True)
+        self.process.start()
+        self._receive()
+
+    def run(self, prompt_ids: list[int], gen_tokens: int) -> RunMetrics:
+        self.conn.send((prompt_ids, gen_tokens))
+        return self._receive()
+
+    def _receive(self):
+        if not self.conn.poll(None) and not self.process.is_alive():
+            raise MoestreamError(f"the {self.name} worker died")
+        try:
+            status, payload = self.conn.recv()
+        except EOFError as exc:
+            raise MoestreamError(f"the {self.name} worker exited (code {self.process.exitcode})") from exc
+        if status == "error":
+            raise MoestreamError(f"{self.name}: {payload}")
+        return payload
+
+    def close(self) -> None:
+        if self.process.is_alive():
+            self.conn.send(None)
+        self.process.join(timeout=30)
+
+
+# -- the benchmark ----------------------------------------------------------------------
+def prompt_token_ids(model: str, n: int, seed: int) -> list[int]:
+    """`n` random ids of ordinary tokens (no control/special tokens) of the file's vocab."""
+    import gguf
+
+    reader = gguf.GGUFReader(model)
+    field = reader.get_field("tokenizer.ggml.token_type")
+    if field is None:
+        raise MoestreamError(f"{model}: no tokenizer.ggml.token_type in the file; is it a model GGUF?")
+    types = np.array([field.parts[i][0] for i in field.data])
+    normal = np.flatnonzero(types == int(gguf.TokenType.NORMAL))
+    return np.random.default_rng(seed).choice(normal, size=n).tolist()
+
+
+def run_bench(config: BenchConfig, names: list[str], repeat: int, warmup: int, seed: int = 0,
+              progress: bool = True) -> dict[str, list[RunMetrics]]:
+    prompt = prompt_token_ids(config.model, config.prompt_tokens, seed)
+    workers: list[Worker] = []
+    try:
+        for name in tqdm(names, desc="loading", disable=not progress):
+            workers.append(Worker(name, config))
+        for worker in workers:
+            for _ in range(warmup):
+                worker.run(prompt[:WARMUP_PROMPT_TOKENS], WARMUP_GEN_TOKENS)
+        results: dict[str, list[RunMetrics]] = {name: [] for name in names}
+        with tqdm(total=repeat * len(workers), desc="bench", disable=not progress) as bar:
+            for _ in range(repeat):
+                for worker in workers:
+                    metrics = worker.run(prompt, config.gen_tokens)
+                    results[worker.name].append(metrics)
+                    bar.set_postfix_str(f"{worker.name} decode {metrics.decode_tok_s:.2f} tok/s")
+                    bar.update()
+        return results
+    finally:
+        for worker in workers:
+            worker.close()
+
+
+def summarize(runs: list[RunMetrics]) -> dict:
+    """Median of each metric over the runs (None where a metric does not apply)."""
+    summary = {}
+    for f in fields(RunMetrics):
+        values = [getattr(r, f.name) for r in runs if getattr(r, f.name) is not None]
+        summary[f.name] = statistics.median(values) if values else None
+    return summary
+
+
+_ROWS = [("prefill tok/s", "prefill_tok_s", 1.0, "{:.2f}"), ("decode tok/s", "decode_tok_s", 1.0, "{:.2f}"),
+         ("TTFT s", "ttft_s", 1.0, "{:.3f}"), ("peak VRAM GiB", "peak_vram_bytes", 2**-30, "{:.2f}"),
+         ("host RSS GiB", "host_rss_bytes", 2**-30, "{:.2f}"), ("expert hit rate", "expert_hit_rate", 1.0, "{:.3f}"),
+         ("H2D GB/s", "h2d_gb_s", 1.0, "{:.2f}")]
+
+
+def format_table(summaries: dict[str, dict]) -> str:
+    names = list(summaries)
+    header = f"{'metric':<16}" + "".join(f"{n:>12}" for n in names)
+    if len(names) == 2:
+        header += f"{'ratio':>10}"
+    lines = [header, "-" * len(header)]
+    for label, key, scale, fmt in _ROWS:
+        values = [summaries[n][key] for n in names]
+        cells = "".join(f"{fmt.format(v * scale) if v is not None else '-':>12}" for v in values)
+        if len(names) == 2:
+            ok = None not in values and values[1]
+            cells += f"{values[0] / values[1]:>10.3f}" if ok else f"{'-':>10}"
+        lines.append(f"{label:<16}{cells}")
+    return "\n".join(lines)
+
+
+# -- command line -------------------------------------------------------------------------
+def add_bench_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", "-m", required=True, help="path of a .gguf model file")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--vram-budget", default=None, help="device memory for our engine, e.g. 4GiB")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for both engines (default: all cores)")
+    parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument("--gen-tokens", type=int, default=128)
+    parser.add_argument("--repeat", type=int, default=3, help="measured runs per engine (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="short unmeasured runs per engine first")
+    parser.add_argument("--vs-llama-cpp", action="store_true", help="run llama-cpp-python on the same prompt")
+    parser.add_argument("--n-cpu-moe", type=int, default=None,
+                        help="llama.cpp on a GPU: layers whose experts stay on the CPU (default: all)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the prompt token ids")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+def bench_main(args: argparse.Namespace) -> int:
+    import os
+
+    import torch
+
+    if args.prompt_tokens < 1 or args.gen_tokens < 2:
+        raise MoestreamError("--prompt-tokens must be >= 1 and --gen-tokens >= 2 (decode speed needs two tokens)")
+    config = BenchConfig(
+        model=args.model, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        vram_budget=args.vram_budget, threads=args.threads or os.cpu_count() or 1,
+        prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens, n_cpu_moe=args.n_cpu_moe)
+    names = ["moestream", "llama_cpp"] if args.vs_llama_cpp else ["moestream"]
+    results = run_bench(config, names, args.repeat, args.warmup, seed=args.seed, progress=not args.json)
+    summaries = {name: summarize(runs) for name, runs in results.items()}
+    if args.json:
+        report = {name: {**summaries[name], "runs": [asdict(r) for r in runs]} for name, runs in results.items()}
+        print(json.dumps({**report, "config": asdict(config)}))
+    else:
+        print(f"{config.model}: {config.prompt_tokens} prompt + {config.gen_tokens} generated tokens, "
+              f"{config.threads} threads, {config.device}, median of {args.repeat}")
+        print(format_table(summaries))
+    return 0

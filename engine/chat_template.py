@@ -1,0 +1,87 @@
+"""Render chat messages with the model's Jinja chat template, as transformers does.
+
+The environment matches transformers' apply_chat_template: a sandboxed, immutable Jinja
+environment with trim_blocks/lstrip_blocks, the `raise_exception` and `strftime_now`
+globals, a `tojson` filter that keeps non-ASCII text, loop controls and a pass-through
+`{% generation %}` block. A GGUF without `tokenizer.chat_template` gets ChatML.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime
+from functools import lru_cache
+from typing import Any
+
+import jinja2
+from jinja2 import nodes
+from jinja2.ext import Extension, loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from kernels.errors import MoestreamError
+
+log = logging.getLogger(__name__)
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+class _GenerationBlock(Extension):
+    """`{% generation %}...{% endgeneration %}` marks assistant text for training masks in
+    transformers; for inference it renders its body unchanged."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: jinja2.parser.Parser) -> list[nodes.Node]:
+        next(parser.stream)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
+@lru_cache(maxsize=8)
+def _compile(template: str | None) -> jinja2.Template:
+    if not template:
+        log.warning("the GGUF has no tokenizer.chat_template; formatting chats as ChatML")
+        template = CHATML_TEMPLATE
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[_GenerationBlock, loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    try:
+        return env.from_string(template)
+    except jinja2.TemplateError as e:
+        raise MoestreamError(f"the model's chat template does not parse: {e}") from e
+
+
+def render_chat(template: str | None, messages: list[dict], add_generation_prompt: bool = True,
+                bos_token: str = "", eos_token: str = "", **extra: Any) -> str:
+    """The prompt text for `messages`; `template` None or empty means ChatML.
+
+    `extra` reaches the template as variables (e.g. tools, documents, enable_thinking).
+    """
+    try:
+        return _compile(template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=bos_token, eos_token=eos_token, **extra,
+        )
+    except jinja2.TemplateError as e:
+        raise MoestreamError(f"chat template error: {e}") from e

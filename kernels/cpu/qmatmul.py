@@ -1,0 +1,88 @@
+"""Quantized matmuls on the CPU straight from GGUF bytes (no float copy of the weights).
+
+`cpu_qmatmul` quantises the activation rows to int8 blocks and runs integer dot products
+against the weight blocks decoded in registers-sized tiles, over all cores (see
+docs/CPU-KERNELS.md for the route, its error and the measured rates). Weights are the raw
+GGUF bytes, unchanged: nothing is repacked, so `prepare` is not needed. Without a compiler
+every entry falls back to the torch reference (dequantize + F.linear).
+"""
+
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType
+
+from kernels.cpu.build import load_extension
+from kernels.dequant import dequantize
+from kernels.formats import row_bytes
+
+
+@cache
+def _kernel_types() -> frozenset[int]:
+    ext = load_extension()
+    return frozenset(ext.supported_types()) if ext is not None else frozenset()
+
+
+def has_cpu_kernel(qtype: GGMLQuantizationType) -> bool:
+    """True if `qtype` runs in the compiled CPU kernels (False when they could not be built)."""
+    return int(qtype) in _kernel_types()
+
+
+def _checked(qweight: torch.Tensor, qtype: GGMLQuantizationType, shape: tuple[int, int]) -> torch.Tensor:
+    rows, cols = shape
+    expected = rows * row_bytes(qtype, cols)
+    if qweight.dtype != torch.uint8 or qweight.numel() != expected:
+        raise ValueError(f"{qtype.name} {shape} needs {expected} uint8 bytes, got {qweight.numel()} {qweight.dtype}")
+    return qweight.reshape(-1).contiguous()
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float32).contiguous()
+
+
+def cpu_qmatmul(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    qtype: GGMLQuantizationType,
+    shape: tuple[int, int],
+) -> torch.Tensor:
+    """y [M, N] float32 = x [M, K] @ W.T, with W [N, K] = `shape` given as its GGUF bytes."""
+    qweight = _checked(qweight, qtype, shape)
+    if not has_cpu_kernel(qtype):
+        return F.linear(_rows(x), dequantize(qweight, qtype, shape))
+    return load_extension().qmatmul(_rows(x), qweight, int(qtype), shape[0])
+
+
+def cpu_dequantize(qweight: torch.Tensor, qtype: GGMLQuantizationType, shape: tuple[int, int]) -> torch.Tensor:
+    """W [N, K] float32 from its GGUF bytes, decoded in C++ over all cores."""
+    qweight = _checked(qweight, qtype, shape)
+    if not has_cpu_kernel(qtype):
+        return dequantize(qweight, qtype, shape)
+    return load_extension().dequantize(qweight, int(qtype), *shape)
+
+
+def cpu_expert_ffn(
+    x: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    down: torch.Tensor,
+    qtypes: tuple[GGMLQuantizationType, GGMLQuantizationType, GGMLQuantizationType],
+    intermediate: int,
+) -> torch.Tensor:
+    """down(silu(gate x) * up x) [T, D] float32 for one expert, from its three GGUF byte runs.
+
+    x is [T, D]; gate and up are W [intermediate, D], down is W [D, intermediate]. One call
+    runs gate and up in one parallel pass and down in a second.
+    """
+    d_model = x.shape[-1]
+    gate_type, up_type, down_type = qtypes
+    gate = _checked(gate, gate_type, (intermediate, d_model))
+    up = _checked(up, up_type, (intermediate, d_model))
+    down = _checked(down, down_type, (d_model, intermediate))
+    if not all(has_cpu_kernel(q) for q in qtypes):
+        h = F.silu(cpu_qmatmul(x, gate, gate_type, (intermediate, d_model)))
+        h = h * cpu_qmatmul(x, up, up_type, (intermediate, d_model))
+        return cpu_qmatmul(h, down, down_type, (d_model, intermediate))
+    ext = load_extension()
+    return ext.expert_ffn(_rows(x), gate, up, down, int(gate_type), int(up_type), int(down_type), intermediate)
