@@ -46,8 +46,11 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /opt/moestream /opt/moestream
 
+# The cache folder exists before any volume is mounted on it, so a fresh named volume takes
+# its owner (the server's user) instead of root.
 RUN useradd --create-home --uid 1000 --user-group moestream \
-    && mkdir -p /models && chown moestream:moestream /models
+    && mkdir -p /models /home/moestream/.cache \
+    && chown moestream:moestream /models /home/moestream/.cache
 # Numeric, so Kubernetes' runAsNonRoot can verify it.
 USER 1000:1000
 WORKDIR /home/moestream
@@ -59,10 +62,11 @@ ENV PATH=/opt/moestream/bin:$PATH \
     MOESTREAM_HOST=0.0.0.0 \
     MOESTREAM_PORT=8000 \
     NVIDIA_VISIBLE_DEVICES=all \
-    NVIDIA_DRIVER_CAPABILITIES=compute,utility
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    TRITON_CACHE_DIR=/home/moestream/.cache/triton
 
-# Models are mounted here (read-only is fine). Kernel builds, the Triton cache and the
-# --demo model live under /home/moestream/.cache: mount a volume there to keep them.
+# Models are mounted here (read-only is fine). Kernel builds, the Triton cache, hf: downloads
+# and the --demo model live under /home/moestream/.cache: mount a volume there to keep them.
 VOLUME ["/models"]
 EXPOSE 8000
 

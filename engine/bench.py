@@ -37,6 +37,7 @@ class BenchConfig:
     model: str
     device: str
     vram_budget: str | None
+    max_cached_experts: int | None
     threads: int
     prompt_tokens: int
     gen_tokens: int
@@ -79,6 +80,7 @@ class MoestreamRunner:
         self.torch, self.config = torch, config
         self.engine = Engine.from_gguf(
             config.model, device=config.device, vram_budget=config.vram_budget,
+            max_cached_experts=config.max_cached_experts,
             ctx_size=config.prompt_tokens + config.gen_tokens + 1, max_batch=1,
             max_batched_tokens=max(config.prompt_tokens, WARMUP_PROMPT_TOKENS))
 
@@ -238,6 +240,8 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", "-m", required=True, help="path of a .gguf model file")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--vram-budget", default=None, help="device memory for our engine, e.g. 4GiB")
+    parser.add_argument("--max-cached-experts", type=int, default=None,
+                        help="cap our expert cache slots (on the CPU: use a cache at all)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for both engines (default: all cores)")
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--gen-tokens", type=int, default=128)
@@ -259,7 +263,8 @@ def bench_main(args: argparse.Namespace) -> int:
         raise MoestreamError("--prompt-tokens must be >= 1 and --gen-tokens >= 2 (decode speed needs two tokens)")
     config = BenchConfig(
         model=args.model, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
-        vram_budget=args.vram_budget, threads=args.threads or os.cpu_count() or 1,
+        vram_budget=args.vram_budget, max_cached_experts=args.max_cached_experts,
+        threads=args.threads or os.cpu_count() or 1,
         prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens, n_cpu_moe=args.n_cpu_moe)
     names = ["moestream", "llama_cpp"] if args.vs_llama_cpp else ["moestream"]
     results = run_bench(config, names, args.repeat, args.warmup, seed=args.seed, progress=not args.json)

@@ -45,6 +45,27 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
+class _Namespace(jinja2.utils.Namespace):
+    """`namespace()` that refuses underscore names: templates are untrusted input and must
+    not reach Python internals through attributes they set (transformers does the same)."""
+
+    def __init__(*args: Any, **kwargs: Any):
+        self, values = args[0], dict(*args[1:], **kwargs)
+        for name in values:
+            _Namespace._check(name)
+        jinja2.utils.Namespace.__init__(self, values)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        _Namespace._check(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check(name: Any) -> None:
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(
+                f"chat templates may not set the underscore attribute {name!r} on a namespace")
+
+
 class _GenerationBlock(Extension):
     """`{% generation %}...{% endgeneration %}` marks assistant text for training masks in
     transformers; for inference it renders its body unchanged."""
@@ -66,6 +87,7 @@ def _compile(template: str | None) -> jinja2.Template:
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
+    env.globals["namespace"] = _Namespace
     try:
         return env.from_string(template)
     except jinja2.TemplateError as e:
@@ -76,12 +98,14 @@ def render_chat(template: str | None, messages: list[dict], add_generation_promp
                 bos_token: str = "", eos_token: str = "", **extra: Any) -> str:
     """The prompt text for `messages`; `template` None or empty means ChatML.
 
-    `extra` reaches the template as variables (e.g. tools, documents, enable_thinking).
+    `extra` reaches the template as variables (e.g. tools, documents, enable_thinking);
+    tools and documents are None unless given, as in transformers.
     """
+    variables = {"tools": None, "documents": None, **extra}
     try:
         return _compile(template).render(
             messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=bos_token, eos_token=eos_token, **extra,
+            bos_token=bos_token, eos_token=eos_token, **variables,
         )
     except jinja2.TemplateError as e:
         raise MoestreamError(f"chat template error: {e}") from e

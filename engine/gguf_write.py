@@ -144,7 +144,7 @@ def _add_hparams(writer: gguf.GGUFWriter, meta: ModelMetadata, n_vocab: int) -> 
         writer.add_expert_shared_feed_forward_length(meta.n_ff_shexp)
 
 
-def _add_tokenizer(writer: gguf.GGUFWriter, vocab: BpeVocab, chat_template: str) -> None:
+def add_tokenizer(writer: gguf.GGUFWriter, vocab: BpeVocab, chat_template: str) -> None:
     writer.add_tokenizer_model("gpt2")
     # "gpt-2" selects GPT-2's pre-tokenizer regex in llama.cpp, the same split that
     # a `tokenizers` ByteLevel pre-tokenizer makes.
@@ -164,7 +164,7 @@ def write_gguf(path: Path, meta: ModelMetadata, tensors: Mapping[str, TensorData
     """Write `tensors` (numpy shapes: GGUF dims reversed, e.g. experts [n_expert, rows, cols])."""
     writer = gguf.GGUFWriter(path, meta.arch)
     _add_hparams(writer, meta, len(vocab.tokens))
-    _add_tokenizer(writer, vocab, chat_template)
+    add_tokenizer(writer, vocab, chat_template)
     for name, tensor in tensors.items():
         if isinstance(tensor, QuantizedTensor):
             writer.add_tensor(name, tensor.data, raw_dtype=tensor.qtype)

@@ -34,6 +34,7 @@ def moe_ffn(
     else:
         gate = grouped_qmatmul(x, slot_buffer, slot_of_expert, layout.gate, topk_ids, **common)
         up = grouped_qmatmul(x, slot_buffer, slot_of_expert, layout.up, topk_ids, **common)
-    hidden = (F.silu(gate.float()) * up.float()).to(x.dtype).reshape(n_tokens * top_k, -1)  # [T*k, I]
+    inter = layout.gate.shape[0]
+    hidden = (F.silu(gate.float()) * up.float()).to(x.dtype).reshape(n_tokens * top_k, inter)  # [T*k, I]
     down = grouped_qmatmul(hidden, slot_buffer, slot_of_expert, layout.down, topk_ids, topk_weights, **common)
     return down.float().sum(dim=1).to(x.dtype)  # [T, D]

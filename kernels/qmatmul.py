@@ -45,7 +45,7 @@ def qmatmul(
 
     qweight: uint8, contiguous, [N, row_bytes] or flat, on x's device.
     """
-    qtype = Q(qtype)
+    qtype = block_format(qtype).qtype  # an unknown type id raises UnsupportedQuantType
     n, k = shape
     _check_activations(x, k)
     _check_bytes(qweight, "qweight", n * row_bytes(qtype, k), x.device)

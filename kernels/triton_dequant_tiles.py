@@ -27,8 +27,7 @@ import triton
 import triton.language as tl
 from gguf import GGMLQuantizationType as Q
 
-SUPER_BLOCK_COLUMNS = 256  # columns of one K/IQ super-block (host side)
-SUPER_BLOCK: tl.constexpr = tl.constexpr(SUPER_BLOCK_COLUMNS)
+SUPER_BLOCK: tl.constexpr = tl.constexpr(256)  # columns of one K/IQ super-block
 
 # Type ids as compile-time constants: `dequant_tile` picks one decoder per compiled kernel.
 _Q8_0: tl.constexpr = tl.constexpr(int(Q.Q8_0))

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from gguf import GGMLQuantizationType as Q
 
-from kernels.formats import block_format
+from kernels.formats import block_format, row_bytes
 from kernels.triton_dequant_tiles import dequant_tile, lookup_table
 
 
@@ -28,26 +28,36 @@ class GemmConfig:
 
 
 def gemm_config(m: int, device: torch.device) -> GemmConfig:
-    """Smallest tensor-core row tile that covers M (16..64). A [64, 256] dequantized fp32 tile
-    is 64 registers per thread at 4 warps; first guesses, tune with `python -m bench.kernels`."""
+    """Smallest tensor-core row tile that covers M (16..64).
+
+    GPU tiles are first guesses from register counts of sm_90 builds (ptxas, no spills);
+    tune with `python -m bench.kernels` on the target GPU.
+    """
     block_m = min(64, max(16, triton.next_power_of_2(m)))
-    if device.type != "cuda":  # the interpreter: few, large programs
+    if device.type != "cuda":  # the interpreter pays per program and step: few, large ones
         return GemmConfig(block_m, block_n=64)
-    return GemmConfig(block_m, block_n=64, num_warps=8 if m > 16 else 4)
+    return gpu_gemm_config(block_m)
+
+
+def gpu_gemm_config(block_m: int) -> GemmConfig:
+    if block_m == 16:
+        return GemmConfig(block_m, block_n=64, block_k=64, num_warps=4)
+    return GemmConfig(block_m, block_n=128, block_k=64, num_warps=8)
 
 
 @triton.jit
-def dot_tiles(acc, x_rows, x_valid, w_rows, K, table_ptr,
+def dot_tiles(acc, x_ptr, x_rows, x_valid, w_rows, K, table_ptr,
               QTYPE: tl.constexpr, TYPE_SIZE: tl.constexpr, BLOCK_K: tl.constexpr):
     """acc [BM, BN] += x[rows, :K] @ W[rows, :K]^T, K walked in BLOCK_K-column tiles.
 
-    x_rows [BM]: pointers to activation rows (valid where x_valid); w_rows [BN]: byte
-    pointers to weight rows.
+    x_rows [BM]: int32 element offsets of the activation rows from x_ptr (valid where
+    x_valid; 32-bit offsets keep the gathered-row pointer math in few registers);
+    w_rows [BN]: byte pointers to weight rows.
     """
     for kt in range(0, tl.cdiv(K, BLOCK_K)):
         k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
         x_mask = x_valid[:, None] & (k[None, :] < K)
-        x = tl.load(x_rows[:, None] + k[None, :], mask=x_mask, other=0.0)
+        x = tl.load(x_ptr + x_rows[:, None] + k[None, :], mask=x_mask, other=0.0)
         w = dequant_tile(w_rows, kt, K, table_ptr, QTYPE, TYPE_SIZE, BLOCK_K)
         acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc=acc)
     return acc
@@ -61,11 +71,10 @@ def _gemm_kernel(
 ):
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    x_rows = x_ptr + m.to(tl.int64) * stride_xm
     # Rows past N re-read row N-1 (in bounds); their results are never stored.
     w_rows = w_ptr + tl.minimum(n, N - 1).to(tl.int64) * row_bytes
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = dot_tiles(acc, x_rows, m < M, w_rows, K, table_ptr, QTYPE, TYPE_SIZE, BLOCK_K)
+    acc = dot_tiles(acc, x_ptr, m * stride_xm, m < M, w_rows, K, table_ptr, QTYPE, TYPE_SIZE, BLOCK_K)
     out = out_ptr + m[:, None].to(tl.int64) * stride_om + n[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(m[:, None] < M) & (n[None, :] < N))
 
@@ -86,12 +95,11 @@ def triton_gemm(
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     assert out.shape == (m, n) and out.dtype == x.dtype and out.stride(1) == 1
-    fmt = block_format(qtype)
     grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n))
     _gemm_kernel[grid](
         x, qweight, lookup_table(qtype, x.device), out,
-        m, n, k, k // fmt.block_size * fmt.type_size, x.stride(0), out.stride(0),
-        QTYPE=int(qtype), TYPE_SIZE=fmt.type_size,
+        m, n, k, row_bytes(qtype, k), x.stride(0), out.stride(0),
+        QTYPE=int(qtype), TYPE_SIZE=block_format(qtype).type_size,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

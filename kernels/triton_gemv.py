@@ -15,15 +15,15 @@ import triton
 import triton.language as tl
 from gguf import GGMLQuantizationType as Q
 
-from kernels.formats import block_format
+from kernels.formats import block_format, row_bytes
 from kernels.triton_dequant_tiles import dequant_tile, lookup_table
 
 MAX_GEMV_ROWS = 16
-# First guesses, to be tuned with `python -m bench.kernels` on the target GPU: an fp32
-# accumulator of 4096 values (32 registers per thread at 4 warps) leaves room for the
-# dequantized tile; 4 resident programs per SM keep enough loads in flight.
-_ACC_ELEMENTS_GPU = 4096
-_ACC_ELEMENTS_INTERPRETER = 8192  # fewer, larger programs: the interpreter pays per program
+# First guesses from register counts of sm_90 builds (ptxas, no spills), to be tuned with
+# `python -m bench.kernels` on the target GPU: 2048 accumulator values per program
+# (16 per thread at 4 warps) in 128-column steps; 4 programs per SM keep loads in flight.
+_ACC_ELEMENTS_GPU = 2048
+_BLOCK_K_GPU = 128
 _PROGRAMS_PER_SM = 4
 
 
@@ -32,20 +32,25 @@ class GemvConfig:
     block_m: int  # activation rows, padded to a power of two
     block_n: int  # weight rows per program
     split_k: int  # programs sharing one row block along K
-    block_k: int = 256  # columns per step (one super-block)
+    block_k: int = 256  # columns per step: 32, 64, 128 or 256
     num_warps: int = 4
 
 
 def gemv_config(m: int, n: int, k: int, device: torch.device) -> GemvConfig:
     """Row block from the accumulator budget; split K until the grid covers the GPU."""
     block_m = triton.next_power_of_2(m)
-    if device.type != "cuda":
-        return GemvConfig(block_m, max(2, _ACC_ELEMENTS_INTERPRETER // (block_m * 256)), split_k=1)
-    block_n = max(2, _ACC_ELEMENTS_GPU // (block_m * 256))
-    n_sm = torch.cuda.get_device_properties(device).multi_processor_count
+    if device.type != "cuda":  # the interpreter pays per program and step: few, large ones
+        return GemvConfig(block_m, block_n=max(2, 32 // block_m), split_k=1)
+    return gpu_gemv_config(m, n, k, torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def gpu_gemv_config(m: int, n: int, k: int, n_sm: int) -> GemvConfig:
+    block_m = triton.next_power_of_2(m)
+    block_n = max(2, _ACC_ELEMENTS_GPU // (block_m * _BLOCK_K_GPU))
     row_programs = triton.cdiv(n, block_n)
-    split_k = min(triton.cdiv(k, 256), max(1, triton.cdiv(_PROGRAMS_PER_SM * n_sm, row_programs)))
-    return GemvConfig(block_m, block_n, split_k)
+    n_tiles = triton.cdiv(k, _BLOCK_K_GPU)
+    split_k = min(n_tiles, max(1, triton.cdiv(_PROGRAMS_PER_SM * n_sm, row_programs)))
+    return GemvConfig(block_m, block_n, split_k, _BLOCK_K_GPU)
 
 
 @triton.jit
@@ -88,6 +93,7 @@ def triton_gemv(
     m = x.shape[0]
     assert 1 <= m <= MAX_GEMV_ROWS and x.shape[1] == k and x.stride(1) == 1, (x.shape, x.stride())
     config = config or gemv_config(m, n, k, x.device)
+    assert config.block_m >= m, (config, m)
     n_tiles = triton.cdiv(k, config.block_k)
     tiles_per_split = triton.cdiv(n_tiles, config.split_k)
     split_k = triton.cdiv(n_tiles, tiles_per_split)  # no empty splits
@@ -99,11 +105,10 @@ def triton_gemv(
     else:
         partial = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(n, config.block_n), split_k)
-    fmt = block_format(qtype)
     _gemv_kernel[grid](
         x, qweight, lookup_table(qtype, x.device), partial,
-        m, n, k, k // fmt.block_size * fmt.type_size, x.stride(0), partial.stride(0), partial.stride(1),
-        tiles_per_split, QTYPE=int(qtype), TYPE_SIZE=fmt.type_size,
+        m, n, k, row_bytes(qtype, k), x.stride(0), partial.stride(0), partial.stride(1),
+        tiles_per_split, QTYPE=int(qtype), TYPE_SIZE=block_format(qtype).type_size,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         num_warps=config.num_warps,
     )

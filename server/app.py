@@ -94,6 +94,8 @@ def serve(args: argparse.Namespace) -> int:
                    max_batched_tokens=args.max_batched_tokens)
     if args.demo and args.vram_budget is None and args.max_cached_experts is None:
         options["max_cached_experts"] = demo_max_cached_experts()
+    if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
+        log.warning("listening on %s without --api-key: anyone who can reach the port can use it", args.host)
     settings = ServerSettings(served_model_name=args.served_model_name or default_name,
                               api_key=args.api_key, ctx_size=args.ctx_size,
                               shutdown_grace_s=args.shutdown_grace)
@@ -113,8 +115,6 @@ def load_engine(source: ModelSource, options: dict) -> Engine:
     cfg = engine.config
     log.info("model %s: %s, %d layers, %d experts (%d used per token), context %d",
              cfg.name, cfg.arch, cfg.n_layers, cfg.n_experts, cfg.n_experts_used, engine.max_model_len)
-    if engine.plan is None:
+    if engine.plan is None:  # with a plan, engine.placement has logged it
         log.info("placement: every expert stays in host memory on %s (no expert cache)", engine.device)
-    else:
-        log.info("%s", engine.plan)
     return engine

@@ -122,7 +122,10 @@ class AsyncEngine:
                 command = self._commands.get_nowait()
             except queue.Empty:
                 return ran
-            command()
+            try:
+                command()
+            except Exception:  # an engine bug must not kill the thread every request waits on
+                log.exception("engine command failed")
             ran = True
 
     def _step(self) -> None:

@@ -51,7 +51,8 @@ def _validation_error(exc: RequestValidationError) -> APIError:
         return APIError(f"the request body is not valid JSON: {first.get('msg')}")
     where = ".".join(loc)
     message = first.get("msg", "invalid request")
-    return APIError(f"{where}: {message}" if where else message, param=where or None)
+    # param names the top-level field; the message keeps the full path.
+    return APIError(f"{where}: {message}" if where else message, param=loc[0] if loc else None)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from abc import ABC, abstractmethod
-import logging
 import time
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -21,7 +20,6 @@ from server.responses import Envelope, chat_logprobs, completion_logprobs, sse
 from server.schemas import ChatCompletionRequest, CompletionRequest
 from server.state import ServerState
 
-log = logging.getLogger(__name__)
 router = APIRouter()
 _DISCONNECT_POLL_S = 0.5
 

@@ -25,6 +25,7 @@ CSRC = Path(__file__).parent / "csrc"
 CACHE_ROOT = Path.home() / ".cache" / "moestream" / "cpu-kernels"
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17")
 LDFLAGS = ("-fopenmp",)  # torch's own libgomp.so.1 is already loaded: one OpenMP runtime
+PORTABLE_CFLAGS = ("-mno-avx512f",)  # the path of CPUs without AVX-512 (tests build it too)
 
 
 def _array(ctype: str, name: str, values: np.ndarray, fmt: str) -> str:
@@ -66,21 +67,25 @@ def _cpu_identity() -> str:
     return "\n".join(sorted({line for line in info if line.startswith(keep)}))
 
 
-def build_key(header: str) -> str:
+def build_key(header: str, cflags: tuple[str, ...]) -> str:
     digest = hashlib.sha256()
     for source in sorted(CSRC.iterdir()):
         digest.update(source.name.encode() + source.read_bytes())
-    for part in (header, " ".join(CFLAGS + LDFLAGS), torch.__version__, sys.version, _cpu_identity()):
+    for part in (header, " ".join(cflags + LDFLAGS), torch.__version__, sys.version, _cpu_identity()):
         digest.update(part.encode())
     return digest.hexdigest()[:16]
 
 
-def compile_extension() -> ModuleType:
-    """Build (or reuse the cached build of) the extension; raises if the compiler fails."""
+def compile_extension(portable: bool = False) -> ModuleType:
+    """Build (or reuse the cached build of) the extension; raises if the compiler fails.
+
+    `portable` leaves out the AVX-512 code, as on CPUs without it.
+    """
     from torch.utils import cpp_extension
 
     header = constants_header()
-    name = f"moestream_cpu_{build_key(header)}"
+    cflags = CFLAGS + PORTABLE_CFLAGS if portable else CFLAGS
+    name = f"moestream_cpu_{'portable_' if portable else ''}{build_key(header, cflags)}"
     build_dir = CACHE_ROOT / name
     build_dir.mkdir(parents=True, exist_ok=True)
     generated = build_dir / "gguf_constants.h"
@@ -90,7 +95,7 @@ def compile_extension() -> ModuleType:
         name=name,
         sources=[str(CSRC / "extension.cpp")],
         extra_include_paths=[str(build_dir), str(CSRC)],
-        extra_cflags=list(CFLAGS),
+        extra_cflags=list(cflags),
         extra_ldflags=list(LDFLAGS),
         build_directory=str(build_dir),
         verbose=False,

@@ -32,12 +32,14 @@ def has_cpu_kernel(qtype: GGMLQuantizationType) -> bool:
 def _checked(qweight: torch.Tensor, qtype: GGMLQuantizationType, shape: tuple[int, int]) -> torch.Tensor:
     rows, cols = shape
     expected = rows * row_bytes(qtype, cols)
-    if qweight.dtype != torch.uint8 or qweight.numel() != expected:
-        raise ValueError(f"{qtype.name} {shape} needs {expected} uint8 bytes, got {qweight.numel()} {qweight.dtype}")
+    if qweight.dtype != torch.uint8 or qweight.numel() != expected or qweight.device.type != "cpu":
+        raise ValueError(f"{qtype.name} {shape} needs {expected} uint8 bytes on the CPU, got {qweight.numel()} {qweight.dtype} on {qweight.device}")
     return qweight.reshape(-1).contiguous()
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
+def _rows(x: torch.Tensor, cols: int) -> torch.Tensor:
+    if x.dim() != 2 or x.shape[1] != cols or x.device.type != "cpu":
+        raise ValueError(f"expected a CPU tensor [M, {cols}], got {tuple(x.shape)} on {x.device}")
     return x.to(torch.float32).contiguous()
 
 
@@ -48,10 +50,13 @@ def cpu_qmatmul(
     shape: tuple[int, int],
 ) -> torch.Tensor:
     """y [M, N] float32 = x [M, K] @ W.T, with W [N, K] = `shape` given as its GGUF bytes."""
-    qweight = _checked(qweight, qtype, shape)
+    rows, cols = shape
+    qweight, x = _checked(qweight, qtype, shape), _rows(x, cols)
     if not has_cpu_kernel(qtype):
-        return F.linear(_rows(x), dequantize(qweight, qtype, shape))
-    return load_extension().qmatmul(_rows(x), qweight, int(qtype), shape[0])
+        return F.linear(x, dequantize(qweight, qtype, shape))
+    y = torch.empty(x.shape[0], rows)
+    load_extension().qmatmul(x.data_ptr(), qweight.data_ptr(), int(qtype), x.shape[0], rows, cols, y.data_ptr())
+    return y
 
 
 def cpu_dequantize(qweight: torch.Tensor, qtype: GGMLQuantizationType, shape: tuple[int, int]) -> torch.Tensor:
@@ -59,7 +64,9 @@ def cpu_dequantize(qweight: torch.Tensor, qtype: GGMLQuantizationType, shape: tu
     qweight = _checked(qweight, qtype, shape)
     if not has_cpu_kernel(qtype):
         return dequantize(qweight, qtype, shape)
-    return load_extension().dequantize(qweight, int(qtype), *shape)
+    out = torch.empty(shape)
+    load_extension().dequantize(qweight.data_ptr(), int(qtype), *shape, out.data_ptr())
+    return out
 
 
 def cpu_expert_ffn(
@@ -76,6 +83,7 @@ def cpu_expert_ffn(
     runs gate and up in one parallel pass and down in a second.
     """
     d_model = x.shape[-1]
+    x = _rows(x, d_model)
     gate_type, up_type, down_type = qtypes
     gate = _checked(gate, gate_type, (intermediate, d_model))
     up = _checked(up, up_type, (intermediate, d_model))
@@ -84,5 +92,7 @@ def cpu_expert_ffn(
         h = F.silu(cpu_qmatmul(x, gate, gate_type, (intermediate, d_model)))
         h = h * cpu_qmatmul(x, up, up_type, (intermediate, d_model))
         return cpu_qmatmul(h, down, down_type, (d_model, intermediate))
-    ext = load_extension()
-    return ext.expert_ffn(_rows(x), gate, up, down, int(gate_type), int(up_type), int(down_type), intermediate)
+    y = torch.empty_like(x)
+    load_extension().expert_ffn(x.data_ptr(), gate.data_ptr(), up.data_ptr(), down.data_ptr(), int(gate_type),
+                                int(up_type), int(down_type), x.shape[0], d_model, intermediate, y.data_ptr())
+    return y

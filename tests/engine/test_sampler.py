@@ -11,6 +11,8 @@ from kernels.errors import MoestreamError
 
 
 def brute_top_p(logits: list[float], top_p: float) -> set[int]:
+    if top_p >= 1.0:  # by definition nothing is cut (summed floats may fall short of 1)
+        return set(range(len(logits)))
     probs = torch.tensor(logits).softmax(-1).tolist()
     order = sorted(range(len(probs)), key=lambda i: -probs[i])
     kept, mass = set(), 0.0

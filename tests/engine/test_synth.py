@@ -99,26 +99,17 @@ IDS = [5, 77, 300, 12, 140, 9, 250, 33]
 
 
 @pytest.mark.parametrize("arch", list(PRESETS))
-def test_tiny_preset_runs_in_llama_cpp(tiny_files: dict[str, Path], arch: str) -> None:
-    logits = llama_cpp_logits(tiny_files[arch], IDS)
-    assert logits.shape == (len(IDS), get_preset(arch, "tiny").n_vocab)
-    assert torch.isfinite(logits).all()
-    assert logits.std() > 0.1, "random weights should give spread-out logits"
-
-
-@pytest.mark.parametrize("arch", ["olmoe", "qwen2moe", "qwen3moe", "llama"])
-def test_tiny_preset_runs_in_engine_like_llama_cpp(tiny_files: dict[str, Path], arch: str) -> None:
+def test_tiny_preset_runs_in_llama_cpp_and_engine(tiny_files: dict[str, Path], arch: str) -> None:
     from engine import Engine
+    from engine.config import ARCHITECTURES
 
-    ours = Engine.from_gguf(tiny_files[arch], ctx_size=64, max_batch=1).score(IDS)
     theirs = llama_cpp_logits(tiny_files[arch], IDS)
-    assert torch.isfinite(ours).all()
+    assert theirs.shape == (len(IDS), get_preset(arch, "tiny").n_vocab)
+    assert torch.isfinite(theirs).all() and theirs.std() > 0.1, "random weights give spread-out logits"
+    if arch not in ARCHITECTURES:  # written for llama.cpp, not served by us yet
+        with pytest.raises(MoestreamError, match="not supported"):
+            Engine.from_gguf(tiny_files[arch], ctx_size=64, max_batch=1)
+        return
+    ours = Engine.from_gguf(tiny_files[arch], ctx_size=64, max_batch=1).score(IDS)
     # llama.cpp rounds activations to 8 bits for K-quant dot products: close, not equal
     assert torch.corrcoef(torch.stack([ours.flatten(), theirs.flatten()]))[0, 1] > 0.99
-
-
-def test_engine_refuses_deepseek2(tiny_files: dict[str, Path]) -> None:
-    from engine import Engine
-
-    with pytest.raises(MoestreamError, match="not supported"):
-        Engine.from_gguf(tiny_files["deepseek2"], ctx_size=64, max_batch=1)

@@ -26,8 +26,15 @@ def test_gemm_every_type(qtype: Q, m: int, dtype: torch.dtype) -> None:
     _run(qtype, m, 64, 512, dtype, None, seed=int(qtype) * 100 + m)
 
 
+@pytest.mark.parametrize("qtype", TRITON_TYPES, ids=lambda q: q.name)
+def test_gemm_32_column_tiles(qtype: Q) -> None:
+    """BLOCK_K = 32 (the GPU uses 64/128): tiles start inside super-blocks and scale groups
+    are split across steps, which the 256-column default never does."""
+    _run(qtype, 5, 64, 512, torch.float32, GemmConfig(block_m=16, block_n=64, block_k=32), seed=int(qtype))
+
+
 @pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q8_0], ids=lambda q: q.name)
 def test_gemm_ragged_tiles(qtype: Q) -> None:
-    """M = 37 and N = 80 end inside their tiles; Q8_0 also ends K (= 288) inside a chunk."""
+    """M = 37 and N = 80 end inside their tiles; Q8_0 also ends K (= 288) inside a tile."""
     k = 288 if qtype == Q.Q8_0 else 256
-    _run(qtype, 37, 80, k, torch.float16, GemmConfig(block_m=32, block_n=64), seed=37)
+    _run(qtype, 37, 80, k, torch.float16, GemmConfig(block_m=32, block_n=64, block_k=128), seed=37)

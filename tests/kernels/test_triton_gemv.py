@@ -33,10 +33,16 @@ def test_gemv_sixteen_rows(qtype: Q) -> None:
 
 @pytest.mark.parametrize("qtype", [Q.Q6_K, Q.Q8_0], ids=lambda q: q.name)
 def test_gemv_split_k_and_ragged_rows(qtype: Q) -> None:
-    """K split over 3 programs (of 4 chunks, one split short); N = 40 is not a row-block multiple."""
-    _run(qtype, 2, 40, 1024, torch.float32, GemvConfig(block_m=2, block_n=16, split_k=3), seed=3)
+    """K split over 3 programs (of 8 tiles of 128, one split short); N = 40 is not a
+    row-block multiple."""
+    _run(qtype, 2, 40, 1024, torch.float32, GemvConfig(block_m=2, block_n=16, split_k=3, block_k=128), seed=3)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q5_K, Q.IQ2_S, Q.Q3_K], ids=lambda q: q.name)
+def test_gemv_64_column_tiles(qtype: Q) -> None:
+    _run(qtype, 1, 32, 512, torch.float16, GemvConfig(block_m=1, block_n=32, split_k=1, block_k=64), seed=64)
 
 
 def test_gemv_q8_0_row_ending_inside_a_chunk() -> None:
-    """Q8_0 rows of 320 = 256 + 64 columns: the last chunk holds only two blocks."""
+    """Q8_0 rows of 320 = 256 + 64 columns: the last 256-column tile holds only two blocks."""
     _run(Q.Q8_0, 3, 24, 320, torch.float16, GemvConfig(block_m=4, block_n=8, split_k=2), seed=320)

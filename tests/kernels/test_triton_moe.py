@@ -17,7 +17,7 @@ from kernels.formats import random_blocks
 from kernels.moe_align import moe_align_block_size
 from kernels.moe_ffn import moe_ffn
 from kernels.qmatmul import grouped_qmatmul
-from kernels.triton_moe import moe_block_m, triton_grouped_qmatmul
+from kernels.triton_moe import GroupedConfig, moe_block_m, triton_grouped_qmatmul
 from tests.kernels.triton_helpers import activations, assert_matches, poisoned
 
 
@@ -48,17 +48,18 @@ def _routing(n_tokens: int, top_k: int, n_experts: int, gen: torch.Generator) ->
     return ids, torch.rand(n_tokens, top_k, generator=gen)
 
 
-GROUPED_CASES = [  # qtype, offset, tokens, top_k, experts, x per pair, routed weights, dtype
-    (Q.Q4_K, 0, 5, 2, 6, False, True, torch.float16),
-    (Q.Q6_K, 210, 16, 4, 8, True, False, torch.float32),
-    (Q.Q8_0, 7, 3, 2, 4, False, True, torch.float32),  # an odd byte offset inside the slot
-    (Q.IQ3_S, 110, 4, 2, 3, True, True, torch.float16),
+GROUPED_CASES = [  # qtype, offset, tokens, top_k, experts, x per pair, routed weights, dtype, BLOCK_K
+    (Q.Q4_K, 0, 5, 2, 6, False, True, torch.float16, 256),
+    (Q.Q6_K, 210, 16, 4, 8, True, False, torch.float32, 128),
+    (Q.Q8_0, 7, 3, 2, 4, False, True, torch.float32, 64),  # an odd byte offset inside the slot
+    (Q.IQ3_S, 110, 4, 2, 3, True, True, torch.float16, 256),
 ]
 
 
-@pytest.mark.parametrize("qtype, offset, n_tokens, top_k, n_experts, per_pair, weighted, dtype", GROUPED_CASES,
-                         ids=lambda v: v.name if isinstance(v, Q) else None)
-def test_grouped_matches_per_expert(qtype, offset, n_tokens, top_k, n_experts, per_pair, weighted, dtype) -> None:
+@pytest.mark.parametrize("qtype, offset, n_tokens, top_k, n_experts, per_pair, weighted, dtype, block_k",
+                         GROUPED_CASES, ids=lambda v: v.name if isinstance(v, Q) else None)
+def test_grouped_matches_per_expert(qtype, offset, n_tokens, top_k, n_experts, per_pair, weighted, dtype,
+                                    block_k) -> None:
     gen = torch.Generator().manual_seed(offset + n_tokens)
     weight = SlotTensor(offset, qtype, (64, 256))
     slots = _fill_slots([weight], n_experts, n_experts + 3, gen)
@@ -76,7 +77,7 @@ def test_grouped_matches_per_expert(qtype, offset, n_tokens, top_k, n_experts, p
     n_pairs = n_tokens * top_k
     alignment = moe_align_block_size(topk_ids, n_experts, moe_block_m(n_pairs, n_experts))
     out = triton_grouped_qmatmul(x, slots.buffer, slots.slot_of_expert, weight, alignment, routed,
-                                 out=poisoned((n_pairs, 64), dtype))
+                                 GroupedConfig(block_n=64, block_k=block_k), out=poisoned((n_pairs, 64), dtype))
     assert_matches(out.view(n_tokens, top_k, 64), expected, dtype)
     args = (x, slots.buffer, slots.slot_of_expert, weight, topk_ids, routed)
     assert_matches(grouped_qmatmul(*args, backend="triton"), expected, dtype)
@@ -116,3 +117,25 @@ def test_moe_ffn_matches_numpy(fused: bool) -> None:
     for backend in ("triton", "torch"):
         y = moe_ffn(x, slots.buffer, slots.slot_of_expert, layout, topk_ids, topk_weights, backend=backend)
         assert_matches(y, expected, torch.float32)
+
+
+def _grouped_args(**change) -> dict:
+    weight = SlotTensor(0, Q.Q4_K, (64, 256))
+    args = dict(
+        x=torch.zeros(3, 256), slot_buffer=torch.zeros(4, weight.nbytes, dtype=torch.uint8),
+        slot_of_expert=torch.arange(4, dtype=torch.int32), weight=weight,
+        topk_ids=torch.zeros(3, 2, dtype=torch.int64), topk_weights=None,
+    )
+    return {**args, **change}
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(x=torch.zeros(4, 256)), "one row per token"),
+    (dict(slot_buffer=torch.zeros(4, 100, dtype=torch.uint8)), "slots hold 100"),
+    (dict(slot_of_expert=torch.arange(4.0)), "slot_of_expert"),
+    (dict(topk_weights=torch.ones(3, 1)), "topk_weights"),
+    (dict(alignment=moe_align_block_size(torch.zeros(2, 2, dtype=torch.int64), 4, 16)), "covers 4 pairs"),
+])
+def test_grouped_rejects_bad_arguments(change, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        grouped_qmatmul(**_grouped_args(**change), backend="triton")

@@ -127,10 +127,8 @@ def olmoe_gguf() -> Path:
 
 @pytest.fixture(scope="module")
 def server(olmoe_gguf) -> ServerProcess:
-    """The shared server: API key, a batch of 16, and an expert cache smaller than the
-    model (8 of 16 experts) so the cache metrics move."""
+    """The shared server: an API key, a batch of 16, every expert in host memory."""
     proc = ServerProcess(["--model", str(olmoe_gguf), "--api-key", API_KEY, "--served-model-name", MODEL_NAME,
-                          "--max-batch", "16", "--ctx-size", str(CTX_SIZE), "--max-cached-experts", "8"],
-                         api_key=API_KEY)
+                          "--max-batch", "16", "--ctx-size", str(CTX_SIZE)], api_key=API_KEY)
     yield proc.start()
     proc.stop()

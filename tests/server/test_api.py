@@ -1,12 +1,15 @@
 """The OpenAI API of a live server on the tiny OLMoE fixture, through the official client.
 
-Texts are checked against independent references: transformers' greedy tokens turned into
-text by llama.cpp's detokenizer, and prompt lengths counted by llama.cpp's tokenizer.
+Texts are checked against independent references: transformers' greedy tokens (full
+recomputation, one request at a time) turned into text by llama.cpp's detokenizer, and
+prompt lengths counted by llama.cpp's tokenizer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
 import time
 
 import httpx
@@ -30,6 +33,7 @@ def llama_vocab(olmoe_gguf):
 
 
 def hf_greedy(prompt: list[int], n: int) -> list[int]:
+    """The greedy continuation of `prompt` alone, by transformers."""
     model = hf_model(get_fixture("olmoe"))
     ids = list(prompt)
     with torch.no_grad():
@@ -44,8 +48,8 @@ def chatml(messages: list[dict]) -> str:
     return turns + "<|im_start|>assistant\n"
 
 
-def greedy_text(client: openai.OpenAI, prompt, max_tokens: int, **extra) -> str:
-    out = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=max_tokens, **GREEDY, **extra)
+def greedy_text(client: openai.OpenAI, prompt, max_tokens: int) -> str:
+    out = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=max_tokens, **GREEDY)
     return out.choices[0].text
 
 
@@ -61,22 +65,33 @@ def test_health_needs_no_key_and_models_lists_the_served_name(server):
 
 
 # -- completions and chat ------------------------------------------------------------
-@pytest.mark.parametrize("seed", [21, 22])
-def test_greedy_completion_matches_transformers(server, llama_vocab, seed):
-    prompt = sample_token_ids(get_fixture("olmoe"), 9, seed=seed)
-    expected_ids = hf_greedy(prompt, 10)
+def reference_text(llama_vocab, prompt: list[int], n: int) -> str:
+    expected_ids = hf_greedy(prompt, n)
     assert max(expected_ids) < get_fixture("olmoe").vocab_size - 3, "reference reached a control token"
+    return llama_vocab.detokenize(expected_ids).decode("utf-8", errors="replace")
+
+
+def test_greedy_completion_matches_transformers(server, llama_vocab):
+    prompt = sample_token_ids(get_fixture("olmoe"), 9, seed=21)
     out = server.client().completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=10, **GREEDY)
-    expected_text = llama_vocab.detokenize(expected_ids).decode("utf-8", errors="replace")
-    assert out.choices[0].text == expected_text
+    assert out.choices[0].text == reference_text(llama_vocab, prompt, 10)
     assert out.choices[0].finish_reason == "length"
     assert (out.usage.prompt_tokens, out.usage.completion_tokens, out.usage.total_tokens) == (9, 10, 19)
+
+
+def test_text_prompt_is_tokenized_like_llama_cpp(server, llama_vocab):
+    text = "the quick brown fox<|im_end|>"
+    expected_ids = llama_vocab.tokenize(text.encode(), add_bos=False, special=True)
+    out = server.client().completions.create(model=MODEL_NAME, prompt=text, max_tokens=4, **GREEDY)
+    assert out.usage.prompt_tokens == len(expected_ids)
+    assert out.choices[0].text == greedy_text(server.client(), expected_ids, 4)
 
 
 def test_chat_usage_counts_the_templated_prompt(server, llama_vocab):
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
     expected_prompt = llama_vocab.tokenize(chatml(messages).encode(), add_bos=False, special=True)
-    out = server.client().chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=6, **GREEDY)
+    out = server.client().chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=6, temperature=0,
+                                                  extra_body={"ignore_eos": True, "unknown_field": [1, 2]})
     choice = out.choices[0]
     assert choice.message.role == "assistant" and choice.finish_reason == "length"
     assert out.usage.prompt_tokens == len(expected_prompt)
@@ -90,7 +105,7 @@ def test_chat_logprobs_name_the_chosen_tokens(server, llama_vocab):
     messages = [{"role": "user", "content": "count"}]
     prompt = llama_vocab.tokenize(chatml(messages).encode(), add_bos=False, special=True)
     expected_ids = hf_greedy(prompt, 5)
-    out = server.client().chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=5,
+    out = server.client().chat.completions.create(model=MODEL_NAME, messages=messages, max_completion_tokens=5,
                                                   logprobs=True, top_logprobs=3, **GREEDY)
     content = out.choices[0].logprobs.content
     assert [bytes(c.bytes) for c in content] == [llama_vocab.detokenize([t]) for t in expected_ids]
@@ -131,12 +146,12 @@ def test_streaming_completion_without_usage(server):
 def test_stop_string_ends_the_text_before_it(server, stream):
     client = server.client()
     prompt = sample_token_ids(get_fixture("olmoe"), 7, seed=41)
-    full = greedy_text(client, prompt, 24)
+    full = greedy_text(client, prompt, 16)
     # A 3-letter piece of the greedy text: tokens are 1-2 characters, so it spans a boundary.
     start = next(i for i in range(4, len(full) - 3) if full[i:i + 3].isalpha())
     stop = full[start:start + 3]
     cut = full.find(stop)
-    request = dict(model=MODEL_NAME, prompt=prompt, max_tokens=24, stop=["\u2603never", stop], **GREEDY)
+    request = dict(model=MODEL_NAME, prompt=prompt, max_tokens=16, stop=["\u2603never", stop], **GREEDY)
     if stream:
         chunks = list(client.completions.create(stream=True, **request))
         pieces = [c.choices[0].text for c in chunks]
@@ -145,7 +160,7 @@ def test_stop_string_ends_the_text_before_it(server, stream):
     else:
         out = client.completions.create(**request)
         text, finish = out.choices[0].text, out.choices[0].finish_reason
-        assert out.usage.completion_tokens < 24
+        assert out.usage.completion_tokens < 16
     assert (text, finish) == (full[:cut], "stop")
 
 
@@ -154,7 +169,7 @@ def test_seed_makes_sampling_reproducible(server):
     messages = [{"role": "user", "content": "surprise me"}]
 
     def sample(seed: int) -> str:
-        out = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=16, temperature=1.0,
+        out = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=8, temperature=1.0,
                                              seed=seed, extra_body={"ignore_eos": True})
         return out.choices[0].message.content
 
@@ -163,10 +178,10 @@ def test_seed_makes_sampling_reproducible(server):
     assert sample(4321) != first
 
 
-def test_16_concurrent_streams_equal_each_request_alone(server):
+def test_16_concurrent_streams_equal_each_request_alone(server, llama_vocab):
     fixture = get_fixture("olmoe")
     prompts = [sample_token_ids(fixture, 4 + i, seed=100 + i) for i in range(16)]
-    alone = [greedy_text(server.client(), p, 10) for p in prompts]
+    alone = [reference_text(llama_vocab, p, 10) for p in prompts]
 
     async def stream(client: openai.AsyncOpenAI, prompt: list[int]) -> str:
         chunks = await client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=10, stream=True,
@@ -192,18 +207,27 @@ def wait_for_idle(server, timeout_s: float = 20.0) -> dict:
         time.sleep(0.1)
 
 
-def test_client_disconnect_aborts_the_sequence(server):
+def wait_until_running(server, timeout_s: float = 20.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while (m := server.metrics())[("moestream:num_requests_running", ())] != 1:
+        assert time.monotonic() < deadline, "the request never started"
+        time.sleep(0.05)
+    return m
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_disconnect_aborts_the_sequence(server, stream):
     before = wait_for_idle(server)
-    body = {"model": MODEL_NAME, "prompt": "tell me a long story", "max_tokens": CTX_SIZE - 16, "stream": True,
+    body = {"model": MODEL_NAME, "prompt": "tell me a long story", "max_tokens": CTX_SIZE - 16, "stream": stream,
             "ignore_eos": True, "temperature": 0}
-    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, headers=server.headers(),
-                      timeout=60) as response:
-        lines = response.iter_lines()
-        received = [line for line, _ in zip(lines, range(6)) if line.startswith("data: ")]
-        assert received, "the stream never started"
-        busy = server.metrics()
-        assert busy[("moestream:num_requests_running", ())] == 1
+    payload = json.dumps(body).encode()
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer {server.api_key}\r\nContent-Length: {len(payload)}\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(head + payload)
+        busy = wait_until_running(server)
         assert busy[("moestream:kv_cache_usage_perc", ())] > 0
+    # The connection closed mid-response.
     after = wait_for_idle(server)
     assert after[("moestream:num_requests_running", ())] == 0
     assert after[("moestream:kv_cache_usage_perc", ())] == 0.0, "KV blocks not freed"
@@ -218,8 +242,7 @@ METRIC_FAMILIES = [
     "request_decode_time_seconds_count", "request_prompt_tokens_count", "request_generation_tokens_count",
     "expert_cache_hits_total", "expert_cache_misses_total", "expert_cache_evictions_total",
     "expert_bytes_to_device_total", "expert_copy_seconds_total", "expert_copy_stall_seconds_total",
-    "expert_prefetch_issued_total", "expert_prefetch_used_total", "model_info", "vram_budget_bytes",
-    "vram_used_bytes", "expert_cache_slots",
+    "expert_prefetch_issued_total", "expert_prefetch_used_total", "model_info",
 ]
 
 
@@ -241,10 +264,10 @@ def test_metrics_move_by_the_request(server):
         assert delta(f"{hist}_count") == 1, hist
     assert delta("inter_token_latency_seconds_count") == 4
     assert delta("request_prompt_tokens_sum") == 13 and delta("request_generation_tokens_sum") == 5
-    assert after[("moestream:expert_cache_slots", ())] == 8
     lookups = sum(delta(f"expert_cache_{kind}_total", (("layer", str(layer)),))
                   for kind in ("hits", "misses") for layer in (0, 1))
-    assert lookups > 0, "the expert cache saw no lookups"
+    # Each of the 5 forward passes looks up at least top-k (2) experts in each of 2 layers.
+    assert lookups >= 5 * 2 * 2
 
 
 # -- errors --------------------------------------------------------------------------

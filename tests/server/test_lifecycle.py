@@ -68,7 +68,7 @@ def test_full_queue_answers_503_with_retry_after(small_server):
 
 def test_sigterm_lets_the_running_stream_finish_then_exits_0(small_server):
     with ExitStack() as stack:
-        lines = open_stream(small_server, 120, stack)
+        lines = open_stream(small_server, 60, stack)
         next_event(lines)
         small_server.signal(signal.SIGTERM)
         wait_until(lambda: httpx.get(f"{small_server.url}/health").status_code == 503, what="draining")
@@ -78,7 +78,7 @@ def test_sigterm_lets_the_running_stream_finish_then_exits_0(small_server):
         while (data := next_event(lines)) != "[DONE]":
             events.append(json.loads(data))
     assert events[-2]["choices"][0]["finish_reason"] == "length"
-    assert events[-1]["usage"]["completion_tokens"] == 120, "the stream was cut short"
+    assert events[-1]["usage"]["completion_tokens"] == 60, "the stream was cut short"
     assert small_server.wait(30) == 0, small_server.output()
 
 
@@ -93,6 +93,10 @@ def test_demo_serves_with_environment_configuration(tmp_path):
         assert out.usage.completion_tokens == 2 and out.model == "demo-model"
         assert "random weights" in demo.output()
         assert list(tmp_path.glob("moestream/demo/*.gguf")), "the demo model was not written to the cache"
+        # The demo keeps half of its 4 x 16 experts in an expert cache, so the cache metrics move.
+        metrics = demo.metrics()
+        assert metrics[("moestream:expert_cache_slots", ())] == 32
+        assert sum(v for (name, _), v in metrics.items() if name == "moestream:expert_cache_misses_total") > 0
     finally:
         demo.stop()
 

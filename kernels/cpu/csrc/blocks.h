@@ -37,22 +37,8 @@ struct alignas(64) Decoded256 {
   int32_t scale(int group) const { return sc_lanes[group * (GROUP / 4)]; }
 
   void set_scales(const int32_t* sc) {
-#ifdef MOESTREAM_AVX512_VNNI
-    set_scales(_mm512_loadu_si512(sc));
-#else
     for (int l = 0; l < QK / 4; ++l) sc_lanes[l] = sc[l / 4];
-#endif
   }
-
-#ifdef MOESTREAM_AVX512_VNNI
-  void set_scales(__m512i sc) {
-    const __m512i quarter = _mm512_srli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 2);
-    for (int k = 0; k < 4; ++k) {  // lane l of vector k takes sc[4 k + l / 4]
-      const __m512i index = _mm512_add_epi32(_mm512_set1_epi32(4 * k), quarter);
-      _mm512_store_si512(sc_lanes + 16 * k, _mm512_permutexvar_epi32(index, sc));
-    }
-  }
-#endif
 
   // Signed values v = u - zero in every group: the shift becomes the min term.
   void set_zero(const int32_t* sc, int zero) {

@@ -1,5 +1,5 @@
-// GGUF blocks -> float32 rows through the same decoders as the integer kernels: the exact
-// route for large batches (dequantize a tile, then sgemm) and a direct test of the decoders.
+// GGUF blocks -> float32 rows through the same decoders as the integer kernels: an exact
+// route for callers that want floats, and a direct test of the decoders against gguf.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -7,6 +7,18 @@
 #include "matmul.h"
 
 namespace moestream_cpu {
+
+// The memory form of a block, for any format.
+template <class F>
+inline void decode_block(const uint8_t* block, typename F::Decoded& out) {
+#ifdef MOESTREAM_AVX512_VNNI
+  typename RegsFor<typename F::Act>::Regs regs;
+  F::decode_regs(block, regs);
+  regs.store(out);
+#else
+  F::decode(block, out);
+#endif
+}
 
 inline void to_float(const Decoded256& dec, float* out) {
   for (int j = 0; j < NGROUP; ++j) {
@@ -27,7 +39,7 @@ void dequantize_rows(const uint8_t* weight, int64_t K, int64_t n0, int64_t n1, f
   typename F::Decoded dec;
   for (int64_t n = n0; n < n1; ++n)
     for (int64_t b = 0; b < nb; ++b) {
-      F::decode(weight + (n * nb + b) * F::type_size, dec);
+      decode_block<F>(weight + (n * nb + b) * F::type_size, dec);
       to_float(dec, out + (n - n0) * K + b * F::block_size);
     }
 }

@@ -1,10 +1,11 @@
-// Dot products of one weight row (decoded blocks) with one activation row (int8 blocks).
-// AVX-512 VNNI: u8 x s8 -> int32 per 4 elements (vpdpbusd); otherwise portable integer loops
-// that gcc vectorises for whatever -march=native offers (AVX2, NEON).
+// Dot products of decoded weight blocks with int8 activation blocks. AVX-512 VNNI: u8 x s8 ->
+// int32 per 4 elements (vpdpbusd) on blocks held in registers; otherwise portable integer
+// loops over decoded rows in memory, which gcc vectorises for what -march=native offers.
 #pragma once
 
 #include "blocks.h"
 #include "isa.h"
+#include "regs.h"
 
 namespace moestream_cpu {
 
@@ -16,37 +17,53 @@ inline float hsum256(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
 }
 
-inline float dot_row(const Decoded256* w, const Act256* x, int64_t nb) {
-  __m512 acc = _mm512_setzero_ps();
-  __m256 acc_min = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
+// One output's running sums over super-blocks, 16 and 8 float lanes wide.
+struct Acc256 {
+  __m512 main = _mm512_setzero_ps();
+  __m256 min = _mm256_setzero_ps();
+
+  // main += d dx sum_j sc_j (u . q)_j; min += dmin dx sum_j mn_j bsum_j (see blocks.h).
+  void add(const Regs256& w, const Act256& x) {
     __m512i sum = _mm512_setzero_si512();
     for (int k = 0; k < 4; ++k) {  // 64 elements -> 16 lanes of 4; lanes carry their group scale
-      const __m512i u = _mm512_load_si512(w[b].u + 64 * k);
-      const __m512i q = _mm512_load_si512(x[b].q + 64 * k);
-      const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, q);
-      sum = _mm512_add_epi32(sum, _mm512_mullo_epi32(p, _mm512_load_si512(w[b].sc_lanes + 16 * k)));
+      const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w.u[k], _mm512_load_si512(x.q + 64 * k));
+      sum = _mm512_add_epi32(sum, _mm512_mullo_epi32(p, w.sc[k]));
     }
-    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(w[b].d * x[b].d), acc);
-    const __m256i mins = _mm256_madd_epi16(_mm256_load_si256(reinterpret_cast<const __m256i*>(w[b].mn)),
-                                           _mm256_load_si256(reinterpret_cast<const __m256i*>(x[b].bsum)));
-    acc_min = _mm256_fmadd_ps(_mm256_cvtepi32_ps(mins), _mm256_set1_ps(w[b].dmin * x[b].d), acc_min);
+    main = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(w.d * x.d), main);
+    const __m256i mins = _mm256_madd_epi16(w.mn, _mm256_load_si256(reinterpret_cast<const __m256i*>(x.bsum)));
+    min = _mm256_fmadd_ps(_mm256_cvtepi32_ps(mins), _mm256_set1_ps(w.dmin * x.d), min);
   }
-  return _mm512_reduce_add_ps(acc) - hsum256(acc_min);
-}
 
-inline float dot_row(const Decoded32* w, const Act32* x, int64_t nb) {
-  __m256 acc = _mm256_setzero_ps();
-  float acc_min = 0.0f;
-  for (int64_t b = 0; b < nb; ++b) {
-    const __m256i u = _mm256_load_si256(reinterpret_cast<const __m256i*>(w[b].u));
-    const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[b].q));
-    const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, q);
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(w[b].d * x[b].d), acc);
-    acc_min += w[b].m * x[b].d * static_cast<float>(x[b].sum);
+  float total() const { return _mm512_reduce_add_ps(main) - hsum256(min); }
+};
+
+// One output's running sums over 32-element blocks: sum of dx (d u . q + m sum q).
+struct Acc32 {
+  __m256 main = _mm256_setzero_ps();
+  float min = 0.0f;
+
+  void add(const Regs32& w, const Act32& x) {
+    const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q));
+    const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w.u, q);
+    main = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(w.d * x.d), main);
+    min += w.m * x.d * static_cast<float>(x.sum);
   }
-  return hsum256(acc) + acc_min;
-}
+
+  float total() const { return hsum256(main) + min; }
+};
+
+template <class Act>
+struct RegsFor;
+template <>
+struct RegsFor<Act256> {
+  using Regs = Regs256;
+  using Acc = Acc256;
+};
+template <>
+struct RegsFor<Act32> {
+  using Regs = Regs32;
+  using Acc = Acc32;
+};
 
 #else
 

@@ -1,5 +1,8 @@
-// Python bindings of the CPU kernels: shape/dtype checks, then the plain-pointer kernels.
-#include <torch/extension.h>
+// Python bindings of the CPU kernels. They take raw addresses of contiguous CPU buffers that
+// kernels/cpu/qmatmul.py has checked (dtype, size, contiguity) and allocated: plain pybind11
+// instead of torch/extension.h keeps the first-use compile to seconds.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cmath>
 
@@ -9,81 +12,45 @@
 namespace moestream_cpu {
 namespace {
 
+template <class T>
+T* address(uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+// y [M, N] = x [M, K] @ W.T for W [N, K] in GGUF blocks of `qtype`.
+void qmatmul(uintptr_t x, uintptr_t weight, int64_t qtype, int64_t M, int64_t N, int64_t K, uintptr_t y) {
+  const QuantizedRows act = quantize_for(qtype, address<const float>(x), M, K, K);
+  run_jobs({Job{address<const uint8_t>(weight), qtype, N, K, act.data, M, address<float>(y), N}});
+}
+
+void dequantize_weight(uintptr_t weight, int64_t qtype, int64_t N, int64_t K, uintptr_t out) {
+  dequantize(address<const uint8_t>(weight), qtype, N, K, address<float>(out));
+}
+
 int64_t block_size_of(int64_t qtype) {
   int64_t size = 0;
-  TORCH_CHECK(with_format(qtype, [&](auto fmt) { size = decltype(fmt)::block_size; }),
-              "no CPU kernel for GGML type ", qtype);
+  with_format(qtype, [&](auto fmt) { size = decltype(fmt)::block_size; });
   return size;
 }
 
-int64_t type_size_of(int64_t qtype) {
-  int64_t size = 0;
-  with_format(qtype, [&](auto fmt) { size = decltype(fmt)::type_size; });
-  return size;
-}
-
-void check_weight(const torch::Tensor& weight, int64_t qtype, int64_t N, int64_t K) {
-  const int64_t block = block_size_of(qtype);
-  TORCH_CHECK(K % block == 0, "K = ", K, " is not a multiple of the block size ", block);
-  TORCH_CHECK(weight.device().is_cpu() && weight.dtype() == torch::kUInt8 && weight.is_contiguous(),
-              "weight must be contiguous uint8 GGUF bytes on the CPU");
-  TORCH_CHECK(weight.numel() == N * (K / block) * type_size_of(qtype), "weight holds ", weight.numel(),
-              " bytes, shape (", N, ", ", K, ") needs ", N * (K / block) * type_size_of(qtype));
-}
-
-void check_rows(const torch::Tensor& x, int64_t K) {
-  TORCH_CHECK(x.device().is_cpu() && x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(),
-              "x must be a contiguous float32 [M, K] CPU tensor");
-  TORCH_CHECK(x.size(1) == K, "x has ", x.size(1), " columns, the weight has K = ", K);
-}
-
-Job job_for(const torch::Tensor& weight, int64_t qtype, int64_t N, int64_t K, const QuantizedRows& act,
-            int64_t M, float* y, int64_t ldy) {
-  return Job{weight.data_ptr<uint8_t>(), qtype, N, K, act.data, M, y, ldy};
-}
-
-torch::Tensor qmatmul(const torch::Tensor& x, const torch::Tensor& weight, int64_t qtype, int64_t N) {
-  const int64_t M = x.size(0), K = x.size(1);
-  check_rows(x, K);
-  check_weight(weight, qtype, N, K);
-  torch::Tensor y = torch::empty({M, N}, x.options());
-  const QuantizedRows act = quantize_for(qtype, x.data_ptr<float>(), M, K, K);
-  run_jobs({job_for(weight, qtype, N, K, act, M, y.data_ptr<float>(), N)});
-  return y;
-}
-
-torch::Tensor dequantize_weight(const torch::Tensor& weight, int64_t qtype, int64_t N, int64_t K) {
-  check_weight(weight, qtype, N, K);
-  torch::Tensor out = torch::empty({N, K}, torch::kFloat32);
-  dequantize(weight.data_ptr<uint8_t>(), qtype, N, K, out.data_ptr<float>());
-  return out;
-}
-
-// down(silu(gate x) * up x) for one expert: gate/up are [I, D], down is [D, I].
-torch::Tensor expert_ffn(const torch::Tensor& x, const torch::Tensor& gate, const torch::Tensor& up,
-                         const torch::Tensor& down, int64_t gate_type, int64_t up_type, int64_t down_type,
-                         int64_t I) {
-  const int64_t T = x.size(0), D = x.size(1);
-  check_rows(x, D);
-  check_weight(gate, gate_type, I, D);
-  check_weight(up, up_type, I, D);
-  check_weight(down, down_type, D, I);
-  const QuantizedRows x_gate = quantize_for(gate_type, x.data_ptr<float>(), T, D, D);
-  const bool same_family = block_size_of(gate_type) == block_size_of(up_type);
-  const QuantizedRows x_up = same_family ? QuantizedRows{} : quantize_for(up_type, x.data_ptr<float>(), T, D, D);
+// y [T, D] = down(silu(gate x) * up x) for one expert: gate/up are [I, D], down is [D, I].
+void expert_ffn(uintptr_t x, uintptr_t gate, uintptr_t up, uintptr_t down, int64_t gate_type, int64_t up_type,
+                int64_t down_type, int64_t T, int64_t D, int64_t I, uintptr_t y) {
+  const float* rows = address<const float>(x);
+  const QuantizedRows x_gate = quantize_for(gate_type, rows, T, D, D);
+  const bool shared = block_size_of(gate_type) == block_size_of(up_type);
+  const QuantizedRows x_up = shared ? QuantizedRows{} : quantize_for(up_type, rows, T, D, D);
   std::vector<float> h(T * 2 * I);  // [T, gate | up]
-  run_jobs({job_for(gate, gate_type, I, D, x_gate, T, h.data(), 2 * I),
-            job_for(up, up_type, I, D, same_family ? x_gate : x_up, T, h.data() + I, 2 * I)});
+  run_jobs({Job{address<const uint8_t>(gate), gate_type, I, D, x_gate.data, T, h.data(), 2 * I},
+            Job{address<const uint8_t>(up), up_type, I, D, (shared ? x_gate : x_up).data, T, h.data() + I, 2 * I}});
   std::vector<float> a(T * I);
   for (int64_t t = 0; t < T; ++t)
     for (int64_t i = 0; i < I; ++i) {
       const float g = h[t * 2 * I + i];
       a[t * I + i] = g / (1.0f + std::exp(-g)) * h[t * 2 * I + I + i];
     }
-  torch::Tensor y = torch::empty({T, D}, x.options());
   const QuantizedRows act = quantize_for(down_type, a.data(), T, I, I);
-  run_jobs({job_for(down, down_type, D, I, act, T, y.data_ptr<float>(), D)});
-  return y;
+  run_jobs({Job{address<const uint8_t>(down), down_type, D, I, act.data, T, address<float>(y), D}});
 }
 
 std::vector<int64_t> supported_types() {
@@ -97,10 +64,12 @@ std::vector<int64_t> supported_types() {
 }  // namespace moestream_cpu
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "moestream CPU kernels: matmuls straight from GGUF blocks";
-  m.def("qmatmul", &moestream_cpu::qmatmul, "y [M, N] = x [M, K] @ W.T from GGUF bytes of W [N, K]");
-  m.def("dequantize", &moestream_cpu::dequantize_weight, "GGUF bytes of W [N, K] -> float32 [N, K]");
-  m.def("expert_ffn", &moestream_cpu::expert_ffn, "down(silu(gate x) * up x) for one expert");
-  m.def("supported_types", &moestream_cpu::supported_types, "GGML type ids with a CPU kernel");
+  namespace py = pybind11;
+  m.doc() = "moestream CPU kernels: matmuls straight from GGUF blocks (raw addresses, checked by the caller)";
+  // The kernels release the GIL: other Python threads (the HTTP server) keep running.
+  m.def("qmatmul", &moestream_cpu::qmatmul, py::call_guard<py::gil_scoped_release>());
+  m.def("dequantize", &moestream_cpu::dequantize_weight, py::call_guard<py::gil_scoped_release>());
+  m.def("expert_ffn", &moestream_cpu::expert_ffn, py::call_guard<py::gil_scoped_release>());
+  m.def("supported_types", &moestream_cpu::supported_types);
   m.attr("isa") = moestream_cpu::ISA;
 }

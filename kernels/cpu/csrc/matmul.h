@@ -1,9 +1,8 @@
 // y[m, n] = sum_k x[m, k] W[n, k] straight from GGUF blocks, over all cores.
 //
 // Work is a list of jobs (one weight matrix each) whose output rows form one index space, so
-// e.g. an expert's gate and up projections run in a single parallel region. Each thread
-// decodes a tile of weight rows once into L1-sized integer form, then dots every activation
-// row against it: M = 1 streams the weights once; larger M reuses each decoded tile M times.
+// e.g. an expert's gate and up projections run in a single parallel region; each thread
+// takes a contiguous range of output rows and streams their weight bytes.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -81,9 +80,51 @@ struct Job {
   int64_t ldy;
 };
 
+#ifdef MOESTREAM_AVX512_VNNI
+
+// Each block is decoded into registers once per FUSED_ROWS activation rows and dotted with
+// all of them while it is there; the accumulators stay in registers too.
+template <class F, int MT>
+void fused_rows(const Job& job, int64_t n0, int64_t n1, int64_t m0) {
+  using Act = typename F::Act;
+  using Kernel = RegsFor<Act>;
+  const int64_t nb = job.K / F::block_size;
+  const int64_t row_bytes = nb * F::type_size;
+  const Act* act = static_cast<const Act*>(job.act) + m0 * nb;
+  for (int64_t n = n0; n < n1; ++n) {
+    typename Kernel::Acc acc[MT];
+    const uint8_t* row = job.weight + n * row_bytes;
+    for (int64_t b = 0; b < nb; ++b) {
+      typename Kernel::Regs regs;
+      F::decode_regs(row + b * F::type_size, regs);
+      for (int m = 0; m < MT; ++m) acc[m].add(regs, act[m * nb + b]);
+    }
+    for (int m = 0; m < MT; ++m) job.y[(m0 + m) * job.ldy + n] = acc[m].total();
+  }
+}
+
+// Activation rows per pass. For every M this beat decoding each block once into memory and
+// dequantize + sgemm (measured: docs/CPU-KERNELS.md).
+constexpr int FUSED_ROWS = 4;
+
+template <class F>
+void run_rows(const Job& job, int64_t n0, int64_t n1) {
+  for (int64_t m0 = 0; m0 < job.M; m0 += FUSED_ROWS) {
+    switch (std::min<int64_t>(FUSED_ROWS, job.M - m0)) {
+      case 1: fused_rows<F, 1>(job, n0, n1, m0); break;
+      case 2: fused_rows<F, 2>(job, n0, n1, m0); break;
+      case 3: fused_rows<F, 3>(job, n0, n1, m0); break;
+      default: fused_rows<F, 4>(job, n0, n1, m0); break;
+    }
+  }
+}
+
+#else
+
 // Decoded rows per tile: about half of L1, the rest holds activation and output rows.
 constexpr int64_t TILE_BYTES = 24 * 1024;
 
+// Decode a tile of rows once into memory, then dot every activation row against it.
 template <class F>
 void run_rows(const Job& job, int64_t n0, int64_t n1) {
   using Dec = typename F::Decoded;
@@ -96,12 +137,13 @@ void run_rows(const Job& job, int64_t n0, int64_t n1) {
   for (int64_t r0 = n0; r0 < n1; r0 += tile) {
     const int64_t rows = std::min(tile, n1 - r0);
     for (int64_t r = 0; r < rows; ++r)
-      for (int64_t b = 0; b < nb; ++b)
-        F::decode(job.weight + (r0 + r) * row_bytes + b * F::type_size, dec[r * nb + b]);
+      for (int64_t b = 0; b < nb; ++b) F::decode(job.weight + (r0 + r) * row_bytes + b * F::type_size, dec[r * nb + b]);
     for (int64_t m = 0; m < job.M; ++m)
       for (int64_t r = 0; r < rows; ++r) job.y[m * job.ldy + r0 + r] = dot_row(&dec[r * nb], act + m * nb, nb);
   }
 }
+
+#endif
 
 // Bytes of weights (times activation rows) per parallel task: small matrices stay on one core.
 constexpr int64_t TASK_WORK = 64 * 1024;

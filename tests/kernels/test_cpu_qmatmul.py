@@ -1,0 +1,181 @@
+"""CPU kernels (kernels.cpu) against gguf's numpy dequantizers and float64 matmuls.
+
+The integer route quantises each activation row to int8 per block (scale max|x| / 127, per
+256 elements for K/IQ types, per 32 for the legacy types), exactly like llama.cpp's q8_K /
+q8_0 dot products. Rounding moves each x by at most half a scale step, so every output obeys
+
+    |y - y_ref| <= sum_k |W[n, k]| * scale(block of k) / 2      (+ fp32 accumulation)
+
+which the tests check element-wise (a wrong decode or a lost block breaks it by orders of
+magnitude), together with the summary figure: relative Frobenius error <= 2e-2 (about 0.7%
+is expected for Gaussian activations: scale ~ 2.9 sigma / 127, rounding rms = scale / sqrt 12).
+"""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType as Q
+from gguf import quants
+
+import kernels.cpu.build as build
+import kernels.cpu.qmatmul as cpu_module
+from kernels import BLOCK_FORMATS, random_blocks
+from kernels.cpu import cpu_dequantize, cpu_expert_ffn, cpu_qmatmul, has_cpu_kernel
+
+SUPER_BLOCK_TYPES = [Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S,
+                     Q.IQ4_XS]
+LEGACY_TYPES = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.IQ4_NL]
+KERNEL_TYPES = SUPER_BLOCK_TYPES + LEGACY_TYPES
+REL_TOLERANCE = 2e-2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compiled() -> None:
+    """Every test here checks the compiled kernels: fail loudly if they did not build."""
+    assert build.load_extension() is not None, "the C++ CPU kernels failed to build (see the log)"
+
+
+@pytest.fixture
+def generator() -> torch.Generator:
+    gen = torch.Generator()
+    gen.seed()
+    return gen
+
+
+def _weights(qtype: Q, rows: int, cols: int, gen: torch.Generator) -> tuple[torch.Tensor, np.ndarray]:
+    """Random GGUF bytes [rows, row_bytes] and their gguf dequantization as float64."""
+    raw = random_blocks(qtype, rows * cols // BLOCK_FORMATS[qtype].block_size, gen).reshape(rows, -1)
+    dense = quants.dequantize(raw.numpy(), qtype).astype(np.float64)
+    assert np.isfinite(dense).all()
+    return raw, dense
+
+
+def _activations(m: int, cols: int, gen: torch.Generator) -> torch.Tensor:
+    x = torch.randn(m, cols, generator=gen)
+    x[0, : cols // 2] = 0.0  # an all-zero block must give zero, not NaN
+    return x
+
+
+def _int8_bound(x: torch.Tensor, dense: np.ndarray, block: int) -> np.ndarray:
+    """Per-output bound [M, N] on the error that int8 rounding of x per `block` can cause."""
+    xb = x.double().numpy().reshape(x.shape[0], -1, block)
+    half_step = np.abs(xb).max(axis=-1, keepdims=True) / 127 / 2
+    half_step = np.broadcast_to(half_step, xb.shape).reshape(x.shape)
+    accumulation = 1e-5 * (np.abs(x.double().numpy()) @ np.abs(dense).T)
+    return half_step @ np.abs(dense).T * (1 + 1e-3) + accumulation
+
+
+def _assert_within_int8_error(y: torch.Tensor, x: torch.Tensor, dense: np.ndarray, qtype: Q, seed: int) -> None:
+    reference = x.double().numpy() @ dense.T
+    error = np.abs(y.double().numpy() - reference)
+    block = 256 if qtype in SUPER_BLOCK_TYPES else 32
+    bound = _int8_bound(x, dense, block)
+    worst = np.unravel_index(np.argmax(error - bound), error.shape)
+    assert (error <= bound).all(), f"seed {seed}: error {error[worst]:.3g} > bound {bound[worst]:.3g} at {worst}"
+    relative = np.linalg.norm(y.double().numpy() - reference) / np.linalg.norm(reference)
+    assert relative <= REL_TOLERANCE, f"seed {seed}: relative error {relative:.3g}"
+
+
+def test_kernel_types_listed() -> None:
+    assert all(has_cpu_kernel(q) for q in KERNEL_TYPES)
+    assert not has_cpu_kernel(Q.IQ1_S) and not has_cpu_kernel(Q.F16)
+
+
+@pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
+def test_dequantize_matches_gguf(qtype: Q, generator: torch.Generator) -> None:
+    raw, dense = _weights(qtype, 7, 512, generator)
+    got = cpu_dequantize(raw, qtype, (7, 512)).double().numpy()
+    np.testing.assert_allclose(got, dense, rtol=1e-6, atol=1e-6 * np.abs(dense).max(),
+                               err_msg=f"seed {generator.initial_seed()}")
+
+
+@pytest.mark.parametrize("m", [1, 3, 16, 64])
+@pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
+def test_qmatmul_within_int8_error(qtype: Q, m: int, generator: torch.Generator) -> None:
+    rows, cols = 37, 512
+    raw, dense = _weights(qtype, rows, cols, generator)
+    x = _activations(m, cols, generator)
+    y = cpu_qmatmul(x, raw, qtype, (rows, cols))
+    assert y.shape == (m, rows) and y.dtype == torch.float32
+    assert (y[0] != 0).any() and torch.isfinite(y).all()
+    _assert_within_int8_error(y, x, dense, qtype, generator.initial_seed())
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q8_0], ids=lambda q: q.name)
+def test_prefill_chunk(qtype: Q, generator: torch.Generator) -> None:
+    """M = 256 rows (a prefill chunk) and, for Q8_0, K that is not a multiple of 256."""
+    rows, cols = 129, 256 if qtype == Q.Q4_K else 96
+    raw, dense = _weights(qtype, rows, cols, generator)
+    x = _activations(256, cols, generator)
+    _assert_within_int8_error(cpu_qmatmul(x, raw, qtype, (rows, cols)), x, dense, qtype, generator.initial_seed())
+
+
+def test_independent_of_thread_count(generator: torch.Generator) -> None:
+    """Rows split across threads (and the gate/up job boundary) compute the same numbers."""
+    raw, _ = _weights(Q.Q4_K, 301, 512, generator)
+    x = _activations(5, 512, generator)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = cpu_qmatmul(x, raw, Q.Q4_K, (301, 512))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(cpu_qmatmul(x, raw, Q.Q4_K, (301, 512)), single)
+
+
+def _silu(v: np.ndarray) -> np.ndarray:
+    return v / (1 + np.exp(-v))
+
+
+@pytest.mark.parametrize("qtypes", [(Q.Q4_K, Q.Q4_K, Q.Q6_K), (Q.IQ3_S, Q.Q8_0, Q.IQ2_XXS)], ids=str)
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_expert_ffn(qtypes: tuple[Q, Q, Q], tokens: int, generator: torch.Generator) -> None:
+    d_model, inter = 256, 512
+    gate, gate_w = _weights(qtypes[0], inter, d_model, generator)
+    up, up_w = _weights(qtypes[1], inter, d_model, generator)
+    down, down_w = _weights(qtypes[2], d_model, inter, generator)
+    x = torch.randn(tokens, d_model, generator=generator)
+    xd = x.double().numpy()
+    reference = (_silu(xd @ gate_w.T) * (xd @ up_w.T)) @ down_w.T
+
+    y = cpu_expert_ffn(x, gate, up, down, qtypes, inter)
+
+    assert y.shape == (tokens, d_model) and y.dtype == torch.float32
+    relative = np.linalg.norm(y.double().numpy() - reference) / np.linalg.norm(reference)
+    # Two int8 roundings (x, then the hidden activation) each add ~0.7%.
+    assert relative <= 2 * REL_TOLERANCE, f"seed {generator.initial_seed()}: relative error {relative:.3g}"
+
+
+def test_type_without_kernel_uses_reference(generator: torch.Generator) -> None:
+    raw, dense = _weights(Q.IQ1_S, 9, 256, generator)
+    x = torch.randn(2, 256, generator=generator)
+    y = cpu_qmatmul(x, raw, Q.IQ1_S, (9, 256))
+    np.testing.assert_allclose(y.double().numpy(), x.double().numpy() @ dense.T, rtol=1e-4, atol=1e-4)
+
+
+def test_without_compiler_falls_back_with_notice(monkeypatch, caplog, generator: torch.Generator) -> None:
+    def no_compiler():
+        raise RuntimeError("Error building extension: g++ not found")
+
+    monkeypatch.setattr(build, "compile_extension", no_compiler)
+    with caplog.at_level(logging.WARNING, logger=build.__name__):
+        assert build.load_extension.__wrapped__() is None
+    assert "falling back to dequantize + F.linear" in caplog.text
+
+    monkeypatch.setattr(cpu_module, "_kernel_types", frozenset)  # as if the build had failed
+    raw, dense = _weights(Q.Q4_K, 9, 256, generator)
+    x = torch.randn(3, 256, generator=generator)
+    assert not has_cpu_kernel(Q.Q4_K)
+    y = cpu_qmatmul(x, raw, Q.Q4_K, (9, 256))
+    np.testing.assert_allclose(y.double().numpy(), x.double().numpy() @ dense.T, rtol=1e-4, atol=1e-4)
+
+
+def test_rejects_wrong_sizes(generator: torch.Generator) -> None:
+    raw, _ = _weights(Q.Q4_K, 4, 256, generator)
+    with pytest.raises(ValueError, match="needs 576 uint8 bytes"):
+        cpu_qmatmul(torch.randn(1, 256), raw[:, :-1], Q.Q4_K, (4, 256))
+    with pytest.raises(ValueError, match=r"\[M, 256\]"):
+        cpu_qmatmul(torch.randn(1, 255), raw, Q.Q4_K, (4, 256))
