@@ -3,6 +3,8 @@
 from kernels.dequant import dequantize
 from kernels.errors import MoestreamError, UnsupportedQuantType
 from kernels.formats import BLOCK_FORMATS, BlockFormat, block_format, random_blocks, row_bytes
+from kernels.moe_ffn import moe_ffn
+from kernels.qmatmul import grouped_qmatmul, qmatmul
 from kernels.reference import qmatmul_reference
 
 __all__ = [
@@ -12,6 +14,9 @@ __all__ = [
     "UnsupportedQuantType",
     "block_format",
     "dequantize",
+    "grouped_qmatmul",
+    "moe_ffn",
+    "qmatmul",
     "qmatmul_reference",
     "random_blocks",
     "row_bytes",
