@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from kernels.qmatmul import qmatmul
 from engine.config import ModelConfig, QKNorm
@@ -73,7 +74,7 @@ def expert_ffn(x: torch.Tensor, w: ExpertWeights, backend: str) -> torch.Tensor:
 class MoEModel:
     def __init__(self, file: GGUFModelFile, experts: ExpertSource, device: torch.device,
                  dtype: torch.dtype = torch.float32, kernel_backend: str = "auto",
-                 prefetch: bool = False):
+                 prefetch: bool = False, progress: bool = True):
         cfg = self.config = file.config
         self.experts, self.device, self.dtype = experts, device, dtype
         self.kernel_backend, self.prefetch = kernel_backend, prefetch
@@ -83,7 +84,8 @@ class MoEModel:
         head = "output.weight" if file.has("output.weight") else "token_embd.weight"
         self.lm_head = self._dense(file, head)
         self.rope = Rope(cfg.spec.rope, cfg.rope_dims, cfg.rope_base, cfg.rope_scale, device)
-        self.layers = [self._layer(file, i) for i in range(cfg.n_layers)]
+        self.layers = [self._layer(file, i) for i in tqdm(range(cfg.n_layers), desc="loading layers",
+                                                          unit="layer", disable=not progress)]
 
     def _dense(self, file: GGUFModelFile, name: str) -> torch.Tensor:
         return dequantize_tensor(file.tensor(name), self.dtype, self.device)

@@ -8,6 +8,7 @@ running sequence is preempted (its blocks freed, recomputed later).
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -85,6 +86,8 @@ class Scheduler:
             self.waiting.popleft()
             self.kv.allocate(seq.block_table, seq.num_tokens + 1)
             seq.status = SequenceStatus.RUNNING
+            if seq.first_scheduled_s is None:
+                seq.first_scheduled_s = time.monotonic()
             self.running.append(seq)
             n = min(budget, seq.num_tokens - seq.num_computed)
             scheduled.append(ScheduledSeq(seq, n))

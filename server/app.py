@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import re
 import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -18,8 +17,8 @@ from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
-from prometheus_client import make_asgi_app
-from starlette.routing import Mount
+from fastapi import Response
+from prometheus_client import generate_latest
 
 from engine import Engine
 from kernels.errors import MoestreamError
@@ -30,6 +29,7 @@ from server.routes import router
 from server.state import Gate, ServerSettings, ServerState
 
 log = logging.getLogger(__name__)
+_TEXT_FORMAT = "text/plain; version=0.0.4; charset=utf-8"  # what Prometheus 2.x and 3.x parse
 _UVICORN_CLOSE_TIMEOUT_S = 5  # after the drain: cut connections still open this long
 
 
@@ -47,11 +47,14 @@ def create_app(settings: ServerSettings, load: Callable[[], Engine]) -> FastAPI:
     app.state.server = state
     install_error_handlers(app)
     app.include_router(router)
-    # Mounted with a path regex that also matches "/metrics" itself: a plain Mount
-    # answers it with a 307 redirect to "/metrics/".
-    metrics_route = Mount("/metrics", make_asgi_app(state.metrics.registry))
-    metrics_route.path_regex = re.compile("^/metrics(?P<path>.*)$")
-    app.router.routes.append(metrics_route)
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics() -> Response:
+        # Always the text format: asked for OpenMetrics (as Prometheus 2.x does),
+        # prometheus-client writes "moestream_x" samples under a "moestream:x" TYPE line
+        # (client_python#1177), and every "moestream:" query then comes back empty.
+        return Response(generate_latest(state.metrics.registry), media_type=_TEXT_FORMAT)
+
     app.add_middleware(Gate, state=state)
     return app
 

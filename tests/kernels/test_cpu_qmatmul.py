@@ -7,8 +7,12 @@ q8_0 dot products. Rounding moves each x by at most half a scale step, so every 
     |y - y_ref| <= sum_k |W[n, k]| * scale(block of k) / 2      (+ fp32 accumulation)
 
 which the tests check element-wise (a wrong decode or a lost block breaks it by orders of
-magnitude), together with the summary figure: relative Frobenius error <= 2e-2 (about 0.7%
-is expected for Gaussian activations: scale ~ 2.9 sigma / 127, rounding rms = scale / sqrt 12).
+magnitude). Rounding errors are uniform in +-scale/2 and independent, so the error is also
+predicted in the mean: rms over outputs of sqrt(sum_k W[n, k]^2 scale^2 / 12). With 16 or
+more activation rows (independent roundings) the tests require the measured rms error within
+2x of that prediction: a biased kernel (a min or shift term slightly off) fails it even where
+it stays inside the hard bound. For Gaussian activations this is a relative error of about
+0.7% (scale ~ 2.9 sigma / 127).
 """
 
 import logging
@@ -29,7 +33,7 @@ SUPER_BLOCK_TYPES = [Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ2_XXS, Q.IQ2_XS
                      Q.IQ4_XS]
 LEGACY_TYPES = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.IQ4_NL]
 KERNEL_TYPES = SUPER_BLOCK_TYPES + LEGACY_TYPES
-REL_TOLERANCE = 2e-2
+RMS_TOLERANCE = 2.0  # measured rms error / predicted, over >= 16 independent activation rows
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -59,24 +63,24 @@ def _activations(m: int, cols: int, gen: torch.Generator) -> torch.Tensor:
     return x
 
 
-def _int8_bound(x: torch.Tensor, dense: np.ndarray, block: int) -> np.ndarray:
-    """Per-output bound [M, N] on the error that int8 rounding of x per `block` can cause."""
+def _steps(x: torch.Tensor, block: int) -> np.ndarray:
+    """The int8 step (max|x| / 127 of its block) of every activation element, [M, K]."""
     xb = x.double().numpy().reshape(x.shape[0], -1, block)
-    half_step = np.abs(xb).max(axis=-1, keepdims=True) / 127 / 2
-    half_step = np.broadcast_to(half_step, xb.shape).reshape(x.shape)
-    accumulation = 1e-5 * (np.abs(x.double().numpy()) @ np.abs(dense).T)
-    return half_step @ np.abs(dense).T * (1 + 1e-3) + accumulation
+    step = np.abs(xb).max(axis=-1, keepdims=True) / 127
+    return np.broadcast_to(step, xb.shape).reshape(x.shape)
 
 
 def _assert_within_int8_error(y: torch.Tensor, x: torch.Tensor, dense: np.ndarray, qtype: Q, seed: int) -> None:
-    reference = x.double().numpy() @ dense.T
-    error = np.abs(y.double().numpy() - reference)
-    block = 256 if qtype in SUPER_BLOCK_TYPES else 32
-    bound = _int8_bound(x, dense, block)
+    xd = x.double().numpy()
+    error = np.abs(y.double().numpy() - xd @ dense.T)
+    step = _steps(x, 256 if qtype in SUPER_BLOCK_TYPES else 32)
+    bound = (step / 2) @ np.abs(dense).T * (1 + 1e-3) + 1e-5 * (np.abs(xd) @ np.abs(dense).T)
     worst = np.unravel_index(np.argmax(error - bound), error.shape)
     assert (error <= bound).all(), f"seed {seed}: error {error[worst]:.3g} > bound {bound[worst]:.3g} at {worst}"
-    relative = np.linalg.norm(y.double().numpy() - reference) / np.linalg.norm(reference)
-    assert relative <= REL_TOLERANCE, f"seed {seed}: relative error {relative:.3g}"
+    if x.shape[0] >= 16:  # fewer rows share too few roundings for a mean to settle
+        predicted_rms = np.sqrt(((step**2 / 12) @ (dense**2).T).mean())
+        rms = np.sqrt((error**2).mean())
+        assert rms <= RMS_TOLERANCE * predicted_rms, f"seed {seed}: rms error {rms:.3g}, predicted {predicted_rms:.3g}"
 
 
 def test_kernel_types_listed() -> None:
@@ -138,6 +142,7 @@ def test_expert_ffn(qtypes: tuple[Q, Q, Q], tokens: int, generator: torch.Genera
     up, up_w = _weights(qtypes[1], inter, d_model, generator)
     down, down_w = _weights(qtypes[2], d_model, inter, generator)
     x = torch.randn(tokens, d_model, generator=generator)
+    x *= 2 / (x.double().numpy() @ gate_w.T).std()  # gate pre-activations ~ N(0, 2): silu bends
     xd = x.double().numpy()
     reference = (_silu(xd @ gate_w.T) * (xd @ up_w.T)) @ down_w.T
 
@@ -145,8 +150,8 @@ def test_expert_ffn(qtypes: tuple[Q, Q, Q], tokens: int, generator: torch.Genera
 
     assert y.shape == (tokens, d_model) and y.dtype == torch.float32
     relative = np.linalg.norm(y.double().numpy() - reference) / np.linalg.norm(reference)
-    # Two int8 roundings (x, then the hidden activation) each add ~0.7%.
-    assert relative <= 2 * REL_TOLERANCE, f"seed {generator.initial_seed()}: relative error {relative:.3g}"
+    # Two int8 roundings (x, then the hidden activation) of ~0.7% each; see the module doc.
+    assert relative <= 3e-2, f"seed {generator.initial_seed()}: relative error {relative:.3g}"
 
 
 def test_type_without_kernel_uses_reference(generator: torch.Generator) -> None:
