@@ -7,7 +7,13 @@ float matrix of the same shape): its time, GB/s on its float bytes, and our quan
 as a fraction of it. Weights rotate over enough copies to exceed the last-level cache, as
 experts do during decode (each is read once per token from DRAM). Then one OLMoE expert FFN
 (Q4_K gate/up, Q6_K down) through `cpu_expert_ffn` and the expert time per token it implies.
-The load average is printed too: on a shared machine other work skews every figure.
+`--routes` instead compares the candidate routes on Q4_K [1024, 2048] (how the route was
+chosen): this int8 kernel, dequantize + F.linear (sgemm), torch's int4pack matmul (the
+layout Q4_K's per-32 scale and min would be repacked into), and with `--inductor` also a
+torch.compile'd dequant-GEMV (about a minute of compiling).
+The load average is printed too: on a shared machine other work skews wall-clock figures,
+so `--threads 1` times with the thread's CPU time instead (time.thread_time: preemption by
+other processes does not count, cache and DRAM contention still do): per-core rates.
 """
 
 import argparse
@@ -22,8 +28,11 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType as Q
 
 from kernels import block_format, dequantize, random_blocks, row_bytes
-from kernels.cpu import cpu_expert_ffn, cpu_qmatmul
-from kernels.cpu.build import load_extension
+import kernels.cpu.qmatmul as cpu_api
+from kernels.cpu import cpu_dequantize, cpu_expert_ffn, cpu_qmatmul
+from kernels.cpu.build import WITHOUT_AVX2, WITHOUT_AVX512, compile_extension, load_extension
+
+BUILDS = {"native": (), "avx2": WITHOUT_AVX512, "plain-cpp": WITHOUT_AVX2}
 
 SHAPES = [(1024, 2048), (2048, 1024)]  # OLMoE expert gate/up and down, (N, K)
 TYPES = "Q4_K,Q5_K,Q6_K,Q8_0,IQ4_XS,IQ3_S,IQ3_XXS,IQ2_S,IQ2_XS,IQ2_XXS"
@@ -37,15 +46,21 @@ class Timing:
     gb_s: float
 
 
+def clock() -> Callable[[], float]:
+    """Thread CPU time when single-threaded (immune to preemption), else wall time."""
+    return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+
+
 def time_rotating(call: Callable[[int], object], copies: int, nbytes: int, min_s: float) -> Timing:
     """Best over repeats of the mean time of `call(i)` for i in range(copies)."""
     call(0)
+    now = clock()
     best, spent = float("inf"), 0.0
     while spent < min_s:
-        start = time.perf_counter()
+        start = now()
         for i in range(copies):
             call(i)
-        elapsed = time.perf_counter() - start
+        elapsed = now() - start
         best, spent = min(best, elapsed / copies), spent + elapsed
     return Timing(best * 1e3, nbytes / best / 1e9)
 
@@ -95,11 +110,63 @@ def bench_expert(gen: torch.Generator, tokens: int, min_s: float) -> str:
 
     fused = time_rotating(ffn, copies, nbytes, min_s)
     separate = time_rotating(three_calls, copies, nbytes, min_s)
-    per_token_ms = fused.ms * OLMOE_LAYERS * OLMOE_ACTIVE_EXPERTS
-    return (f"OLMoE expert FFN (Q4_K gate/up, Q6_K down, {nbytes / 2**20:.2f} MiB), T={tokens}: "
-            f"cpu_expert_ffn {fused.ms:.3f} ms ({fused.gb_s:.1f} GB/s), three cpu_qmatmul calls "
-            f"{separate.ms:.3f} ms; x {OLMOE_LAYERS} layers x {OLMOE_ACTIVE_EXPERTS} experts = "
-            f"{per_token_ms:.1f} ms of expert work per token ({1e3 / per_token_ms:.1f} tok/s if experts were all)")
+    line = (f"OLMoE expert FFN (Q4_K gate/up, Q6_K down, {nbytes / 2**20:.2f} MiB), T={tokens}: "
+            f"cpu_expert_ffn {fused.ms:.3f} ms ({fused.gb_s:.1f} GB/s), three cpu_qmatmul calls {separate.ms:.3f} ms")
+    if tokens == 1:  # decode: every layer runs its active experts on one token
+        per_token_ms = fused.ms * OLMOE_LAYERS * OLMOE_ACTIVE_EXPERTS
+        line += (f"; x {OLMOE_LAYERS} layers x {OLMOE_ACTIVE_EXPERTS} experts = {per_token_ms:.1f} ms of expert "
+                 f"work per decoded token ({1e3 / per_token_ms:.1f} tok/s if experts were all)")
+    return line
+
+
+def q4k_inductor_gemv(raw: torch.Tensor, x: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Q4_K dequant-GEMV written as torch ops for torch.compile (route 2 of the comparison)."""
+    nb = k // 256
+    b = raw.view(n, nb, 144)
+    d = b[..., 0:2].contiguous().view(torch.float16).float()
+    dmin = b[..., 2:4].contiguous().view(torch.float16).float()
+    s = b[..., 4:16].to(torch.int32)
+    scale = torch.cat([s[..., 0:4] & 63, (s[..., 8:12] & 15) | ((s[..., 0:4] >> 2) & 48)], -1)
+    minimum = torch.cat([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 2) & 48)], -1)
+    qs = b[..., 16:].to(torch.int32).view(n, nb, 4, 1, 32)
+    q = torch.cat([qs & 15, qs >> 4], 3).view(n, nb, 8, 32).float()
+    xv = x.view(nb, 8, 32)
+    dots = (q * xv).sum(-1)
+    return ((d * scale.float()) * dots - (dmin * minimum.float()) * xv.sum(-1)).sum((-1, -2))
+
+
+def bench_routes(gen: torch.Generator, rows: list[int], min_s: float, inductor: bool) -> None:
+    n, k = 1024, 2048
+    nbytes = n * row_bytes(Q.Q4_K, k)
+    weights = random_weights(Q.Q4_K, (n, k), gen, copies_for(nbytes))
+    # int4pack: 4-bit codes [N, K/2] + (scale, zero) per 32 as bf16 [K/32, N, 2]: random codes
+    # time the layout; a Q4_K conversion would give the same shapes.
+    packed = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+        torch.randint(0, 16, (n, k), dtype=torch.int32, generator=gen), 1) for _ in range(len(weights))]
+    scales_zeros = torch.randn(k // 32, n, 2, generator=gen).to(torch.bfloat16)
+    int4_bytes = packed[0].numel() + scales_zeros.numel() * 2
+    print(f"Q4_K {n}x{k}: {nbytes / 2**20:.2f} MiB; int4pack layout {int4_bytes / 2**20:.2f} MiB")
+    print("| route | M | ms | GB/s (own bytes) | GMAC/s |")
+    print("|---|---|---|---|---|")
+
+    def line(route: str, m: int, t: Timing, own_bytes: int) -> None:
+        print(f"| {route} | {m} | {t.ms:.3f} | {own_bytes / t.ms / 1e6:.1f} | {n * k * m / t.ms / 1e6:.1f} |", flush=True)
+
+    for m in rows:
+        x = torch.randn(m, k, generator=gen)
+        line("int8 kernel (cpu_qmatmul)", m, time_rotating(
+            lambda i: cpu_qmatmul(x, weights[i], Q.Q4_K, (n, k)), len(weights), nbytes, min_s), nbytes)
+        line("cpu_dequantize + F.linear", m, time_rotating(
+            lambda i: F.linear(x, cpu_dequantize(weights[i], Q.Q4_K, (n, k))), len(weights), nbytes, min_s), nbytes)
+        xb = x.to(torch.bfloat16)
+        line("torch int4pack (bf16)", m, time_rotating(
+            lambda i: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed[i], 32, scales_zeros),
+            len(packed), int4_bytes, min_s), int4_bytes)
+    if inductor:
+        compiled = torch.compile(q4k_inductor_gemv, dynamic=False)
+        x = torch.randn(k, generator=gen)
+        line("torch.compile dequant-GEMV", 1, time_rotating(
+            lambda i: compiled(weights[i], x, n, k), len(weights), nbytes, min_s), nbytes)
 
 
 def main() -> None:
@@ -108,17 +175,26 @@ def main() -> None:
     parser.add_argument("--rows", default="1,8", help="comma-separated activation row counts M")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--min-seconds", type=float, default=1.0, help="timing budget per figure")
+    parser.add_argument("--build", choices=list(BUILDS), default="native",
+                        help="time the code path of older x86 CPUs (built here with those ISAs off)")
+    parser.add_argument("--routes", action="store_true", help="compare the candidate routes on Q4_K instead")
+    parser.add_argument("--inductor", action="store_true", help="with --routes: also torch.compile (slow)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    ext = load_extension()
+    ext = load_extension() if args.build == "native" else compile_extension(BUILDS[args.build])
+    cpu_api.load_extension = lambda: ext  # this process times the chosen build
     if ext is None:
         raise SystemExit("the C++ CPU kernels did not build; nothing to benchmark")
     gen = torch.Generator().manual_seed(0)
-    print(f"{platform.processor() or platform.machine()}, {args.threads} threads, kernels {ext.isa}, "
+    timer = "thread CPU time" if clock() is time.thread_time else "wall time"
+    print(f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} threads ({timer}), kernels {ext.isa}, "
           f"torch {torch.__version__}, load average {os.getloadavg()[0]:.2f}")
+    rows = [int(m) for m in args.rows.split(",")]
+    if args.routes:
+        bench_routes(gen, rows, args.min_seconds, args.inductor)
+        return
     print("| type | N x K | M | ms | GB/s | torch ref ms | speed-up | fp32 GEMV ms | fp32 GB/s | GB/s vs fp32 |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    rows = [int(m) for m in args.rows.split(",")]
     for name in args.types.split(","):
         for shape in SHAPES:
             bench_type(Q[name], shape, rows, gen, args.min_seconds)

@@ -96,7 +96,7 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 def bench_matmuls(qtypes: list[Q], shapes, rows, dtypes, device: torch.device, copy_rate: float) -> list[Row]:
     from kernels.formats import row_bytes
-    from kernels.qmatmul import qmatmul
+    from kernels.dispatch import qmatmul
     from kernels.triton_gemm import triton_gemm
     from kernels.triton_gemv import MAX_GEMV_ROWS, triton_gemv
 
@@ -126,7 +126,7 @@ def bench_moe(qtype: Q, dims: tuple[int, int, int, int], tokens: list[int], dtyp
     """Grouped gate|up matmul and the whole expert FFN over n_experts shuffled slots, top-k routing."""
     from kernels.expert_layout import ExpertLayout, SlotTensor
     from kernels.moe_ffn import moe_ffn
-    from kernels.qmatmul import grouped_qmatmul
+    from kernels.dispatch import grouped_qmatmul
 
     n_experts, top_k, hidden, inter = dims
     gen = torch.Generator().manual_seed(1)

@@ -143,6 +143,7 @@ class Worker:
         self.conn, child = ctx.Pipe()
         self.process = ctx.Process(target=_worker_main, args=(child, name, config), daemon=True)
         self.process.start()
+        child.close()  # the child's end lives in the child only: its death is EOF here
         self._receive()
 
     def run(self, prompt_ids: list[int], gen_tokens: int) -> RunMetrics:
@@ -150,11 +151,10 @@ class Worker:
         return self._receive()
 
     def _receive(self):
-        if not self.conn.poll(None) and not self.process.is_alive():
-            raise MoestreamError(f"the {self.name} worker died")
         try:
             status, payload = self.conn.recv()
         except EOFError as exc:
+            self.process.join(timeout=10)
             raise MoestreamError(f"the {self.name} worker exited (code {self.process.exitcode})") from exc
         if status == "error":
             raise MoestreamError(f"{self.name}: {payload}")

@@ -16,7 +16,7 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader
 from gguf.constants import GGML_QUANT_SIZES
 
-from engine.config import ModelConfig
+from engine.config import ModelConfig, QKNorm
 from kernels.errors import MoestreamError
 from kernels.formats import block_format
 
@@ -105,4 +105,20 @@ def open_gguf(path: str | Path) -> GGUFModelFile:
                              "or incomplete GGUF, not a model")
     vocab_size = tensors["token_embd.weight"].dims[0]
     config = ModelConfig.from_metadata(meta, vocab_size, str(path))
+    missing = [name for name in required_tensors(config) if name not in tensors]
+    if missing:
+        raise MoestreamError(f"{path}: tensor {missing[0]!r} is missing ({len(missing)} missing in all); "
+                             f"the file is incomplete or not a {config.arch} model as llama.cpp names it")
     return GGUFModelFile(path, reader, meta, tensors, config)
+
+
+def required_tensors(config: ModelConfig) -> list[str]:
+    """Every tensor the forward reads, so a bad file fails before any weight is decoded."""
+    per_layer = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate_inp",
+                 "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"]
+    if config.spec.qk_norm is not QKNorm.NONE:
+        per_layer += ["attn_q_norm", "attn_k_norm"]
+    if config.spec.shared_expert:
+        per_layer += ["ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp"]
+    names = [f"blk.{i}.{t}.weight" for i in range(config.n_layers) for t in per_layer]
+    return ["token_embd.weight", "output_norm.weight", *names]

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from kernels.qmatmul import qmatmul
+from kernels.dispatch import qmatmul
 from engine.config import ModelConfig, QKNorm
 from engine.kv_cache import KVCache
 from engine.layers import Embedding, Rope, dequantize_tensor, rms_norm

@@ -29,7 +29,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 from tqdm import tqdm
 
 from engine.config import ARCHITECTURES
-from engine.gguf_write import CHATML_TEMPLATE, byte_level_bpe_vocab
+from engine.gguf_write import CHATML_TEMPLATE, add_tokenizer, byte_level_bpe_vocab
 from engine.quant_mix import FILE_TYPES, ModelFacts, TensorShape, file_type, tensor_types
 from kernels.errors import MoestreamError
 from kernels.formats import block_format, random_blocks
@@ -264,20 +264,6 @@ def _add_mla_metadata(w: gguf.GGUFWriter, m: MLA) -> None:
         w.add_rope_scaling_yarn_log_mul(0.1 * mscale_all_dim)
 
 
-def _add_tokenizer(w: gguf.GGUFWriter, n_vocab: int) -> None:
-    vocab = byte_level_bpe_vocab(n_vocab)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt-2")
-    w.add_token_list(vocab.tokens)
-    w.add_token_types(vocab.token_types)
-    w.add_token_merges(vocab.merges)
-    w.add_bos_token_id(vocab.bos_id)
-    w.add_eos_token_id(vocab.eos_id)
-    w.add_pad_token_id(vocab.bos_id)
-    w.add_add_bos_token(False)
-    w.add_chat_template(CHATML_TEMPLATE)
-
-
 # -- weights ------------------------------------------------------------------------------
 @functools.cache
 def _unit_std(qtype: Q) -> float:
@@ -331,7 +317,7 @@ def write_synthetic(path: str | Path, preset: Preset, quant: str, seed: int = 0,
     tensors = plan(preset, quant)
     writer = gguf.GGUFWriter(path, preset.arch)
     _add_metadata(writer, preset, quant)
-    _add_tokenizer(writer, preset.n_vocab)
+    add_tokenizer(writer, byte_level_bpe_vocab(preset.n_vocab), CHATML_TEMPLATE)
     for t in tensors:
         byte_shape = (*t.shape[:-1], t.row_bytes)
         writer.add_tensor_info(t.name, byte_shape, np.dtype(np.uint8), t.nbytes, raw_dtype=t.qtype)

@@ -4,7 +4,7 @@ from kernels.dequant import dequantize
 from kernels.errors import MoestreamError, UnsupportedQuantType
 from kernels.formats import BLOCK_FORMATS, BlockFormat, block_format, random_blocks, row_bytes
 from kernels.moe_ffn import moe_ffn
-from kernels.qmatmul import grouped_qmatmul, qmatmul
+from kernels.dispatch import grouped_qmatmul, qmatmul
 from kernels.reference import qmatmul_reference
 
 __all__ = [

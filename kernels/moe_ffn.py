@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from kernels.expert_layout import ExpertLayout
 from kernels.moe_align import moe_align_block_size
-from kernels.qmatmul import Backend, grouped_qmatmul, use_triton
+from kernels.dispatch import Backend, grouped_qmatmul, use_triton
 from kernels.triton_moe import moe_block_m
 
 
@@ -21,7 +21,7 @@ def moe_ffn(
     x: torch.Tensor, slot_buffer: torch.Tensor, slot_of_expert: torch.Tensor, layout: ExpertLayout,
     topk_ids: torch.Tensor, topk_weights: torch.Tensor, backend: Backend = "auto",
 ) -> torch.Tensor:
-    """x [T, D] -> [T, D] in x.dtype; arguments as in kernels.qmatmul.grouped_qmatmul."""
+    """x [T, D] -> [T, D] in x.dtype; arguments as in kernels.dispatch.grouped_qmatmul."""
     n_tokens, top_k = topk_ids.shape
     n_experts = slot_of_expert.numel()
     alignment = None  # the Triton path sorts the pairs once for all three projections

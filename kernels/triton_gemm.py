@@ -86,7 +86,7 @@ def triton_gemm(
     """x [M, K] (contiguous rows) @ W^T with W [N, K] as raw GGUF bytes -> [M, N] in x.dtype.
 
     Writes into `out` [M, N] (rows contiguous, x.dtype) when given. The caller
-    (kernels.qmatmul) has validated devices, dtypes and byte counts.
+    (kernels.dispatch.qmatmul) has validated devices, dtypes and byte counts.
     """
     n, k = shape
     m = x.shape[0]

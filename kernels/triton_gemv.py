@@ -86,7 +86,7 @@ def triton_gemv(
 ) -> torch.Tensor:
     """x [M, K] (M <= 16, contiguous rows) @ W^T with W [N, K] as raw GGUF bytes -> [M, N] x.dtype.
 
-    Writes into `out` [M, N] (contiguous, x.dtype) when given. The caller (kernels.qmatmul)
+    Writes into `out` [M, N] (contiguous, x.dtype) when given. The caller (kernels.dispatch.qmatmul)
     has validated devices, dtypes and byte counts.
     """
     n, k = shape

@@ -86,7 +86,7 @@ def triton_grouped_qmatmul(
     """Rows of x (one per token, or one per pair) times their experts' W^T -> [n_pairs, N].
 
     Writes into `out` [n_pairs, N] (rows contiguous, x.dtype) when given. The caller
-    (kernels.qmatmul.grouped_qmatmul) has validated shapes, dtypes and devices.
+    (kernels.dispatch.grouped_qmatmul) has validated shapes, dtypes and devices.
     """
     n, k = weight.shape
     assert x.shape[1] == k and x.stride(1) == 1 and slot_buffer.stride(1) == 1

@@ -25,7 +25,9 @@ CSRC = Path(__file__).parent / "csrc"
 CACHE_ROOT = Path.home() / ".cache" / "moestream" / "cpu-kernels"
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17")
 LDFLAGS = ("-fopenmp",)  # torch's own libgomp.so.1 is already loaded: one OpenMP runtime
-PORTABLE_CFLAGS = ("-mno-avx512f",)  # the path of CPUs without AVX-512 (tests build it too)
+# x86 builds of the code paths of older CPUs (the tests build them too): AVX2, plain C++.
+WITHOUT_AVX512 = ("-mno-avx512f",)
+WITHOUT_AVX2 = ("-mno-avx512f", "-mno-avx2")
 
 
 def _array(ctype: str, name: str, values: np.ndarray, fmt: str) -> str:
@@ -76,16 +78,16 @@ def build_key(header: str, cflags: tuple[str, ...]) -> str:
     return digest.hexdigest()[:16]
 
 
-def compile_extension(portable: bool = False) -> ModuleType:
+def compile_extension(without: tuple[str, ...] = ()) -> ModuleType:
     """Build (or reuse the cached build of) the extension; raises if the compiler fails.
 
-    `portable` leaves out the AVX-512 code, as on CPUs without it.
+    `without`: extra flags switching instruction sets off, e.g. WITHOUT_AVX512.
     """
     from torch.utils import cpp_extension
 
     header = constants_header()
-    cflags = CFLAGS + PORTABLE_CFLAGS if portable else CFLAGS
-    name = f"moestream_cpu_{'portable_' if portable else ''}{build_key(header, cflags)}"
+    cflags = CFLAGS + without
+    name = f"moestream_cpu_{build_key(header, cflags)}"
     build_dir = CACHE_ROOT / name
     build_dir.mkdir(parents=True, exist_ok=True)
     generated = build_dir / "gguf_constants.h"

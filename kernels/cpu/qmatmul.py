@@ -33,14 +33,15 @@ def _checked(qweight: torch.Tensor, qtype: GGMLQuantizationType, shape: tuple[in
     rows, cols = shape
     expected = rows * row_bytes(qtype, cols)
     if qweight.dtype != torch.uint8 or qweight.numel() != expected or qweight.device.type != "cpu":
-        raise ValueError(f"{qtype.name} {shape} needs {expected} uint8 bytes on the CPU, got {qweight.numel()} {qweight.dtype} on {qweight.device}")
-    return qweight.reshape(-1).contiguous()
+        raise ValueError(f"{qtype.name} {shape} needs {expected} uint8 bytes on the CPU, "
+                         f"got {qweight.numel()} {qweight.dtype} on {qweight.device}")
+    return qweight.contiguous()  # the kernels read the bytes in order, whatever the shape
 
 
 def _rows(x: torch.Tensor, cols: int) -> torch.Tensor:
     if x.dim() != 2 or x.shape[1] != cols or x.device.type != "cpu":
         raise ValueError(f"expected a CPU tensor [M, {cols}], got {tuple(x.shape)} on {x.device}")
-    return x.to(torch.float32).contiguous()
+    return x.to(torch.float32).contiguous()  # no copy when it already is
 
 
 def cpu_qmatmul(

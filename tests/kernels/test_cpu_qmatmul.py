@@ -16,6 +16,7 @@ it stays inside the hard bound. For Gaussian activations this is a relative erro
 """
 
 import logging
+import platform
 
 import numpy as np
 import pytest
@@ -117,6 +118,26 @@ def test_prefill_chunk(qtype: Q, generator: torch.Generator) -> None:
     _assert_within_int8_error(cpu_qmatmul(x, raw, qtype, (rows, cols)), x, dense, qtype, generator.initial_seed())
 
 
+@pytest.fixture(scope="module", params=[build.WITHOUT_AVX512, build.WITHOUT_AVX2], ids=["avx2", "plain-cpp"])
+def older_cpu_build(request):
+    """The kernels as CPUs without AVX-512 (AVX2 path) or without AVX2 (plain C++) run them."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the flags that select the older x86 code paths exist only on x86")
+    return build.compile_extension(without=request.param)
+
+
+@pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
+def test_older_cpu_paths(older_cpu_build, qtype: Q, generator: torch.Generator) -> None:
+    rows, cols, m = 37, 512, 16
+    raw, dense = _weights(qtype, rows, cols, generator)
+    x = _activations(m, cols, generator)
+    y, w = torch.empty(m, rows), torch.empty(rows, cols)
+    older_cpu_build.qmatmul(x.data_ptr(), raw.data_ptr(), int(qtype), m, rows, cols, y.data_ptr())
+    older_cpu_build.dequantize(raw.data_ptr(), int(qtype), rows, cols, w.data_ptr())
+    _assert_within_int8_error(y, x, dense, qtype, generator.initial_seed())
+    np.testing.assert_allclose(w.double().numpy(), dense, rtol=1e-6, atol=1e-6 * np.abs(dense).max())
+
+
 def test_independent_of_thread_count(generator: torch.Generator) -> None:
     """Rows split across threads (and the gate/up job boundary) compute the same numbers."""
     raw, _ = _weights(Q.Q4_K, 301, 512, generator)
@@ -150,8 +171,10 @@ def test_expert_ffn(qtypes: tuple[Q, Q, Q], tokens: int, generator: torch.Genera
 
     assert y.shape == (tokens, d_model) and y.dtype == torch.float32
     relative = np.linalg.norm(y.double().numpy() - reference) / np.linalg.norm(reference)
-    # Two int8 roundings (x, then the hidden activation) of ~0.7% each; see the module doc.
-    assert relative <= 3e-2, f"seed {generator.initial_seed()}: relative error {relative:.3g}"
+    # Two int8 roundings: x (~0.7%, see the module doc), then the hidden silu(g) * u, a product
+    # of two Gaussians whose block maxima reach ~10 sigma: step ~ 10 / 127, rms ~2.3%. llama.cpp
+    # quantises the same hidden row (q8_K) for its down projection.
+    assert relative <= 6e-2, f"seed {generator.initial_seed()}: relative error {relative:.3g}"
 
 
 def test_type_without_kernel_uses_reference(generator: torch.Generator) -> None:

@@ -16,7 +16,7 @@ from kernels.expert_layout import ExpertLayout, SlotTensor
 from kernels.formats import random_blocks
 from kernels.moe_align import moe_align_block_size
 from kernels.moe_ffn import moe_ffn
-from kernels.qmatmul import grouped_qmatmul
+from kernels.dispatch import grouped_qmatmul
 from kernels.triton_moe import GroupedConfig, moe_block_m, triton_grouped_qmatmul
 from tests.kernels.triton_helpers import activations, assert_matches, poisoned
 

@@ -37,7 +37,17 @@ struct alignas(64) Decoded256 {
   int32_t scale(int group) const { return sc_lanes[group * (GROUP / 4)]; }
 
   void set_scales(const int32_t* sc) {
+#ifdef MOESTREAM_AVX2
+    const __m256i halves[2] = {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc)),
+                               _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + 8))};
+    for (int k = 0; k < 8; ++k) {  // lanes 8k..8k+7: sc[2k] four times, then sc[2k + 1]
+      const __m256i index = _mm256_set_epi32(2 * k % 8 + 1, 2 * k % 8 + 1, 2 * k % 8 + 1, 2 * k % 8 + 1,
+                                             2 * k % 8, 2 * k % 8, 2 * k % 8, 2 * k % 8);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(sc_lanes + 8 * k), _mm256_permutevar8x32_epi32(halves[k / 4], index));
+    }
+#else
     for (int l = 0; l < QK / 4; ++l) sc_lanes[l] = sc[l / 4];
+#endif
   }
 
   // Signed values v = u - zero in every group: the shift becomes the min term.
@@ -68,16 +78,20 @@ struct alignas(8) Act32 {
 };
 
 // Formats derive from one of these: it names the decoded form and the activation blocks.
+// `narrow`: every u <= 127, so pairs of u8 x s8 products cannot saturate int16 (the AVX2 dot
+// relies on it); formats with a shift of 128 (Q8_0, IQ4_NL, IQ4_XS) are not.
 struct SuperBlockFormat {
   using Decoded = Decoded256;
   using Act = Act256;
   static constexpr int block_size = QK;
+  static constexpr bool narrow = true;
 };
 
 struct LegacyFormat {
   using Decoded = Decoded32;
   using Act = Act32;
   static constexpr int block_size = QB;
+  static constexpr bool narrow = true;
 };
 
 inline float fp16(const uint8_t* p) {

@@ -291,6 +291,7 @@ struct IQ4XS : SuperBlockFormat {
 
 struct IQ4XS : SuperBlockFormat {
   static constexpr int type_size = 136;
+  static constexpr bool narrow = false;
   static void decode(const uint8_t* block, Decoded256& out) {
     const uint16_t scales_h = load_u16(block + 2);
     const uint8_t* scales_l = block + 4;

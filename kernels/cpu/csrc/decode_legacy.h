@@ -81,10 +81,17 @@ struct IQ4NL : LegacyFormat {
 #else
 
 inline void low_high_nibbles(const uint8_t* qs, uint8_t* u) {
+#ifdef MOESTREAM_AVX2  // gcc turned the loop into byte inserts once inlined into the kernel
+  const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+  const __m128i nibble = _mm_set1_epi8(0x0F);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(u), _mm_and_si128(packed, nibble));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(u + 16), _mm_and_si128(_mm_srli_epi16(packed, 4), nibble));
+#else
   for (int i = 0; i < 16; ++i) {
     u[i] = qs[i] & 0x0F;
     u[16 + i] = qs[i] >> 4;
   }
+#endif
 }
 
 inline void add_fifth_bit(const uint8_t* qh, uint8_t* u) {
@@ -94,6 +101,7 @@ inline void add_fifth_bit(const uint8_t* qh, uint8_t* u) {
 
 struct Q80 : LegacyFormat {
   static constexpr int type_size = 34;
+  static constexpr bool narrow = false;
   static void decode(const uint8_t* block, Decoded32& out) {
     for (int i = 0; i < 32; ++i) out.u[i] = block[2 + i] ^ 0x80;  // int8 q -> q + 128
     out.d = fp16(block);
@@ -141,6 +149,7 @@ struct Q51 : LegacyFormat {
 
 struct IQ4NL : LegacyFormat {
   static constexpr int type_size = 18;
+  static constexpr bool narrow = false;
   static void decode(const uint8_t* block, Decoded32& out) {
     for (int i = 0; i < 16; ++i) {
       out.u[i] = KVALUES_IQ4NL[block[2 + i] & 0x0F] + 128;

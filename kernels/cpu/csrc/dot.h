@@ -67,7 +67,7 @@ struct RegsFor<Act32> {
 
 #else
 
-inline float dot_row(const Decoded256* w, const Act256* x, int64_t nb) {
+inline float dot_row_scalar(const Decoded256* w, const Act256* x, int64_t nb) {
   float acc = 0.0f, acc_min = 0.0f;
   for (int64_t b = 0; b < nb; ++b) {
     int32_t sum = 0, mins = 0;
@@ -83,7 +83,7 @@ inline float dot_row(const Decoded256* w, const Act256* x, int64_t nb) {
   return acc - acc_min;
 }
 
-inline float dot_row(const Decoded32* w, const Act32* x, int64_t nb) {
+inline float dot_row_scalar(const Decoded32* w, const Act32* x, int64_t nb) {
   float acc = 0.0f;
   for (int64_t b = 0; b < nb; ++b) {
     int32_t sum = 0;
@@ -91,6 +91,58 @@ inline float dot_row(const Decoded32* w, const Act32* x, int64_t nb) {
     acc += x[b].d * (w[b].d * static_cast<float>(sum) + w[b].m * static_cast<float>(x[b].sum));
   }
   return acc;
+}
+
+#ifdef MOESTREAM_AVX2
+
+inline float hsum256(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+
+// u8 x s8 pairs -> int16 (vpmaddubsw, exact for narrow formats), then x int16 group scales ->
+// int32 (vpmaddwd): 32 elements, two groups of 16, per step.
+inline float dot_row_narrow(const Decoded256* w, const Act256* x, int64_t nb) {
+  __m256 acc = _mm256_setzero_ps(), acc_min = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i sum = _mm256_setzero_si256();
+    for (int c = 0; c < 8; ++c) {
+      const __m256i u = _mm256_load_si256(reinterpret_cast<const __m256i*>(w[b].u + 32 * c));
+      const __m256i q = _mm256_load_si256(reinterpret_cast<const __m256i*>(x[b].q + 32 * c));
+      const __m256i lanes = _mm256_load_si256(reinterpret_cast<const __m256i*>(w[b].sc_lanes + 8 * c));
+      const __m256i scales = _mm256_packs_epi32(lanes, lanes);  // int16: sc[2c] x 8, sc[2c + 1] x 8
+      sum = _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_maddubs_epi16(u, q), scales));
+    }
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(w[b].d * x[b].d), acc);
+    const __m256i mins = _mm256_madd_epi16(_mm256_load_si256(reinterpret_cast<const __m256i*>(w[b].mn)),
+                                           _mm256_load_si256(reinterpret_cast<const __m256i*>(x[b].bsum)));
+    acc_min = _mm256_fmadd_ps(_mm256_cvtepi32_ps(mins), _mm256_set1_ps(w[b].dmin * x[b].d), acc_min);
+  }
+  return hsum256(acc) - hsum256(acc_min);
+}
+
+inline float dot_row_narrow(const Decoded32* w, const Act32* x, int64_t nb) {
+  __m256 acc = _mm256_setzero_ps();
+  float acc_min = 0.0f;
+  for (int64_t b = 0; b < nb; ++b) {
+    const __m256i u = _mm256_load_si256(reinterpret_cast<const __m256i*>(w[b].u));
+    const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[b].q));
+    const __m256i sum = _mm256_madd_epi16(_mm256_maddubs_epi16(u, q), _mm256_set1_epi16(1));
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(w[b].d * x[b].d), acc);
+    acc_min += w[b].m * x[b].d * static_cast<float>(x[b].sum);
+  }
+  return hsum256(acc) + acc_min;
+}
+
+#endif
+
+template <bool narrow, class Dec, class Act>
+inline float dot_row(const Dec* w, const Act* x, int64_t nb) {
+#ifdef MOESTREAM_AVX2
+  if constexpr (narrow) return dot_row_narrow(w, x, nb);
+#endif
+  return dot_row_scalar(w, x, nb);
 }
 
 #endif

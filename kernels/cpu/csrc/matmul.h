@@ -106,15 +106,22 @@ void fused_rows(const Job& job, int64_t n0, int64_t n1, int64_t m0) {
 // Activation rows per pass. For every M this beat decoding each block once into memory and
 // dequantize + sgemm (measured: docs/CPU-KERNELS.md).
 constexpr int FUSED_ROWS = 4;
+// With more than FUSED_ROWS activation rows the weights are read once per pass: passes run
+// over tiles of this many weight bytes, which stay in L2 between passes.
+constexpr int64_t ROW_TILE_BYTES = 256 * 1024;
 
 template <class F>
 void run_rows(const Job& job, int64_t n0, int64_t n1) {
-  for (int64_t m0 = 0; m0 < job.M; m0 += FUSED_ROWS) {
-    switch (std::min<int64_t>(FUSED_ROWS, job.M - m0)) {
-      case 1: fused_rows<F, 1>(job, n0, n1, m0); break;
-      case 2: fused_rows<F, 2>(job, n0, n1, m0); break;
-      case 3: fused_rows<F, 3>(job, n0, n1, m0); break;
-      default: fused_rows<F, 4>(job, n0, n1, m0); break;
+  const int64_t tile = std::max<int64_t>(1, ROW_TILE_BYTES / (job.K / F::block_size * F::type_size));
+  for (int64_t t0 = n0; t0 < n1; t0 += tile) {
+    const int64_t t1 = std::min(n1, t0 + tile);
+    for (int64_t m0 = 0; m0 < job.M; m0 += FUSED_ROWS) {
+      switch (std::min<int64_t>(FUSED_ROWS, job.M - m0)) {
+        case 1: fused_rows<F, 1>(job, t0, t1, m0); break;
+        case 2: fused_rows<F, 2>(job, t0, t1, m0); break;
+        case 3: fused_rows<F, 3>(job, t0, t1, m0); break;
+        default: fused_rows<F, 4>(job, t0, t1, m0); break;
+      }
     }
   }
 }
@@ -139,7 +146,7 @@ void run_rows(const Job& job, int64_t n0, int64_t n1) {
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t b = 0; b < nb; ++b) F::decode(job.weight + (r0 + r) * row_bytes + b * F::type_size, dec[r * nb + b]);
     for (int64_t m = 0; m < job.M; ++m)
-      for (int64_t r = 0; r < rows; ++r) job.y[m * job.ldy + r0 + r] = dot_row(&dec[r * nb], act + m * nb, nb);
+      for (int64_t r = 0; r < rows; ++r) job.y[m * job.ldy + r0 + r] = dot_row<F::narrow>(&dec[r * nb], act + m * nb, nb);
   }
 }
 
