@@ -136,7 +136,8 @@ class RoutingRecorder:
     """Writes moestream's trace format; the engine calls `record` per token per layer."""
 
     def __init__(self, path: str | Path, n_experts: int, n_layers: int, top_k: int):
-        self._file: IO[str] = open(path, "w")
+        # Line-buffered: a server killed mid-run still leaves every finished line on disk.
+        self._file: IO[str] = open(path, "w", buffering=1)
         self._write({"type": "meta", "n_experts": n_experts, "n_layers": n_layers, "top_k": top_k})
 
     def record(self, seq_id: int, pos: int, layer: int, expert_ids: Iterable[int],

@@ -28,6 +28,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-pin", action="store_true",
                    help="read experts from the memory map instead of pinned host memory")
     p.add_argument("--no-prefetch", action="store_true", help="do not prefetch predicted experts")
+    p.add_argument("--record-routing", default=None, metavar="FILE",
+                   help="write each token's experts per layer to FILE (JSONL) for `moestream cache-sim`")
 
 
 def engine_options(args: argparse.Namespace) -> dict:
@@ -35,7 +37,8 @@ def engine_options(args: argparse.Namespace) -> dict:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return dict(device=device, vram_budget=args.vram_budget, max_cached_experts=args.max_cached_experts,
-                ctx_size=args.ctx_size, pin_memory=not args.no_pin, prefetch=not args.no_prefetch)
+                ctx_size=args.ctx_size, pin_memory=not args.no_pin, prefetch=not args.no_prefetch,
+                record_routing=args.record_routing)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -63,6 +66,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             sys.stdout.write(decoder.push(out.token_id))
             sys.stdout.flush()
     sys.stdout.write(decoder.flush() + "\n")
+    engine.close()
     return 0
 
 
@@ -121,6 +125,8 @@ def _add_serve_parser(sub) -> None:
            "host memory", action="store_true")
     option("--no-prefetch", "MOESTREAM_NO_PREFETCH", "do not prefetch predicted experts",
            action="store_true")
+    option("--record-routing", "MOESTREAM_RECORD_ROUTING", "write each token's experts per layer "
+           "to this JSONL file, for `moestream cache-sim`")
     p.set_defaults(func=cmd_serve)
 
 
