@@ -42,6 +42,7 @@ class BenchConfig:
     prompt_tokens: int
     gen_tokens: int
     n_cpu_moe: int | None  # llama.cpp on a GPU: layers whose experts stay on the CPU (None: all)
+    kernels: str = "auto"  # our matmul kernels (engine kernel_backend)
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,8 @@ class MoestreamRunner:
             config.model, device=config.device, vram_budget=config.vram_budget,
             max_cached_experts=config.max_cached_experts,
             ctx_size=config.prompt_tokens + config.gen_tokens + 1, max_batch=1,
-            max_batched_tokens=max(config.prompt_tokens, WARMUP_PROMPT_TOKENS))
+            max_batched_tokens=max(config.prompt_tokens, WARMUP_PROMPT_TOKENS),
+            kernel_backend=config.kernels)
 
     def run(self, prompt_ids: list[int], gen_tokens: int) -> RunMetrics:
         from engine import SamplingParams
@@ -251,6 +253,8 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-cpu-moe", type=int, default=None,
                         help="llama.cpp on a GPU: layers whose experts stay on the CPU (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompt token ids")
+    parser.add_argument("--kernels", default="auto", choices=("auto", "q8", "torch", "triton"),
+                        help="our matmul kernels (see `moestream serve --help`)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
@@ -265,7 +269,8 @@ def bench_main(args: argparse.Namespace) -> int:
         model=args.model, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
         vram_budget=args.vram_budget, max_cached_experts=args.max_cached_experts,
         threads=args.threads or os.cpu_count() or 1,
-        prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens, n_cpu_moe=args.n_cpu_moe)
+        prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens, n_cpu_moe=args.n_cpu_moe,
+        kernels=args.kernels)
     names = ["moestream", "llama_cpp"] if args.vs_llama_cpp else ["moestream"]
     results = run_bench(config, names, args.repeat, args.warmup, seed=args.seed, progress=not args.json)
     summaries = {name: summarize(runs) for name, runs in results.items()}

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 import kernels
+from kernels.cpu import has_cpu_kernel
 from engine.config import RopeStyle
 from engine.loader import RawTensor
 
@@ -62,3 +64,24 @@ class Rope:
             out = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
         return torch.cat([out.to(x.dtype), rest], dim=-1)
 
+
+
+class Linear:
+    """y = x @ W^T (+ b). W is decoded to floats once, unless a kernel reads its blocks
+    directly (the compiled CPU kernels, backend "q8"): then the bytes stay as stored."""
+
+    def __init__(self, t: RawTensor, bias: torch.Tensor | None, dtype: torch.dtype,
+                 device: torch.device, backend: str):
+        self.bias, self.backend = bias, backend
+        self.qtype, self.shape = t.qtype, t.rows_cols
+        quantized = t.data.dtype == torch.uint8 and len(t.dims) == 2
+        if quantized and device.type == "cpu" and backend == "q8" and has_cpu_kernel(t.qtype):
+            self.raw, self.weight = t.data.reshape(-1), None
+        else:
+            self.raw, self.weight = None, dequantize_tensor(t, dtype, device)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is not None:
+            return F.linear(x, self.weight, self.bias)
+        y = kernels.qmatmul(x, self.raw, self.qtype, self.shape, backend=self.backend)
+        return y if self.bias is None else y + self.bias

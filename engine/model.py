@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from kernels.cpu import cpu_expert_ffn
 from kernels.dispatch import qmatmul
 from engine.config import ModelConfig, QKNorm
 from engine.kv_cache import KVCache
-from engine.layers import Embedding, Rope, dequantize_tensor, rms_norm
+from engine.layers import Embedding, Linear, Rope, dequantize_tensor, rms_norm
 from engine.loader import GGUFModelFile
 from offload.layout import ExpertWeights
 from offload.source import ExpertSource
@@ -48,24 +49,24 @@ class BatchInput:
 @dataclass
 class LayerWeights:
     attn_norm: torch.Tensor
-    wq: torch.Tensor
-    wk: torch.Tensor
-    wv: torch.Tensor
-    wo: torch.Tensor
-    bq: torch.Tensor | None
-    bk: torch.Tensor | None
-    bv: torch.Tensor | None
+    wq: Linear
+    wk: Linear
+    wv: Linear
+    wo: Linear
     q_norm: torch.Tensor | None
     k_norm: torch.Tensor | None
     ffn_norm: torch.Tensor
     router: torch.Tensor  # [E, D]
-    shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # gate, up, down
+    shared: tuple[Linear, Linear, Linear] | None  # gate, up, down
     shared_gate: torch.Tensor | None  # [D] sigmoid gate of the shared expert
 
 
 def expert_ffn(x: torch.Tensor, w: ExpertWeights, backend: str) -> torch.Tensor:
     """SwiGLU of one routed expert, straight from its quantized blocks."""
     lay = w.layout
+    if backend == "q8" and x.device.type == "cpu":  # one compiled call for the three projections
+        qtypes = (lay.gate.qtype, lay.up.qtype, lay.down.qtype)
+        return cpu_expert_ffn(x, w.gate, w.up, w.down, qtypes, lay.gate.shape[0]).to(x.dtype)
     gate = qmatmul(x, w.gate, lay.gate.qtype, lay.gate.shape, backend=backend)
     up = qmatmul(x, w.up, lay.up.qtype, lay.up.shape, backend=backend)
     return qmatmul(F.silu(gate) * up, w.down, lay.down.qtype, lay.down.shape, backend=backend)
@@ -82,7 +83,7 @@ class MoEModel:
         self.embed = Embedding(file.tensor("token_embd.weight"), dtype, device)
         self.output_norm = self._dense(file, "output_norm.weight")
         head = "output.weight" if file.has("output.weight") else "token_embd.weight"
-        self.lm_head = self._dense(file, head)
+        self.lm_head = self._linear(file, head)
         self.rope = Rope(cfg.spec.rope, cfg.rope_dims, cfg.rope_base, cfg.rope_scale, device)
         self.layers = [self._layer(file, i) for i in tqdm(range(cfg.n_layers), desc="loading layers",
                                                           unit="layer", disable=not progress)]
@@ -93,23 +94,24 @@ class MoEModel:
     def _optional(self, file: GGUFModelFile, name: str) -> torch.Tensor | None:
         return self._dense(file, name) if file.has(name) else None
 
+    def _linear(self, file: GGUFModelFile, name: str, bias: str | None = None) -> Linear:
+        b = self._optional(file, bias) if bias else None
+        return Linear(file.tensor(name), b, self.dtype, self.device, self.kernel_backend)
+
     def _layer(self, file: GGUFModelFile, i: int) -> LayerWeights:
         p = f"blk.{i}."
         shared = None
         if self.config.spec.shared_expert:
-            shared = tuple(self._dense(file, f"{p}ffn_{n}_shexp.weight") for n in ("gate", "up", "down"))
+            shared = tuple(self._linear(file, f"{p}ffn_{n}_shexp.weight") for n in ("gate", "up", "down"))
         q_norm = k_norm = None
         if self.config.spec.qk_norm is not QKNorm.NONE:
             q_norm, k_norm = self._dense(file, p + "attn_q_norm.weight"), self._dense(file, p + "attn_k_norm.weight")
         return LayerWeights(
             attn_norm=self._dense(file, p + "attn_norm.weight"),
-            wq=self._dense(file, p + "attn_q.weight"),
-            wk=self._dense(file, p + "attn_k.weight"),
-            wv=self._dense(file, p + "attn_v.weight"),
-            wo=self._dense(file, p + "attn_output.weight"),
-            bq=self._optional(file, p + "attn_q.bias"),
-            bk=self._optional(file, p + "attn_k.bias"),
-            bv=self._optional(file, p + "attn_v.bias"),
+            wq=self._linear(file, p + "attn_q.weight", p + "attn_q.bias"),
+            wk=self._linear(file, p + "attn_k.weight", p + "attn_k.bias"),
+            wv=self._linear(file, p + "attn_v.weight", p + "attn_v.bias"),
+            wo=self._linear(file, p + "attn_output.weight"),
             q_norm=q_norm,
             k_norm=k_norm,
             ffn_norm=self._dense(file, p + "ffn_norm.weight"),
@@ -129,13 +131,13 @@ class MoEModel:
             if self.prefetch and i + 1 < len(self.layers):
                 self._prefetch(i + 1, h)
         h = rms_norm(h[batch.logits_rows], self.output_norm, self.config.rms_eps)
-        return F.linear(h, self.lm_head).float()
+        return self.lm_head(h).float()
 
     def _attention(self, i: int, lw: LayerWeights, x: torch.Tensor, batch: BatchInput,
                    kv: KVCache) -> torch.Tensor:
         cfg = self.config
         T = x.shape[0]
-        q, k, v = F.linear(x, lw.wq, lw.bq), F.linear(x, lw.wk, lw.bk), F.linear(x, lw.wv, lw.bv)
+        q, k, v = lw.wq(x), lw.wk(x), lw.wv(x)
         if cfg.spec.qk_norm is QKNorm.FULL:
             q, k = rms_norm(q, lw.q_norm, cfg.rms_eps), rms_norm(k, lw.k_norm, cfg.rms_eps)
         q = q.view(T, cfg.n_heads, cfg.head_dim)  # [T, H, hd]
@@ -149,7 +151,7 @@ class MoEModel:
         for seg in batch.segments:
             rows = slice(seg.offset, seg.offset + seg.n_new)
             out[rows] = self._attend(q[rows], *kv.read(i, seg.context_slots))
-        return F.linear(out.view(T, -1), lw.wo)
+        return lw.wo(out.view(T, -1))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q: [n, H, hd] (the last n positions); k, v: [ctx, KV, hd]
@@ -186,7 +188,7 @@ class MoEModel:
         out = per_k.sum(1)
         if lw.shared is not None:
             gate, up, down = lw.shared
-            s = F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+            s = down(F.silu(gate(x)) * up(x))
             if lw.shared_gate is not None:
                 s = s * torch.sigmoid(F.linear(x, lw.shared_gate.view(1, -1)))
             out = out + s

@@ -39,6 +39,8 @@ def make_chunks(token_ids: list[int], n_ctx: int, n_chunks: int | None, bos_id: 
     """The chunks llama.cpp evaluates: consecutive n_ctx-token slices, first token -> BOS."""
     if n_ctx < 4:
         raise MoestreamError(f"--ctx must be at least 4 tokens, got {n_ctx}")
+    if n_chunks is not None and n_chunks < 1:
+        raise MoestreamError(f"--chunks must be at least 1, got {n_chunks}")
     if len(token_ids) < 2 * n_ctx:
         raise MoestreamError(f"the text tokenizes to {len(token_ids)} tokens; perplexity with --ctx {n_ctx} "
                              f"needs at least {2 * n_ctx}: use a longer text or a smaller --ctx")
@@ -59,7 +61,8 @@ def scored_nll(logits: torch.Tensor, chunk: list[int]) -> torch.Tensor:
     return -torch.log_softmax(rows, dim=-1).gather(1, targets[:, None])[:, 0]
 
 
-def perplexity(score: Scorer, chunks: list[list[int]], progress: bool = True, desc: str = "perplexity") -> PerplexityResult:
+def perplexity(score: Scorer, chunks: list[list[int]], progress: bool = True,
+               desc: str = "perplexity") -> PerplexityResult:
     nlls = torch.cat([scored_nll(score(chunk), chunk) for chunk in tqdm(chunks, desc=desc, disable=not progress)])
     mean = float(nlls.mean())
     # llama.cpp: sqrt((E[nll^2] - E[nll]^2) / (n - 1)) on the mean NLL, times ppl for ppl's error

@@ -5,6 +5,8 @@ to GEMV_MAX_ROWS activation rows, tensor-core GEMM above), and the torch referen
 (dequantize, then an fp32 matmul) otherwise; a CUDA tensor whose type has no Triton kernel
 takes the reference with a logged notice, once per type. backend="triton" forces the kernels
 (on CPU tensors they run under TRITON_INTERPRET=1); backend="torch" forces the reference.
+backend="q8" runs the compiled CPU kernels (kernels/cpu) with activations rounded to int8
+blocks as llama.cpp does: fast, about 0.7% from exact; CPU tensors only.
 """
 
 import logging
@@ -15,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType as Q
 
+from kernels.cpu import cpu_qmatmul
 from kernels.dequant import dequantize
 from kernels.errors import UnsupportedQuantType
 from kernels.expert_layout import SlotTensor
@@ -28,7 +31,7 @@ from kernels.triton_moe import moe_block_m, triton_grouped_qmatmul
 
 log = logging.getLogger(__name__)
 
-Backend = Literal["auto", "triton", "torch"]
+Backend = Literal["auto", "triton", "torch", "q8"]
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Decode batches up to this many rows take the GEMV kernel, larger ones the tensor-core GEMM.
 # A first guess from the instruction counts (M multiply-adds per weight on CUDA cores);
@@ -52,6 +55,10 @@ def qmatmul(
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
+    if backend == "q8":
+        if x.device.type != "cpu":
+            raise ValueError("backend 'q8' runs on CPU tensors only")
+        return cpu_qmatmul(x2, qweight, qtype, shape).to(x.dtype).reshape(*x.shape[:-1], n)
     if not use_triton(qtype, x.device, backend) or x2.shape[0] == 0:
         return qmatmul_reference(x2, qweight, qtype, shape).reshape(*x.shape[:-1], n)
     kernel = triton_gemv if x2.shape[0] <= GEMV_MAX_ROWS else triton_gemm
@@ -110,9 +117,9 @@ def _grouped_reference(
 
 def use_triton(qtype: Q, device: torch.device, backend: Backend) -> bool:
     """Whether a matmul of `qtype` on `device` runs the Triton kernels (see the module docstring)."""
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if backend == "torch":
+    if backend not in ("auto", "triton", "torch", "q8"):
+        raise ValueError(f"backend must be 'auto', 'triton', 'torch' or 'q8', got {backend!r}")
+    if backend in ("torch", "q8"):
         return False
     has_kernel = qtype in TRITON_QTYPES
     if backend == "triton" and not has_kernel:

@@ -28,6 +28,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-pin", action="store_true",
                    help="read experts from the memory map instead of pinned host memory")
     p.add_argument("--no-prefetch", action="store_true", help="do not prefetch predicted experts")
+    p.add_argument("--kernels", default="auto", choices=("auto", "q8", "torch", "triton"),
+                   help="matmul kernels: auto (exact; Triton on CUDA), q8 (CPU, activations rounded "
+                        "to int8 blocks as llama.cpp does: faster, ~1%% from exact), torch (reference)")
     p.add_argument("--record-routing", default=None, metavar="FILE",
                    help="write each token's experts per layer to FILE (JSONL) for `moestream cache-sim`")
 
@@ -38,7 +41,7 @@ def engine_options(args: argparse.Namespace) -> dict:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return dict(device=device, vram_budget=args.vram_budget, max_cached_experts=args.max_cached_experts,
                 ctx_size=args.ctx_size, pin_memory=not args.no_pin, prefetch=not args.no_prefetch,
-                record_routing=args.record_routing)
+                record_routing=args.record_routing, kernel_backend=args.kernels)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -125,12 +128,17 @@ def _add_serve_parser(sub) -> None:
            "host memory", action="store_true")
     option("--no-prefetch", "MOESTREAM_NO_PREFETCH", "do not prefetch predicted experts",
            action="store_true")
+    option("--kernels", "MOESTREAM_KERNELS", "matmul kernels: auto (exact; Triton on CUDA), q8 (CPU, "
+           "activations rounded to int8 blocks as llama.cpp does: faster, ~1%% from exact), torch",
+           default="auto", choices=("auto", "q8", "torch", "triton"))
     option("--record-routing", "MOESTREAM_RECORD_ROUTING", "write each token's experts per layer "
            "to this JSONL file, for `moestream cache-sim`")
     p.set_defaults(func=cmd_serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from engine import bench, perplexity, synth
+
     parser = argparse.ArgumentParser(prog="moestream", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -153,6 +161,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     _add_serve_parser(sub)
+
+    p = sub.add_parser("synth", help="write a random-weight GGUF with a real model's shapes and quant mix")
+    synth.add_synth_args(p)
+    p.set_defaults(func=synth.synth_main)
+
+    p = sub.add_parser("bench", help="prefill/decode tok/s, TTFT, memory; --vs-llama-cpp runs llama.cpp too")
+    bench.add_bench_args(p)
+    p.set_defaults(func=bench.bench_main)
+
+    p = sub.add_parser("perplexity", help="perplexity of a text, llama.cpp's method")
+    perplexity.add_perplexity_args(p)
+    p.set_defaults(func=perplexity.perplexity_main)
 
     p = sub.add_parser("cache-sim", help="replay routing traces through LRU/LFU/Belady caches",
                        add_help=False)

@@ -66,7 +66,6 @@ def test_perplexity_matches_transformers_and_llama_cpp(text_file: Path, capsys) 
     chunks = make_chunks(ids, N_CTX, N_CHUNKS, tok.bos_id if tok.add_bos else None)
     expected = reference_ppl(lambda chunk: hf_logits(fixture, chunk), chunks)
     assert expected > 1.0
-    print(ours, theirs, expected)
     assert ours["ppl"] == pytest.approx(expected, rel=1e-3)
     assert theirs["ppl"] == pytest.approx(expected, rel=0.03)
 

@@ -7,7 +7,6 @@ import ctypes
 import re
 from pathlib import Path
 
-import gguf
 import numpy as np
 import pytest
 import torch

@@ -21,7 +21,6 @@ import platform
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from gguf import GGMLQuantizationType as Q
 from gguf import quants
 
@@ -155,7 +154,8 @@ def _silu(v: np.ndarray) -> np.ndarray:
     return v / (1 + np.exp(-v))
 
 
-@pytest.mark.parametrize("qtypes", [(Q.Q4_K, Q.Q4_K, Q.Q6_K), (Q.IQ3_S, Q.Q8_0, Q.IQ2_XXS)], ids=str)
+@pytest.mark.parametrize("qtypes", [(Q.Q4_K, Q.Q4_K, Q.Q6_K), (Q.IQ3_S, Q.Q8_0, Q.IQ2_XXS)],
+                         ids=lambda qs: "-".join(q.name for q in qs))
 @pytest.mark.parametrize("tokens", [1, 5])
 def test_expert_ffn(qtypes: tuple[Q, Q, Q], tokens: int, generator: torch.Generator) -> None:
     d_model, inter = 256, 512

@@ -57,11 +57,6 @@ inline __m512i twice_u8(uint64_t bytes) {
   return _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(v, v));
 }
 
-inline __m512i twice_i8(uint64_t bytes) {
-  const __m128i v = _mm_cvtsi64_si128(static_cast<int64_t>(bytes));
-  return _mm512_cvtepi8_epi32(_mm_unpacklo_epi8(v, v));
-}
-
 }  // namespace moestream_cpu
 
 #endif
