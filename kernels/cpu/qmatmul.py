@@ -1,9 +1,11 @@
 """Quantized matmuls on the CPU straight from GGUF bytes (no float copy of the weights).
 
-`cpu_qmatmul` quantises the activation rows to int8 blocks and runs integer dot products
-against the weight blocks decoded in registers-sized tiles, over all cores (see
-docs/CPU-KERNELS.md for the route, its error and the measured rates). Weights are the raw
-GGUF bytes, unchanged: nothing is repacked, so `prepare` is not needed. Without a compiler
+Two routes over the same block decoders, over all cores (see docs/CPU-KERNELS.md for their
+errors and measured rates): `exact=True` keeps the activations in float32 and accumulates
+fp32 FMAs against each weight block decoded to floats (matches dequantize + F.linear to fp32
+rounding); the default int8 route quantises the activation rows to int8 blocks like
+llama.cpp's q8_K / q8_0 and runs integer dot products (faster, ~0.7% relative error).
+Weights are the raw GGUF bytes, unchanged: nothing is repacked, so `prepare` is not needed. Without a compiler
 every entry falls back to the torch reference (dequantize + F.linear).
 """
 
@@ -49,14 +51,18 @@ def cpu_qmatmul(
     qweight: torch.Tensor,
     qtype: GGMLQuantizationType,
     shape: tuple[int, int],
+    exact: bool = False,
 ) -> torch.Tensor:
-    """y [M, N] float32 = x [M, K] @ W.T, with W [N, K] = `shape` given as its GGUF bytes."""
+    """y [M, N] float32 = x [M, K] @ W.T, with W [N, K] = `shape` given as its GGUF bytes.
+
+    exact: float32 activations and accumulation (else int8 activation blocks, ~0.7% error).
+    """
     rows, cols = shape
     qweight, x = _checked(qweight, qtype, shape), _rows(x, cols)
     if not has_cpu_kernel(qtype):
         return F.linear(x, dequantize(qweight, qtype, shape))
     y = torch.empty(x.shape[0], rows)
-    load_extension().qmatmul(x.data_ptr(), qweight.data_ptr(), int(qtype), x.shape[0], rows, cols, y.data_ptr())
+    load_extension().qmatmul(x.data_ptr(), qweight.data_ptr(), int(qtype), x.shape[0], rows, cols, y.data_ptr(), exact)
     return y
 
 
@@ -77,11 +83,13 @@ def cpu_expert_ffn(
     down: torch.Tensor,
     qtypes: tuple[GGMLQuantizationType, GGMLQuantizationType, GGMLQuantizationType],
     intermediate: int,
+    exact: bool = False,
 ) -> torch.Tensor:
     """down(silu(gate x) * up x) [T, D] float32 for one expert, from its three GGUF byte runs.
 
     x is [T, D]; gate and up are W [intermediate, D], down is W [D, intermediate]. One call
-    runs gate and up in one parallel pass and down in a second.
+    runs gate and up in one parallel pass and down in a second. exact: float32 activations
+    and hidden row (else both are quantised to int8 blocks, ~2% error on the output).
     """
     d_model = x.shape[-1]
     x = _rows(x, d_model)
@@ -90,10 +98,10 @@ def cpu_expert_ffn(
     up = _checked(up, up_type, (intermediate, d_model))
     down = _checked(down, down_type, (d_model, intermediate))
     if not all(has_cpu_kernel(q) for q in qtypes):
-        h = F.silu(cpu_qmatmul(x, gate, gate_type, (intermediate, d_model)))
-        h = h * cpu_qmatmul(x, up, up_type, (intermediate, d_model))
-        return cpu_qmatmul(h, down, down_type, (d_model, intermediate))
+        h = F.silu(cpu_qmatmul(x, gate, gate_type, (intermediate, d_model), exact))
+        h = h * cpu_qmatmul(x, up, up_type, (intermediate, d_model), exact)
+        return cpu_qmatmul(h, down, down_type, (d_model, intermediate), exact)
     y = torch.empty_like(x)
     load_extension().expert_ffn(x.data_ptr(), gate.data_ptr(), up.data_ptr(), down.data_ptr(), int(gate_type),
-                                int(up_type), int(down_type), x.shape[0], d_model, intermediate, y.data_ptr())
+                                int(up_type), int(down_type), x.shape[0], d_model, intermediate, y.data_ptr(), exact)
     return y

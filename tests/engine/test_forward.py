@@ -58,3 +58,14 @@ def test_quantized_matches_oracle_and_llama_cpp(engine_for, arch, quant):
     # llama.cpp rounds activations to 8 bits in its dot products, so a router can pick
     # another expert: an exact decoder lands a few percent away from it.
     assert rel_l2(ours, llama_cpp_logits(fixture.gguf_path, ids)) <= 0.06
+
+
+@pytest.mark.parametrize("arch,quant", [("olmoe", "Q4_K_M"), ("qwen2moe", "IQ3_S"), ("mixtral", "Q6_K")])
+def test_q8_kernels_land_where_llama_cpp_does(engine_for, arch, quant):
+    """The compiled CPU kernels round activations to int8 blocks as llama.cpp does: their
+    logits sit within the same few percent of llama.cpp's as the exact path's do."""
+    fixture = get_fixture(arch, quant)
+    ids = sample_token_ids(fixture, 32, seed=4)
+    fast = engine_for(arch, quant, kernel_backend="q8").score(ids)
+    assert rel_l2(fast, llama_cpp_logits(fixture.gguf_path, ids)) <= 0.06
+    assert rel_l2(fast, model_logits(dequant_oracle_model(fixture), ids)) <= 0.06

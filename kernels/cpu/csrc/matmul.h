@@ -1,8 +1,9 @@
 // y[m, n] = sum_k x[m, k] W[n, k] straight from GGUF blocks, over all cores.
 //
-// Work is a list of jobs (one weight matrix each) whose output rows form one index space, so
-// e.g. an expert's gate and up projections run in a single parallel region; each thread
-// takes a contiguous range of output rows and streams their weight bytes.
+// Two routes: int8 activation blocks and integer dot products (this file), or float32
+// activations and fp32 FMAs (exact.h). Work is a list of jobs (one weight matrix each)
+// whose output rows form one index space, so e.g. an expert's gate and up projections run
+// in a single parallel region; each thread takes a contiguous range of output rows and streams their weight bytes.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -16,7 +17,9 @@
 #include "decode_k.h"
 #include "decode_legacy.h"
 #include "dot.h"
+#include "exact.h"
 #include "gguf_constants.h"
+#include "job.h"
 
 namespace moestream_cpu {
 
@@ -70,15 +73,6 @@ inline QuantizedRows quantize_for(int64_t qtype, const float* x, int64_t M, int6
   });
   return rows;
 }
-
-struct Job {
-  const uint8_t* weight;  // N rows of K / block_size GGUF blocks
-  int64_t qtype, N, K;
-  const void* act;        // M rows of quantised activations for this type's family
-  int64_t M;
-  float* y;               // y[m * ldy + n]
-  int64_t ldy;
-};
 
 #ifdef MOESTREAM_AVX512_VNNI
 
@@ -167,7 +161,11 @@ inline void run_jobs(const std::vector<Job>& jobs) {
     int64_t offset = 0;
     for (const Job& job : jobs) {
       const int64_t lo = std::max(begin, offset), hi = std::min(end, offset + job.N);
-      if (lo < hi) with_format(job.qtype, [&](auto fmt) { run_rows<decltype(fmt)>(job, lo - offset, hi - offset); });
+      if (lo < hi)
+        with_format(job.qtype, [&](auto fmt) {
+          using F = decltype(fmt);
+          job.exact ? run_rows_exact<F>(job, lo - offset, hi - offset) : run_rows<F>(job, lo - offset, hi - offset);
+        });
       offset += job.N;
     }
   });

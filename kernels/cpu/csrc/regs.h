@@ -12,11 +12,13 @@ struct Regs256 {
   __m512i u[4];   // elements 64 k .. 64 k + 63
   __m512i sc[4];  // int32 lane l of vector k: the scale of elements 64 k + 4 l .. + 3
   __m256i mn;     // int16 per group of 16
+  __m512i sc16;   // int32 per group of 16 (the exact route scales floats with it)
   float d;
   float dmin;
 
   // sc16: one int32 scale per group of 16 elements.
   void set_scales(__m512i sc16) {
+    this->sc16 = sc16;
     const __m512i quarter = _mm512_srli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 2);
     for (int k = 0; k < 4; ++k) sc[k] = _mm512_permutexvar_epi32(_mm512_add_epi32(_mm512_set1_epi32(4 * k), quarter), sc16);
   }

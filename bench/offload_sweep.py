@@ -1,0 +1,67 @@
+"""Decode speed and expert-cache behaviour of one model under several VRAM budgets.
+
+    python -m bench.offload_sweep --model /tmp/olmoe-1b-7b-Q4_K_M.gguf --budgets 1GiB,2GiB,4GiB,8GiB
+
+Prints, per budget: decode tok/s, expert hit rate, host->device GB/s of the expert copies
+beside the measured pinned host->device bandwidth, and peak VRAM against the budget. On a
+machine without CUDA the "device" is host memory (copies are memcpy), so the table shows the
+cache's hit rate and the cost of the copies, not PCIe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+from engine.bench import BenchConfig, run_bench, summarize
+from offload.planner import format_bytes, parse_bytes
+
+
+def pinned_h2d_gb_s(nbytes: int = 256 << 20, repeat: int = 5) -> float | None:
+    """The copy rate the expert cache can hope for: pinned host -> device, one big copy."""
+    if not torch.cuda.is_available():
+        return None
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dev.copy_(host, non_blocking=True)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeat):
+        dev.copy_(host, non_blocking=True)
+    torch.cuda.synchronize()
+    return nbytes * repeat / (time.perf_counter() - start) / 1e9
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", "-m", required=True)
+    p.add_argument("--budgets", default="1GiB,2GiB,4GiB,8GiB")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--kernels", default="auto")
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--gen-tokens", type=int, default=32)
+    p.add_argument("--repeat", type=int, default=2)
+    args = p.parse_args(argv)
+    peak = pinned_h2d_gb_s()
+    print(f"pinned host->device: {f'{peak:.1f} GB/s' if peak else 'n/a (no CUDA)'}")
+    print(f"{'budget':>10} {'decode tok/s':>13} {'hit rate':>9} {'H2D GB/s':>9} {'peak VRAM':>11} {'fits':>5}")
+    for budget in args.budgets.split(","):
+        config = BenchConfig(model=args.model, device=args.device, vram_budget=budget,
+                             max_cached_experts=None, threads=os.cpu_count() or 1,
+                             prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens,
+                             n_cpu_moe=None, kernels=args.kernels)
+        s = summarize(run_bench(config, ["moestream"], args.repeat, warmup=1, progress=False)["moestream"])
+        vram = s["peak_vram_bytes"] or 0
+        fits = "yes" if vram <= parse_bytes(budget) else "NO"
+        hit = f"{s['expert_hit_rate']:.3f}" if s["expert_hit_rate"] is not None else "-"
+        h2d = f"{s['h2d_gb_s']:.2f}" if s["h2d_gb_s"] is not None else "-"
+        print(f"{budget:>10} {s['decode_tok_s']:>13.2f} {hit:>9} {h2d:>9} {format_bytes(vram):>11} {fits:>5}",
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
