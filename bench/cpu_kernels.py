@@ -7,6 +7,8 @@ float matrix of the same shape): its time, GB/s on its float bytes, and our quan
 as a fraction of it. Weights rotate over enough copies to exceed the last-level cache, as
 experts do during decode (each is read once per token from DRAM). Then one OLMoE expert FFN
 (Q4_K gate/up, Q6_K down) through `cpu_expert_ffn` and the expert time per token it implies.
+`--exact` adds the exact route (`exact=True`: float32 activations, fp32 FMAs) beside it: its
+time, GB/s and time over the int8 route's, and the expert FFN through it.
 `--routes` instead compares the candidate routes on Q4_K [1024, 2048] (how the route was
 chosen): this int8 kernel, dequantize + F.linear (sgemm), torch's int4pack matmul (the
 layout Q4_K's per-32 scale and min would be repacked into), and with `--inductor` also a
@@ -74,7 +76,8 @@ def copies_for(nbytes: int) -> int:
     return max(2, ROTATION_BYTES // nbytes)
 
 
-def bench_type(qtype: Q, shape: tuple[int, int], rows: list[int], gen: torch.Generator, min_s: float) -> list[str]:
+def bench_type(qtype: Q, shape: tuple[int, int], rows: list[int], gen: torch.Generator, min_s: float,
+               exact: bool) -> list[str]:
     n, k = shape
     nbytes = n * row_bytes(qtype, k)
     weights = random_weights(qtype, shape, gen, copies_for(nbytes))
@@ -85,13 +88,18 @@ def bench_type(qtype: Q, shape: tuple[int, int], rows: list[int], gen: torch.Gen
         ours = time_rotating(lambda i: cpu_qmatmul(x, weights[i], qtype, shape), len(weights), nbytes, min_s)
         torch_ref = time_rotating(lambda i: F.linear(x, dequantize(weights[i], qtype, shape)), 2, nbytes, min_s / 4)
         fp32 = time_rotating(lambda i: F.linear(x, floats[i]), len(floats), 4 * n * k, min_s)
-        lines.append(f"| {qtype.name} | {n}x{k} | {m} | {ours.ms:.3f} | {ours.gb_s:.1f} | {torch_ref.ms:.2f} "
-                     f"| {torch_ref.ms / ours.ms:.0f}x | {fp32.ms:.3f} | {fp32.gb_s:.1f} | {ours.gb_s / fp32.gb_s:.2f} |")
+        line = (f"| {qtype.name} | {n}x{k} | {m} | {ours.ms:.3f} | {ours.gb_s:.1f} | {torch_ref.ms:.2f} "
+                f"| {torch_ref.ms / ours.ms:.0f}x | {fp32.ms:.3f} | {fp32.gb_s:.1f} | {ours.gb_s / fp32.gb_s:.2f} |")
+        if exact:
+            fp = time_rotating(lambda i: cpu_qmatmul(x, weights[i], qtype, shape, exact=True), len(weights), nbytes,
+                               min_s)
+            line += f" {fp.ms:.3f} | {fp.gb_s:.1f} | {fp.ms / ours.ms:.2f} |"
+        lines.append(line)
         print(lines[-1], flush=True)
     return lines
 
 
-def bench_expert(gen: torch.Generator, tokens: int, min_s: float) -> str:
+def bench_expert(gen: torch.Generator, tokens: int, min_s: float, exact: bool) -> str:
     """One OLMoE expert: gate/up Q4_K [1024, 2048], down Q6_K [2048, 1024]."""
     d_model, inter = 2048, 1024
     qtypes = (Q.Q4_K, Q.Q4_K, Q.Q6_K)
@@ -102,15 +110,17 @@ def bench_expert(gen: torch.Generator, tokens: int, min_s: float) -> str:
     x = torch.randn(tokens, d_model, generator=gen) * 0.1
 
     def ffn(i: int) -> torch.Tensor:
-        return cpu_expert_ffn(x, gate[i], up[i], down[i], qtypes, inter)
+        return cpu_expert_ffn(x, gate[i], up[i], down[i], qtypes, inter, exact)
 
     def three_calls(i: int) -> torch.Tensor:
-        h = F.silu(cpu_qmatmul(x, gate[i], Q.Q4_K, (inter, d_model))) * cpu_qmatmul(x, up[i], Q.Q4_K, (inter, d_model))
-        return cpu_qmatmul(h, down[i], Q.Q6_K, (d_model, inter))
+        gate_shape, down_shape = (inter, d_model), (d_model, inter)
+        h = F.silu(cpu_qmatmul(x, gate[i], Q.Q4_K, gate_shape, exact)) * cpu_qmatmul(x, up[i], Q.Q4_K, gate_shape, exact)
+        return cpu_qmatmul(h, down[i], Q.Q6_K, down_shape, exact)
 
     fused = time_rotating(ffn, copies, nbytes, min_s)
     separate = time_rotating(three_calls, copies, nbytes, min_s)
-    line = (f"OLMoE expert FFN (Q4_K gate/up, Q6_K down, {nbytes / 2**20:.2f} MiB), T={tokens}: "
+    route = "exact" if exact else "int8"
+    line = (f"OLMoE expert FFN (Q4_K gate/up, Q6_K down, {nbytes / 2**20:.2f} MiB), {route}, T={tokens}: "
             f"cpu_expert_ffn {fused.ms:.3f} ms ({fused.gb_s:.1f} GB/s), three cpu_qmatmul calls {separate.ms:.3f} ms")
     if tokens == 1:  # decode: every layer runs its active experts on one token
         per_token_ms = fused.ms * OLMOE_LAYERS * OLMOE_ACTIVE_EXPERTS
@@ -156,6 +166,8 @@ def bench_routes(gen: torch.Generator, rows: list[int], min_s: float, inductor: 
         x = torch.randn(m, k, generator=gen)
         line("int8 kernel (cpu_qmatmul)", m, time_rotating(
             lambda i: cpu_qmatmul(x, weights[i], Q.Q4_K, (n, k)), len(weights), nbytes, min_s), nbytes)
+        line("exact kernel (cpu_qmatmul, exact=True)", m, time_rotating(
+            lambda i: cpu_qmatmul(x, weights[i], Q.Q4_K, (n, k), exact=True), len(weights), nbytes, min_s), nbytes)
         line("cpu_dequantize + F.linear", m, time_rotating(
             lambda i: F.linear(x, cpu_dequantize(weights[i], Q.Q4_K, (n, k))), len(weights), nbytes, min_s), nbytes)
         xb = x.to(torch.bfloat16)
@@ -177,6 +189,7 @@ def main() -> None:
     parser.add_argument("--min-seconds", type=float, default=1.0, help="timing budget per figure")
     parser.add_argument("--build", choices=list(BUILDS), default="native",
                         help="time the code path of older x86 CPUs (built here with those ISAs off)")
+    parser.add_argument("--exact", action="store_true", help="also time the exact route (fp32 activations)")
     parser.add_argument("--routes", action="store_true", help="compare the candidate routes on Q4_K instead")
     parser.add_argument("--inductor", action="store_true", help="with --routes: also torch.compile (slow)")
     args = parser.parse_args()
@@ -193,13 +206,16 @@ def main() -> None:
     if args.routes:
         bench_routes(gen, rows, args.min_seconds, args.inductor)
         return
-    print("| type | N x K | M | ms | GB/s | torch ref ms | speed-up | fp32 GEMV ms | fp32 GB/s | GB/s vs fp32 |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    exact_header = (" exact ms | exact GB/s | exact / int8 |", "---|---|---|") if args.exact else ("", "")
+    print("| type | N x K | M | ms | GB/s | torch ref ms | speed-up | fp32 GEMV ms | fp32 GB/s | GB/s vs fp32 |"
+          + exact_header[0])
+    print("|---|---|---|---|---|---|---|---|---|---|" + exact_header[1])
     for name in args.types.split(","):
         for shape in SHAPES:
-            bench_type(Q[name], shape, rows, gen, args.min_seconds)
+            bench_type(Q[name], shape, rows, gen, args.min_seconds, args.exact)
     for tokens in rows:
-        print(bench_expert(gen, tokens, args.min_seconds))
+        for exact in (False, True) if args.exact else (False,):
+            print(bench_expert(gen, tokens, args.min_seconds, exact))
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from kernels.cpu import has_cpu_kernel
+from kernels.dispatch import uses_cpu_kernel
 from engine.config import RopeStyle
 from engine.loader import RawTensor
 
@@ -68,14 +68,14 @@ class Rope:
 
 class Linear:
     """y = x @ W^T (+ b). W is decoded to floats once, unless a kernel reads its blocks
-    directly (the compiled CPU kernels, backend "q8"): then the bytes stay as stored."""
+    directly (the compiled CPU kernels): then the bytes stay as stored."""
 
     def __init__(self, t: RawTensor, bias: torch.Tensor | None, dtype: torch.dtype,
                  device: torch.device, backend: str):
         self.bias, self.backend = bias, backend
         self.qtype, self.shape = t.qtype, t.rows_cols
         quantized = t.data.dtype == torch.uint8 and len(t.dims) == 2
-        if quantized and device.type == "cpu" and backend == "q8" and has_cpu_kernel(t.qtype):
+        if quantized and uses_cpu_kernel(t.qtype, device, backend):
             self.raw, self.weight = t.data.reshape(-1), None
         else:
             self.raw, self.weight = None, dequantize_tensor(t, dtype, device)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from kernels.cpu import cpu_expert_ffn
-from kernels.dispatch import qmatmul
+from kernels.dispatch import qmatmul, uses_cpu_kernel
 from engine.config import ModelConfig, QKNorm
 from engine.kv_cache import KVCache
 from engine.layers import Embedding, Linear, Rope, dequantize_tensor, rms_norm
@@ -64,9 +64,10 @@ class LayerWeights:
 def expert_ffn(x: torch.Tensor, w: ExpertWeights, backend: str) -> torch.Tensor:
     """SwiGLU of one routed expert, straight from its quantized blocks."""
     lay = w.layout
-    if backend == "q8" and x.device.type == "cpu":  # one compiled call for the three projections
-        qtypes = (lay.gate.qtype, lay.up.qtype, lay.down.qtype)
-        return cpu_expert_ffn(x, w.gate, w.up, w.down, qtypes, lay.gate.shape[0]).to(x.dtype)
+    qtypes = (lay.gate.qtype, lay.up.qtype, lay.down.qtype)
+    if all(uses_cpu_kernel(q, x.device, backend) for q in qtypes):  # one compiled call for all three
+        return cpu_expert_ffn(x, w.gate, w.up, w.down, qtypes, lay.gate.shape[0],
+                              exact=backend == "auto").to(x.dtype)
     gate = qmatmul(x, w.gate, lay.gate.qtype, lay.gate.shape, backend=backend)
     up = qmatmul(x, w.up, lay.up.qtype, lay.up.shape, backend=backend)
     return qmatmul(F.silu(gate) * up, w.down, lay.down.qtype, lay.down.shape, backend=backend)

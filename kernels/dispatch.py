@@ -1,8 +1,9 @@
 """The one entry for a matmul with GGUF-quantized weights: y = x @ W^T, W kept as raw blocks.
 
 backend="auto" runs the Triton kernels when x is on CUDA and the type has one (GEMV for up
-to GEMV_MAX_ROWS activation rows, tensor-core GEMM above), and the torch reference
-(dequantize, then an fp32 matmul) otherwise; a CUDA tensor whose type has no Triton kernel
+to GEMV_MAX_ROWS activation rows, tensor-core GEMM above), on CPU tensors the compiled CPU
+kernels in exact mode (fp32 activations, weights decoded in registers; kernels/cpu) where
+the type has one, and the torch reference (dequantize, then an fp32 matmul) otherwise; a CUDA tensor whose type has no Triton kernel
 takes the reference with a logged notice, once per type. backend="triton" forces the kernels
 (on CPU tensors they run under TRITON_INTERPRET=1); backend="torch" forces the reference.
 backend="q8" runs the compiled CPU kernels (kernels/cpu) with activations rounded to int8
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType as Q
 
-from kernels.cpu import cpu_qmatmul
+from kernels.cpu import cpu_qmatmul, has_cpu_kernel
 from kernels.dequant import dequantize
 from kernels.errors import UnsupportedQuantType
 from kernels.expert_layout import SlotTensor
@@ -55,10 +56,11 @@ def qmatmul(
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    if backend == "q8":
-        if x.device.type != "cpu":
-            raise ValueError("backend 'q8' runs on CPU tensors only")
-        return cpu_qmatmul(x2, qweight, qtype, shape).to(x.dtype).reshape(*x.shape[:-1], n)
+    if backend == "q8" and x.device.type != "cpu":
+        raise ValueError("backend 'q8' runs on CPU tensors only")
+    if uses_cpu_kernel(qtype, x.device, backend):
+        y = cpu_qmatmul(x2, qweight, qtype, shape, exact=backend == "auto")
+        return y.to(x.dtype).reshape(*x.shape[:-1], n)
     if not use_triton(qtype, x.device, backend) or x2.shape[0] == 0:
         return qmatmul_reference(x2, qweight, qtype, shape).reshape(*x.shape[:-1], n)
     kernel = triton_gemv if x2.shape[0] <= GEMV_MAX_ROWS else triton_gemm
@@ -113,6 +115,11 @@ def _grouped_reference(
             y = y * topk_weights.reshape(-1)[pairs, None].float()
         out[pairs] = y.to(x.dtype)
     return out
+
+
+def uses_cpu_kernel(qtype: Q, device: torch.device, backend: Backend) -> bool:
+    """Whether a matmul of `qtype` on `device` runs the compiled CPU kernels."""
+    return device.type == "cpu" and backend in ("auto", "q8") and has_cpu_kernel(qtype)
 
 
 def use_triton(qtype: Q, device: torch.device, backend: Backend) -> bool:

@@ -13,20 +13,26 @@ more activation rows (independent roundings) the tests require the measured rms 
 2x of that prediction: a biased kernel (a min or shift term slightly off) fails it even where
 it stays inside the hard bound. For Gaussian activations this is a relative error of about
 0.7% (scale ~ 2.9 sigma / 127).
+
+The exact route (exact=True) keeps activations in float32 and accumulates in fp32: it must
+match the float64 product on gguf's dequantized weights to fp32 rounding (1e-5 of the
+output scale) and agree with kernels.dequantize + F.linear just as closely.
 """
 
 import logging
 import platform
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from gguf import GGMLQuantizationType as Q
 from gguf import quants
 
 import kernels.cpu.build as build
 import kernels.cpu.qmatmul as cpu_module
-from kernels import BLOCK_FORMATS, random_blocks
+from kernels import BLOCK_FORMATS, dequantize, random_blocks
 from kernels.cpu import cpu_dequantize, cpu_expert_ffn, cpu_qmatmul, has_cpu_kernel
 
 SUPER_BLOCK_TYPES = [Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S,
@@ -34,6 +40,7 @@ SUPER_BLOCK_TYPES = [Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ2_XXS, Q.IQ2_XS
 LEGACY_TYPES = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.IQ4_NL]
 KERNEL_TYPES = SUPER_BLOCK_TYPES + LEGACY_TYPES
 RMS_TOLERANCE = 2.0  # measured rms error / predicted, over >= 16 independent activation rows
+EXACT_TOLERANCE = 1e-5  # max |error| / max |y|: fp32 rounding over K = 512 is ~1e-7
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -108,6 +115,26 @@ def test_qmatmul_within_int8_error(qtype: Q, m: int, generator: torch.Generator)
     _assert_within_int8_error(y, x, dense, qtype, generator.initial_seed())
 
 
+def _assert_exact(y: torch.Tensor, reference: np.ndarray, what: str) -> None:
+    scale = np.abs(reference).max()
+    worst = np.abs(y.double().numpy() - reference).max() / scale
+    assert worst <= EXACT_TOLERANCE, f"{what}: max error {worst:.3g} of the output scale"
+
+
+@pytest.mark.parametrize("m", [1, 3, 16, 64])
+@pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
+def test_exact_qmatmul(qtype: Q, m: int, generator: torch.Generator) -> None:
+    rows, cols = 37, 512
+    raw, dense = _weights(qtype, rows, cols, generator)
+    x = _activations(m, cols, generator)
+    y = cpu_qmatmul(x, raw, qtype, (rows, cols), exact=True)
+    assert y.shape == (m, rows) and y.dtype == torch.float32
+    seed = generator.initial_seed()
+    _assert_exact(y, x.double().numpy() @ dense.T, f"seed {seed}, float64 on gguf weights")
+    torch_route = F.linear(x, dequantize(raw, qtype, (rows, cols))).double().numpy()
+    _assert_exact(y, torch_route, f"seed {seed}, dequantize + F.linear")
+
+
 @pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q8_0], ids=lambda q: q.name)
 def test_prefill_chunk(qtype: Q, generator: torch.Generator) -> None:
     """M = 256 rows (a prefill chunk) and, for Q8_0, K that is not a multiple of 256."""
@@ -117,12 +144,23 @@ def test_prefill_chunk(qtype: Q, generator: torch.Generator) -> None:
     _assert_within_int8_error(cpu_qmatmul(x, raw, qtype, (rows, cols)), x, dense, qtype, generator.initial_seed())
 
 
-@pytest.fixture(scope="module", params=[build.WITHOUT_AVX512, build.WITHOUT_AVX2], ids=["avx2", "plain-cpp"])
-def older_cpu_build(request):
-    """The kernels as CPUs without AVX-512 (AVX2 path) or without AVX2 (plain C++) run them."""
+OLDER_CPUS = {"avx2": build.WITHOUT_AVX512, "plain-cpp": build.WITHOUT_AVX2}
+
+
+@pytest.fixture(scope="module")
+def older_cpu_builds() -> dict:
+    """Both older-CPU builds, compiled side by side (one compiler per core: half the wait)."""
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("the flags that select the older x86 code paths exist only on x86")
-    return build.compile_extension(without=request.param)
+    with ThreadPoolExecutor(len(OLDER_CPUS)) as pool:
+        futures = {name: pool.submit(build.compile_extension, without=flags) for name, flags in OLDER_CPUS.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
+@pytest.fixture(params=list(OLDER_CPUS))
+def older_cpu_build(older_cpu_builds: dict, request):
+    """The kernels as CPUs without AVX-512 (AVX2 path) or without AVX2 (plain C++) run them."""
+    return older_cpu_builds[request.param]
 
 
 @pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
@@ -130,24 +168,27 @@ def test_older_cpu_paths(older_cpu_build, qtype: Q, generator: torch.Generator) 
     rows, cols, m = 37, 512, 16
     raw, dense = _weights(qtype, rows, cols, generator)
     x = _activations(m, cols, generator)
-    y, w = torch.empty(m, rows), torch.empty(rows, cols)
-    older_cpu_build.qmatmul(x.data_ptr(), raw.data_ptr(), int(qtype), m, rows, cols, y.data_ptr())
+    y, y_exact, w = torch.empty(m, rows), torch.empty(m, rows), torch.empty(rows, cols)
+    older_cpu_build.qmatmul(x.data_ptr(), raw.data_ptr(), int(qtype), m, rows, cols, y.data_ptr(), False)
+    older_cpu_build.qmatmul(x.data_ptr(), raw.data_ptr(), int(qtype), m, rows, cols, y_exact.data_ptr(), True)
     older_cpu_build.dequantize(raw.data_ptr(), int(qtype), rows, cols, w.data_ptr())
     _assert_within_int8_error(y, x, dense, qtype, generator.initial_seed())
+    _assert_exact(y_exact, x.double().numpy() @ dense.T, f"seed {generator.initial_seed()}, exact route")
     np.testing.assert_allclose(w.double().numpy(), dense, rtol=1e-6, atol=1e-6 * np.abs(dense).max())
 
 
-def test_independent_of_thread_count(generator: torch.Generator) -> None:
+@pytest.mark.parametrize("exact", [False, True], ids=["int8", "exact"])
+def test_independent_of_thread_count(exact: bool, generator: torch.Generator) -> None:
     """Rows split across threads (and the gate/up job boundary) compute the same numbers."""
     raw, _ = _weights(Q.Q4_K, 301, 512, generator)
     x = _activations(5, 512, generator)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        single = cpu_qmatmul(x, raw, Q.Q4_K, (301, 512))
+        single = cpu_qmatmul(x, raw, Q.Q4_K, (301, 512), exact)
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(cpu_qmatmul(x, raw, Q.Q4_K, (301, 512)), single)
+    assert torch.equal(cpu_qmatmul(x, raw, Q.Q4_K, (301, 512), exact), single)
 
 
 def _silu(v: np.ndarray) -> np.ndarray:
@@ -173,8 +214,12 @@ def test_expert_ffn(qtypes: tuple[Q, Q, Q], tokens: int, generator: torch.Genera
     relative = np.linalg.norm(y.double().numpy() - reference) / np.linalg.norm(reference)
     # Two int8 roundings: x (~0.7%, see the module doc), then the hidden silu(g) * u, a product
     # of two Gaussians whose block maxima reach ~10 sigma: step ~ 10 / 127, rms ~2.3%. llama.cpp
-    # quantises the same hidden row (q8_K) for its down projection.
-    assert relative <= 6e-2, f"seed {generator.initial_seed()}: relative error {relative:.3g}"
+    # quantises the same hidden row (q8_K) for its down projection. One token: 5.8% worst of
+    # 150 seeds (few roundings, wide spread).
+    assert relative <= 8e-2, f"seed {generator.initial_seed()}: relative error {relative:.3g}"
+
+    exact = cpu_expert_ffn(x, gate, up, down, qtypes, inter, exact=True)
+    _assert_exact(exact, reference, f"seed {generator.initial_seed()}, exact expert FFN")
 
 
 def test_type_without_kernel_uses_reference(generator: torch.Generator) -> None:
