@@ -26,6 +26,7 @@ from multiprocessing.connection import Connection
 import numpy as np
 from tqdm import tqdm
 
+from engine.engine import default_kernels
 from kernels.errors import MoestreamError
 
 WARMUP_PROMPT_TOKENS = 16
@@ -253,8 +254,9 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-cpu-moe", type=int, default=None,
                         help="llama.cpp on a GPU: layers whose experts stay on the CPU (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompt token ids")
-    parser.add_argument("--kernels", default="auto", choices=("auto", "q8", "torch", "triton"),
-                        help="our matmul kernels (see `moestream serve --help`)")
+    parser.add_argument("--kernels", default=None, choices=("auto", "q8", "torch", "triton"),
+                        help="our matmul kernels (default: q8 on the CPU, auto on CUDA; see "
+                             "`moestream serve --help`)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
@@ -265,12 +267,13 @@ def bench_main(args: argparse.Namespace) -> int:
 
     if args.prompt_tokens < 1 or args.gen_tokens < 2:
         raise MoestreamError("--prompt-tokens must be >= 1 and --gen-tokens >= 2 (decode speed needs two tokens)")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     config = BenchConfig(
-        model=args.model, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        model=args.model, device=device,
         vram_budget=args.vram_budget, max_cached_experts=args.max_cached_experts,
         threads=args.threads or os.cpu_count() or 1,
         prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens, n_cpu_moe=args.n_cpu_moe,
-        kernels=args.kernels)
+        kernels=default_kernels(device, args.kernels))
     names = ["moestream", "llama_cpp"] if args.vs_llama_cpp else ["moestream"]
     results = run_bench(config, names, args.repeat, args.warmup, seed=args.seed, progress=not args.json)
     summaries = {name: summarize(runs) for name, runs in results.items()}

@@ -49,6 +49,12 @@ class EngineConfig:
         return -(-max_len // self.kv_block_size) * self.kv_block_size * self.max_batch
 
 
+def default_kernels(device: str, kernels: str | None) -> str:
+    """The command line follows llama.cpp's numerics on the CPU (q8) unless told otherwise;
+    EngineConfig's default stays the exact path ("auto")."""
+    return kernels or ("q8" if torch.device(device).type == "cpu" else "auto")
+
+
 class Engine:
     def __init__(self, file: GGUFModelFile, config: EngineConfig):
         self.file, self.engine_config = file, config

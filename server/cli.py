@@ -14,6 +14,10 @@ from pathlib import Path
 from kernels.errors import MoestreamError
 
 EXIT_USAGE = 2
+KERNEL_CHOICES = ("auto", "q8", "torch", "triton")
+KERNELS_HELP = ("matmul kernels: q8 (CPU: activations rounded to int8 blocks as llama.cpp does; "
+                "about 1%% from exact, 1.8x faster), auto (exact fp32: compiled CPU kernels, Triton "
+                "on CUDA), torch (reference), triton; default: q8 on the CPU, auto on CUDA")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -28,9 +32,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-pin", action="store_true",
                    help="read experts from the memory map instead of pinned host memory")
     p.add_argument("--no-prefetch", action="store_true", help="do not prefetch predicted experts")
-    p.add_argument("--kernels", default="auto", choices=("auto", "q8", "torch", "triton"),
-                   help="matmul kernels: auto (exact; Triton on CUDA), q8 (CPU, activations rounded "
-                        "to int8 blocks as llama.cpp does: faster, ~1%% from exact), torch (reference)")
+    p.add_argument("--kernels", default=None, choices=KERNEL_CHOICES, help=KERNELS_HELP)
     p.add_argument("--record-routing", default=None, metavar="FILE",
                    help="write each token's experts per layer to FILE (JSONL) for `moestream cache-sim`")
 
@@ -38,10 +40,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def engine_options(args: argparse.Namespace) -> dict:
     import torch
 
+    from engine.engine import default_kernels
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return dict(device=device, vram_budget=args.vram_budget, max_cached_experts=args.max_cached_experts,
                 ctx_size=args.ctx_size, pin_memory=not args.no_pin, prefetch=not args.no_prefetch,
-                record_routing=args.record_routing, kernel_backend=args.kernels)
+                record_routing=args.record_routing, kernel_backend=default_kernels(device, args.kernels))
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -128,9 +132,7 @@ def _add_serve_parser(sub) -> None:
            "host memory", action="store_true")
     option("--no-prefetch", "MOESTREAM_NO_PREFETCH", "do not prefetch predicted experts",
            action="store_true")
-    option("--kernels", "MOESTREAM_KERNELS", "matmul kernels: auto (exact; Triton on CUDA), q8 (CPU, "
-           "activations rounded to int8 blocks as llama.cpp does: faster, ~1%% from exact), torch",
-           default="auto", choices=("auto", "q8", "torch", "triton"))
+    option("--kernels", "MOESTREAM_KERNELS", KERNELS_HELP, choices=KERNEL_CHOICES)
     option("--record-routing", "MOESTREAM_RECORD_ROUTING", "write each token's experts per layer "
            "to this JSONL file, for `moestream cache-sim`")
     p.set_defaults(func=cmd_serve)
