@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from kernels.cpu import cpu_expert_ffn
+from kernels.cpu import cpu_expert_ffn, cpu_moe_layer
 from kernels.dispatch import qmatmul, uses_cpu_kernel
 from engine.config import ModelConfig, QKNorm
 from engine.kv_cache import KVCache
@@ -24,6 +24,7 @@ from engine.layers import Embedding, Linear, Rope, dequantize_tensor, rms_norm
 from engine.loader import GGUFModelFile
 from offload.layout import ExpertWeights
 from offload.source import ExpertSource
+from offload.store import HostExpertStore
 
 RoutingHook = Callable[[int, torch.Tensor, torch.Tensor], None]
 
@@ -181,11 +182,22 @@ class MoEModel:
             self.routing_hook(i, ids, weights)
         # Each (token, k) result lands in its own row and the k rows are summed in a fixed
         # order, so the result does not depend on the order the experts arrive in.
-        per_k = torch.zeros(T, ids.shape[1], D, dtype=x.dtype, device=x.device)
-        for e, w in self.experts.load(i, ids.unique().tolist()):
-            tok, kth = (ids == e).nonzero(as_tuple=True)
-            y = expert_ffn(x[tok], w, self.kernel_backend)
-            per_k[tok, kth] = y * weights[tok, kth, None].to(y.dtype)
+        experts = self.experts.load(i, ids.unique().tolist())
+        lay = self.experts.layout(i) if isinstance(self.experts, HostExpertStore) else None
+        parts = (lay.gate, lay.up, lay.down) if lay is not None else ()
+        if parts and x.dtype == torch.float32 and all(uses_cpu_kernel(p.qtype, x.device, self.kernel_backend)
+                                                        for p in parts):
+            # Host-store experts stay valid after the generator moves on (a cache slot would
+            # not), so the whole layer runs in one compiled call, bitwise as expert by expert.
+            qtypes = tuple(p.qtype for p in parts)
+            per_k = cpu_moe_layer(x, ids, weights, [(e, *w.parts) for e, w in experts], qtypes,
+                                  lay.gate.shape[0], exact=self.kernel_backend == "auto")
+        else:
+            per_k = torch.zeros(T, ids.shape[1], D, dtype=x.dtype, device=x.device)
+            for e, w in experts:
+                tok, kth = (ids == e).nonzero(as_tuple=True)
+                y = expert_ffn(x[tok], w, self.kernel_backend)
+                per_k[tok, kth] = y * weights[tok, kth, None].to(y.dtype)
         out = per_k.sum(1)
         if lw.shared is not None:
             gate, up, down = lw.shared

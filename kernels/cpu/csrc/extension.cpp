@@ -4,9 +4,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include <cmath>
-
 #include "dequant.h"
+#include "expert_ffn.h"
 #include "matmul.h"
 
 namespace moestream_cpu {
@@ -16,16 +15,6 @@ template <class T>
 T* address(uintptr_t p) {
   return reinterpret_cast<T*>(p);
 }
-
-// Activation rows as the route reads them: float32 as they are (exact), else int8 blocks.
-struct Activations {
-  QuantizedRows quantized;
-  const void* data;
-
-  Activations(int64_t qtype, const float* x, int64_t M, int64_t K, bool exact)
-      : quantized(exact ? QuantizedRows{} : quantize_for(qtype, x, M, K, K)),
-        data(exact ? static_cast<const void*>(x) : quantized.data) {}
-};
 
 // y [M, N] = x [M, K] @ W.T for W [N, K] in GGUF blocks of `qtype`.
 void qmatmul(uintptr_t x, uintptr_t weight, int64_t qtype, int64_t M, int64_t N, int64_t K, uintptr_t y, bool exact) {
@@ -37,32 +26,24 @@ void dequantize_weight(uintptr_t weight, int64_t qtype, int64_t N, int64_t K, ui
   dequantize(address<const uint8_t>(weight), qtype, N, K, address<float>(out));
 }
 
-int64_t block_size_of(int64_t qtype) {
-  int64_t size = 0;
-  with_format(qtype, [&](auto fmt) { size = decltype(fmt)::block_size; });
-  return size;
-}
-
 // y [T, D] = down(silu(gate x) * up x) for one expert: gate/up are [I, D], down is [D, I].
 // The int8 route quantises x once per block family and the hidden row again for down.
 void expert_ffn(uintptr_t x, uintptr_t gate, uintptr_t up, uintptr_t down, int64_t gate_type, int64_t up_type,
                 int64_t down_type, int64_t T, int64_t D, int64_t I, uintptr_t y, bool exact) {
-  const float* rows = address<const float>(x);
-  const Activations x_gate(gate_type, rows, T, D, exact);
-  const bool shared = exact || block_size_of(gate_type) == block_size_of(up_type);
-  const Activations x_up(up_type, rows, shared ? 0 : T, D, exact);
-  std::vector<float> h(T * 2 * I);  // [T, gate | up]
-  run_jobs({Job{address<const uint8_t>(gate), gate_type, I, D, x_gate.data, T, h.data(), 2 * I, exact},
-            Job{address<const uint8_t>(up), up_type, I, D, (shared ? x_gate : x_up).data, T, h.data() + I, 2 * I,
-                exact}});
-  std::vector<float> a(T * I);
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t i = 0; i < I; ++i) {
-      const float g = h[t * 2 * I + i];
-      a[t * I + i] = g / (1.0f + std::exp(-g)) * h[t * 2 * I + I + i];
-    }
-  const Activations act(down_type, a.data(), T, I, exact);
-  run_jobs({Job{address<const uint8_t>(down), down_type, D, I, act.data, T, address<float>(y), D, exact}});
+  const ExpertRun run{address<const uint8_t>(gate), address<const uint8_t>(up), address<const uint8_t>(down), 0, T};
+  run_experts({run}, FfnTypes{gate_type, up_type, down_type}, address<const float>(x), T, D, I, address<float>(y),
+              exact);
+}
+
+// out [T, k, D] = route_weights[t, j] * FFN_{ids[t, j]}(x[t]) for every routed expert of a
+// layer in one call: x [T, D] float32, ids [T, k] int64, route_weights [T, k] float32.
+void moe_layer(uintptr_t x, int64_t T, int64_t D, int64_t I, int64_t k, uintptr_t ids, uintptr_t route_weights,
+               const std::vector<LayerExpert>& experts, const std::tuple<int64_t, int64_t, int64_t>& types,
+               uintptr_t out, bool exact) {
+  const auto [gate_type, up_type, down_type] = types;
+  run_moe_layer(address<const float>(x), T, D, I, k, address<const int64_t>(ids),
+                address<const float>(route_weights), experts, FfnTypes{gate_type, up_type, down_type},
+                address<float>(out), exact);
 }
 
 std::vector<int64_t> supported_types() {
@@ -82,6 +63,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qmatmul", &moestream_cpu::qmatmul, py::call_guard<py::gil_scoped_release>());
   m.def("dequantize", &moestream_cpu::dequantize_weight, py::call_guard<py::gil_scoped_release>());
   m.def("expert_ffn", &moestream_cpu::expert_ffn, py::call_guard<py::gil_scoped_release>());
+  m.def("moe_layer", &moestream_cpu::moe_layer, py::call_guard<py::gil_scoped_release>());
   m.def("supported_types", &moestream_cpu::supported_types);
   m.attr("isa") = moestream_cpu::ISA;
 }

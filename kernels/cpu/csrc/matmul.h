@@ -149,24 +149,30 @@ void run_rows(const Job& job, int64_t n0, int64_t n1) {
 // Bytes of weights (times activation rows) per parallel task: small matrices stay on one core.
 constexpr int64_t TASK_WORK = 64 * 1024;
 
+// The jobs' output rows as one index space, each row weighted by its work (K * M): threads
+// get equal shares of work even when jobs differ in M (a layer's experts during prefill).
+// Thread ranges cut between rows; a row belongs to the range holding its start, and every
+// output element is computed the same way whichever thread computes it.
 inline void run_jobs(const std::vector<Job>& jobs) {
-  int64_t total_rows = 0, total_work = 0;
-  for (const Job& job : jobs) {
-    total_rows += job.N;
-    total_work += job.N * job.K * job.M;
-  }
-  const int64_t work_per_row = std::max<int64_t>(1, total_work / std::max<int64_t>(1, total_rows) / 2);
-  const int64_t grain = std::max<int64_t>(1, TASK_WORK / work_per_row);
-  at::parallel_for(0, total_rows, grain, [&](int64_t begin, int64_t end) {
+  int64_t total_work = 0;
+  for (const Job& job : jobs) total_work += job.N * job.K * job.M;
+  const int64_t grain = 2 * TASK_WORK;  // work counts elements: ~2 per byte of the K-quants
+  at::parallel_for(0, total_work, grain, [&](int64_t begin, int64_t end) {
     int64_t offset = 0;
     for (const Job& job : jobs) {
-      const int64_t lo = std::max(begin, offset), hi = std::min(end, offset + job.N);
-      if (lo < hi)
-        with_format(job.qtype, [&](auto fmt) {
-          using F = decltype(fmt);
-          job.exact ? run_rows_exact<F>(job, lo - offset, hi - offset) : run_rows<F>(job, lo - offset, hi - offset);
-        });
-      offset += job.N;
+      const int64_t row_work = job.K * job.M;
+      const int64_t job_end = offset + job.N * row_work;
+      if (row_work > 0 && begin < job_end && end > offset) {
+        // Rows whose start offset + n * row_work lies in [begin, end).
+        const int64_t lo = std::max<int64_t>(0, (begin - offset + row_work - 1) / row_work);
+        const int64_t hi = std::min(job.N, (end - offset + row_work - 1) / row_work);
+        if (lo < hi)
+          with_format(job.qtype, [&](auto fmt) {
+            using F = decltype(fmt);
+            job.exact ? run_rows_exact<F>(job, lo, hi) : run_rows<F>(job, lo, hi);
+          });
+      }
+      offset = job_end;
     }
   });
 }

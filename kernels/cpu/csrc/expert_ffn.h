@@ -1,0 +1,148 @@
+// SwiGLU expert FFNs, y = down(silu(gate x) * up x), straight from GGUF blocks: one expert
+// (expert_ffn) or every routed expert of a MoE layer in one call (moe_layer). Both run the
+// same jobs on the same activation rows, so a layer's results are bitwise those of its
+// experts run one by one.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <stdexcept>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "matmul.h"
+
+namespace moestream_cpu {
+
+// Bytes of one activation row of K elements as the route reads it.
+inline int64_t act_row_bytes(int64_t qtype, int64_t K, bool exact) {
+  int64_t bytes = K * int64_t(sizeof(float));
+  if (!exact)
+    with_format(qtype, [&](auto fmt) {
+      if constexpr (std::is_same_v<typename decltype(fmt)::Act, Act256>)
+        bytes = K / QK * int64_t(sizeof(Act256));
+      else
+        bytes = K / QB * int64_t(sizeof(Act32));
+    });
+  return bytes;
+}
+
+// Activation rows as the route reads them: float32 as they are (exact), else int8 blocks.
+// Rows are quantised independently, so any run of them serves as a job's activations.
+struct Activations {
+  QuantizedRows quantized;
+  const void* data;
+  int64_t row_bytes;
+
+  Activations(int64_t qtype, const float* x, int64_t M, int64_t K, bool exact)
+      : quantized(exact ? QuantizedRows{} : quantize_for(qtype, x, M, K, K)),
+        data(exact ? static_cast<const void*>(x) : quantized.data),
+        row_bytes(act_row_bytes(qtype, K, exact)) {}
+
+  const void* row(int64_t m) const { return static_cast<const uint8_t*>(data) + m * row_bytes; }
+};
+
+inline int64_t block_size_of(int64_t qtype) {
+  int64_t size = 0;
+  with_format(qtype, [&](auto fmt) { size = decltype(fmt)::block_size; });
+  return size;
+}
+
+struct FfnTypes {
+  int64_t gate, up, down;
+};
+
+// Rows x [R, D] quantised once per block family; gate and up share them when they can.
+struct FfnInputs {
+  Activations gate;
+  Activations up_own;
+  bool shared;
+
+  FfnInputs(const FfnTypes& types, const float* x, int64_t R, int64_t D, bool exact)
+      : gate(types.gate, x, R, D, exact),
+        up_own(types.up, x, shared_input(types, exact) ? 0 : R, D, exact),
+        shared(shared_input(types, exact)) {}
+
+  const Activations& up() const { return shared ? gate : up_own; }
+
+  static bool shared_input(const FfnTypes& types, bool exact) {
+    return exact || block_size_of(types.gate) == block_size_of(types.up);
+  }
+};
+
+// a[r, i] = silu(h[r, i]) * h[r, I + i] for hidden rows h [R, gate | up].
+inline void silu_product(const float* h, int64_t I, int64_t r0, int64_t r1, float* a) {
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t i = 0; i < I; ++i) {
+      const float g = h[r * 2 * I + i];
+      a[r * I + i] = g / (1.0f + std::exp(-g)) * h[r * 2 * I + I + i];
+    }
+}
+
+// Hidden rows per parallel task of the SiLU product: a decode step's few rows stay on one
+// core (a fork costs more than they do).
+constexpr int64_t SILU_ROWS = 16;
+
+// One expert's rows [r0, r0 + M) of a layer's stacked activations, and its three matrices.
+struct ExpertRun {
+  const uint8_t *gate, *up, *down;
+  int64_t r0, M;
+};
+
+// y [R, D] for stacked rows x [R, D]: each run's rows through its expert. Gate and up of all
+// runs form one parallel region, down of all runs a second.
+inline void run_experts(const std::vector<ExpertRun>& runs, const FfnTypes& types, const float* x, int64_t R,
+                        int64_t D, int64_t I, float* y, bool exact) {
+  const FfnInputs in(types, x, R, D, exact);
+  std::vector<float> h(R * 2 * I);  // [R, gate | up]
+  std::vector<Job> jobs;
+  for (const ExpertRun& e : runs) {
+    jobs.push_back(Job{e.gate, types.gate, I, D, in.gate.row(e.r0), e.M, h.data() + e.r0 * 2 * I, 2 * I, exact});
+    jobs.push_back(Job{e.up, types.up, I, D, in.up().row(e.r0), e.M, h.data() + e.r0 * 2 * I + I, 2 * I, exact});
+  }
+  run_jobs(jobs);
+  std::vector<float> a(R * I);
+  at::parallel_for(0, R, SILU_ROWS, [&](int64_t r0, int64_t r1) { silu_product(h.data(), I, r0, r1, a.data()); });
+  const Activations hidden(types.down, a.data(), R, I, exact);
+  jobs.clear();
+  for (const ExpertRun& e : runs)
+    jobs.push_back(Job{e.down, types.down, D, I, hidden.row(e.r0), e.M, y + e.r0 * D, D, exact});
+  run_jobs(jobs);
+}
+
+// (expert id, gate, up, down addresses) of one routed expert of a layer.
+using LayerExpert = std::tuple<int64_t, uintptr_t, uintptr_t, uintptr_t>;
+
+// out [T, k, D]: out[t, j] = route_weight[t, j] * FFN_{ids[t, j]}(x[t]). Each expert's rows
+// are its (t, j) pairs in row-major order, as torch.nonzero lists them.
+inline void run_moe_layer(const float* x, int64_t T, int64_t D, int64_t I, int64_t k, const int64_t* ids,
+                          const float* route_weights, const std::vector<LayerExpert>& experts,
+                          const FfnTypes& types, float* out, bool exact) {
+  std::vector<int64_t> pairs;  // (t, j) pair t * k + j of each stacked row
+  pairs.reserve(T * k);
+  std::vector<ExpertRun> runs;
+  for (const auto& [id, gate, up, down] : experts) {
+    const int64_t r0 = pairs.size();
+    for (int64_t p = 0; p < T * k; ++p)
+      if (ids[p] == id) pairs.push_back(p);
+    const int64_t M = int64_t(pairs.size()) - r0;
+    if (M > 0)
+      runs.push_back(ExpertRun{reinterpret_cast<const uint8_t*>(gate), reinterpret_cast<const uint8_t*>(up),
+                               reinterpret_cast<const uint8_t*>(down), r0, M});
+  }
+  const int64_t R = pairs.size();
+  if (R != T * k)
+    throw std::invalid_argument("moe_layer: the experts given do not cover every routed (token, k) pair once");
+  std::vector<float> xs(R * D);
+  for (int64_t r = 0; r < R; ++r) std::copy_n(x + pairs[r] / k * D, D, xs.begin() + r * D);
+  std::vector<float> ys(R * D);
+  run_experts(runs, types, xs.data(), R, D, I, ys.data(), exact);
+  for (int64_t r = 0; r < R; ++r) {
+    const float w = route_weights[pairs[r]];
+    for (int64_t d = 0; d < D; ++d) out[pairs[r] * D + d] = ys[r * D + d] * w;
+  }
+}
+
+}  // namespace moestream_cpu
