@@ -124,7 +124,7 @@ def bench_matmuls(qtypes: list[Q], shapes, rows, dtypes, device: torch.device, c
 
 def bench_moe(qtype: Q, dims: tuple[int, int, int, int], tokens: list[int], dtype, device, copy_rate) -> list[Row]:
     """Grouped gate|up matmul and the whole expert FFN over n_experts shuffled slots, top-k routing."""
-    from kernels.expert_layout import ExpertLayout, SlotTensor
+    from kernels.expert_layout import SlotLayout, SlotTensor
     from kernels.moe_ffn import moe_ffn
     from kernels.dispatch import grouped_qmatmul
 
@@ -132,7 +132,7 @@ def bench_moe(qtype: Q, dims: tuple[int, int, int, int], tokens: list[int], dtyp
     gen = torch.Generator().manual_seed(1)
     gate = SlotTensor(0, qtype, (inter, hidden))
     up = SlotTensor(gate.end_bytes, qtype, (inter, hidden))
-    layout = ExpertLayout(gate, up, SlotTensor(up.end_bytes, qtype, (hidden, inter)))
+    layout = SlotLayout(gate, up, SlotTensor(up.end_bytes, qtype, (hidden, inter)))
     n_slots = n_experts + 8
     blocks = weight_blocks(qtype, n_slots * layout.slot_bytes // _type_size(qtype), gen)
     slots = blocks.reshape(n_slots, layout.slot_bytes).to(device)

@@ -36,7 +36,7 @@ class SlotTensor:
 
 
 @dataclass(frozen=True)
-class ExpertLayout:
+class SlotLayout:
     """gate [I, D], up [I, D] and down [D, I] of one expert within a slot."""
 
     gate: SlotTensor

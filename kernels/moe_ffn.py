@@ -11,14 +11,14 @@ are applied in the down projection's epilogue.
 import torch
 import torch.nn.functional as F
 
-from kernels.expert_layout import ExpertLayout
+from kernels.expert_layout import SlotLayout
 from kernels.moe_align import moe_align_block_size
 from kernels.dispatch import Backend, grouped_qmatmul, use_triton
 from kernels.triton_moe import moe_block_m
 
 
 def moe_ffn(
-    x: torch.Tensor, slot_buffer: torch.Tensor, slot_of_expert: torch.Tensor, layout: ExpertLayout,
+    x: torch.Tensor, slot_buffer: torch.Tensor, slot_of_expert: torch.Tensor, layout: SlotLayout,
     topk_ids: torch.Tensor, topk_weights: torch.Tensor, backend: Backend = "auto",
 ) -> torch.Tensor:
     """x [T, D] -> [T, D] in x.dtype; arguments as in kernels.dispatch.grouped_qmatmul."""

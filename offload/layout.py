@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from gguf import GGMLQuantizationType
 
+from kernels.expert_layout import SlotLayout, SlotTensor
 from kernels.formats import row_bytes
 
 
@@ -41,6 +42,11 @@ class ExpertLayout:
     def offsets(self) -> tuple[int, int, int]:
         """Byte offsets of gate, up and down inside a slot blob."""
         return 0, self.gate.nbytes, self.gate.nbytes + self.up.nbytes
+
+    def slot_layout(self) -> SlotLayout:
+        """The same blob as the grouped kernels (kernels.moe_ffn) address it inside a slot."""
+        parts = (self.gate, self.up, self.down)
+        return SlotLayout(*(SlotTensor(off, p.qtype, p.shape) for off, p in zip(self.offsets, parts)))
 
 
 @dataclass

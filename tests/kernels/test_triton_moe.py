@@ -12,7 +12,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 
-from kernels.expert_layout import ExpertLayout, SlotTensor
+from kernels.expert_layout import SlotLayout, SlotTensor
 from kernels.formats import random_blocks
 from kernels.moe_align import moe_align_block_size
 from kernels.moe_ffn import moe_ffn
@@ -84,7 +84,7 @@ def test_grouped_matches_per_expert(qtype, offset, n_tokens, top_k, n_experts, p
     assert_matches(grouped_qmatmul(*args, backend="torch"), expected, dtype)
 
 
-def _layout(fused: bool) -> ExpertLayout:
+def _layout(fused: bool) -> SlotLayout:
     hidden, inter = 256, 256
     if fused:  # gate|up back to back with one type: one [2I, D] matmul
         gate = SlotTensor(0, Q.Q4_K, (inter, hidden))
@@ -92,7 +92,7 @@ def _layout(fused: bool) -> ExpertLayout:
     else:
         gate = SlotTensor(0, Q.Q5_K, (inter, hidden))
         up = SlotTensor(gate.end_bytes + 64, Q.IQ4_XS, (inter, hidden))
-    return ExpertLayout(gate, up, SlotTensor(up.end_bytes, Q.Q6_K, (hidden, inter)))
+    return SlotLayout(gate, up, SlotTensor(up.end_bytes, Q.Q6_K, (hidden, inter)))
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-gate-up", "separate-gate-up"])
