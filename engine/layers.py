@@ -50,11 +50,15 @@ class Rope:
         self.style, self.dims, self.scale = style, dims, scale
         self.inv_freq = base ** (-torch.arange(0, dims, 2, dtype=torch.float64, device=device) / dims)
 
-    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        # x: [T, H, head_dim]; positions: [T]
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [T, 1, dims/2] of a batch's positions: made once per step, used by
+        every layer."""
         angles = (positions.to(torch.float64)[:, None] * self.scale) * self.inv_freq[None, :]
-        cos = angles.cos().to(torch.float32)[:, None, :]  # [T, 1, dims/2]
-        sin = angles.sin().to(torch.float32)[:, None, :]
+        return angles.cos().to(torch.float32)[:, None, :], angles.sin().to(torch.float32)[:, None, :]
+
+    def __call__(self, x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        # x: [T, H, head_dim]; tables from `tables(positions)`
+        cos, sin = tables
         rot, rest = x[..., : self.dims].float(), x[..., self.dims :]
         if self.style is RopeStyle.NEOX:
             a, b = rot[..., : self.dims // 2], rot[..., self.dims // 2 :]

@@ -126,8 +126,10 @@ class MoEModel:
     def forward(self, batch: BatchInput, kv: KVCache) -> torch.Tensor:
         """Logits [len(batch.logits_rows), vocab] (float32) for the rows asked for."""
         h = self.embed(batch.token_ids)  # [T, D]
+        rope = self.rope.tables(batch.positions)
         for i, layer in enumerate(self.layers):
-            h = h + self._attention(i, layer, rms_norm(h, layer.attn_norm, self.config.rms_eps), batch, kv)
+            x = rms_norm(h, layer.attn_norm, self.config.rms_eps)
+            h = h + self._attention(i, layer, x, batch, kv, rope)
             x = rms_norm(h, layer.ffn_norm, self.config.rms_eps)
             h = h + self._moe(i, layer, x)
             if self.prefetch and i + 1 < len(self.layers):
@@ -136,7 +138,7 @@ class MoEModel:
         return self.lm_head(h).float()
 
     def _attention(self, i: int, lw: LayerWeights, x: torch.Tensor, batch: BatchInput,
-                   kv: KVCache) -> torch.Tensor:
+                   kv: KVCache, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         cfg = self.config
         T = x.shape[0]
         q, k, v = lw.wq(x), lw.wk(x), lw.wv(x)
@@ -147,7 +149,7 @@ class MoEModel:
         v = v.view(T, cfg.n_kv_heads, cfg.head_dim)
         if cfg.spec.qk_norm is QKNorm.PER_HEAD:
             q, k = rms_norm(q, lw.q_norm, cfg.rms_eps), rms_norm(k, lw.k_norm, cfg.rms_eps)
-        q, k = self.rope(q, batch.positions), self.rope(k, batch.positions)
+        q, k = self.rope(q, rope), self.rope(k, rope)
         kv.write(i, batch.slot_mapping, k, v)
         out = torch.empty(T, cfg.n_heads, cfg.head_dim, dtype=x.dtype, device=x.device)
         for seg in batch.segments:
