@@ -63,11 +63,11 @@ class Engine:
         self.tokenizer = Tokenizer.from_reader(file.reader)
         self.max_model_len = min(config.ctx_size, self.config.context_length)
         n_blocks = config.kv_tokens(self.config.context_length) // config.kv_block_size
-        kv_dtype = torch.float32 if self.device.type == "cpu" else torch.float16
-        self.kv = KVCache(self.config.n_layers, self.config.n_kv_heads, self.config.head_dim,
-                          n_blocks, config.kv_block_size, kv_dtype, self.device)
-        self.experts, self.plan = build_expert_source(file, config, self.kv.nbytes)
+        # fp32 on the CPU (fast there, and exact against the references), fp16 on a GPU
         dtype = torch.float32 if self.device.type == "cpu" else torch.float16
+        self.kv = KVCache(self.config.n_layers, self.config.n_kv_heads, self.config.head_dim,
+                          n_blocks, config.kv_block_size, dtype, self.device)
+        self.experts, self.plan = build_expert_source(file, config, self.kv.nbytes)
         self.model = MoEModel(file, self.experts, self.device, dtype, config.kernel_backend,
                               prefetch=config.prefetch and self.plan is not None)
         self.scheduler = Scheduler(

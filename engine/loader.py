@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFReader
-from gguf.constants import GGML_QUANT_SIZES
 
 from engine.config import ModelConfig, QKNorm
 from kernels.errors import MoestreamError
@@ -41,10 +40,7 @@ class RawTensor:
 
     def as_bytes(self) -> torch.Tensor:
         """The raw bytes, uint8, with the leading dims kept and the last one in bytes."""
-        if self.data.dtype == torch.uint8:
-            return self.data
-        flat = self.data.reshape(*self.dims[:-1], self.dims[-1]) if len(self.dims) > 1 else self.data
-        return flat.contiguous().view(torch.uint8)
+        return self.data if self.data.dtype == torch.uint8 else self.data.contiguous().view(torch.uint8)
 
 
 @dataclass
@@ -77,9 +73,8 @@ def read_metadata(reader: GGUFReader) -> dict[str, Any]:
 def _raw_tensor(path: Path, t: Any) -> RawTensor:
     qtype = GGMLQuantizationType(int(t.tensor_type))
     dims = tuple(int(d) for d in reversed([int(x) for x in t.shape]))
-    block_format(qtype, tensor_name=t.name)
-    block_size, type_size = GGML_QUANT_SIZES[qtype]
-    expected = int(t.n_elements) // block_size * type_size
+    fmt = block_format(qtype, tensor_name=t.name)  # an unsupported type fails here, named
+    expected = int(t.n_elements) // fmt.block_size * fmt.type_size
     if int(t.n_bytes) != expected or t.data.nbytes != expected:
         raise MoestreamError(f"{path}: tensor {t.name!r} holds {t.data.nbytes} bytes, expected "
                              f"{expected}; the file is truncated or corrupt: download it again")

@@ -6,6 +6,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from engine.loader import GGUFModelFile, open_gguf
+from offload.planner import format_bytes
 
 _GROUPS = (
     ("routed experts", lambda n: n.endswith("_exps.weight")),
@@ -22,16 +23,13 @@ def _group(name: str) -> str:
     return next((g for g, match in _GROUPS if match(name)), "other")
 
 
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.3f} GiB" if n >= 2**27 else f"{n / 2**20:.2f} MiB"
-
-
 def tensor_groups(file: GGUFModelFile) -> dict[str, tuple[set[str], int]]:
     groups: dict[str, tuple[set[str], int]] = defaultdict(lambda: (set(), 0))
     for name, t in file.tensors.items():
-        types, nbytes = groups[_group(name)]
+        group = _group(name)
+        types, nbytes = groups[group]
         types.add(t.qtype.name)
-        groups[_group(name)] = (types, nbytes + t.data.nbytes)
+        groups[group] = (types, nbytes + t.data.nbytes)
     return groups
 
 
@@ -60,10 +58,10 @@ def describe(path: Path, vram_budget: str | None = None, ctx_size: int = 4096) -
         f"{'tensor group':<18}{'types':<24}{'bytes':>14}",
     ]
     for name, (types, nbytes) in sorted(groups.items(), key=lambda kv: -kv[1][1]):
-        lines.append(f"{name:<18}{', '.join(sorted(types)):<24}{_gib(nbytes):>14}")
-    lines.append(f"{'total':<42}{_gib(total):>14}")
+        lines.append(f"{name:<18}{', '.join(sorted(types)):<24}{format_bytes(nbytes):>14}")
+    lines.append(f"{'total':<42}{format_bytes(total):>14}")
     lines.append(f"experts are {expert_bytes / max(total, 1):.1%} of the file; the rest is "
-                 f"{_gib(total - expert_bytes)}")
+                 f"{format_bytes(total - expert_bytes)}")
     if vram_budget is not None:
         lines += ["", str(plan_for(file, vram_budget, ctx_size))]
     return "\n".join(lines)
