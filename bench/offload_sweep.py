@@ -2,10 +2,11 @@
 
     python -m bench.offload_sweep --model /tmp/olmoe-1b-7b-Q4_K_M.gguf --budgets 1GiB,2GiB,4GiB,8GiB
 
-Prints, per budget: decode tok/s, expert hit rate, host->device GB/s of the expert copies
-beside the measured pinned host->device bandwidth, and peak VRAM against the budget. On a
-machine without CUDA the "device" is host memory (copies are memcpy), so the table shows the
-cache's hit rate and the cost of the copies, not PCIe.
+Prints, per budget and miss policy (copy / cpu / auto, offload/hybrid.py): decode and prefill
+tok/s, expert hit rate, the share of misses computed on the CPU, host->device GB/s of the
+expert copies beside the measured pinned host->device bandwidth, and peak VRAM against the
+budget. On a machine without CUDA the "device" is host memory (copies are memcpy, or paced by
+--simulate-link-gbps), so the table tests the policies' plumbing, not a GPU's speed.
 """
 
 from __future__ import annotations
@@ -44,23 +45,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--gen-tokens", type=int, default=32)
     p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--policies", default="copy,cpu,auto",
+                   help="miss policies to compare at each budget (see `moestream serve --help`)")
+    p.add_argument("--max-cached-experts", type=int, default=None,
+                   help="cap the slots below what each budget buys (on the CPU: the cache size)")
+    p.add_argument("--simulate-link-gbps", type=float, default=None,
+                   help="CPU only: put the cache's 'device' behind a simulated link this fast")
     args = p.parse_args(argv)
     peak = pinned_h2d_gb_s()
-    print(f"pinned host->device: {f'{peak:.1f} GB/s' if peak else 'n/a (no CUDA)'}")
-    print(f"{'budget':>10} {'decode tok/s':>13} {'hit rate':>9} {'H2D GB/s':>9} {'peak VRAM':>11} {'fits':>5}")
+    print(f"pinned host->device: {f'{peak:.1f} GB/s' if peak else 'n/a (no CUDA)'}"
+          + (f"; simulated link {args.simulate_link_gbps} GB/s" if args.simulate_link_gbps else ""))
+    print(f"{'budget':>10} {'policy':>6} {'decode tok/s':>13} {'prefill tok/s':>14} {'hit rate':>9} "
+          f"{'misses on CPU':>14} {'H2D GB/s':>9} {'peak VRAM':>11} {'fits':>5}")
     for budget in args.budgets.split(","):
-        config = BenchConfig(model=args.model, device=args.device, vram_budget=budget,
-                             max_cached_experts=None, threads=os.cpu_count() or 1,
-                             prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens,
-                             n_cpu_moe=None, kernels=args.kernels)
-        s = summarize(run_bench(config, ["moestream"], args.repeat, warmup=1, progress=False)["moestream"])
-        vram = s["peak_vram_bytes"] or 0
-        fits = "yes" if vram <= parse_bytes(budget) else "NO"
-        hit = f"{s['expert_hit_rate']:.3f}" if s["expert_hit_rate"] is not None else "-"
-        h2d = f"{s['h2d_gb_s']:.2f}" if s["h2d_gb_s"] is not None else "-"
-        print(f"{budget:>10} {s['decode_tok_s']:>13.2f} {hit:>9} {h2d:>9} {format_bytes(vram):>11} {fits:>5}",
-              flush=True)
+        for policy in args.policies.split(","):
+            config = BenchConfig(model=args.model, device=args.device, vram_budget=budget,
+                                 max_cached_experts=args.max_cached_experts, threads=os.cpu_count() or 1,
+                                 prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens,
+                                 n_cpu_moe=None, kernels=args.kernels, miss_policy=policy,
+                                 simulate_link_gbps=args.simulate_link_gbps)
+            s = summarize(run_bench(config, ["moestream"], args.repeat, warmup=1, progress=False)["moestream"])
+            vram = s["peak_vram_bytes"] or 0
+            fits = "yes" if vram <= parse_bytes(budget) else "NO"
+            print(f"{budget:>10} {policy:>6} {s['decode_tok_s']:>13.2f} {s['prefill_tok_s']:>14.2f} "
+                  f"{_cell(s['expert_hit_rate']):>9} {_cell(s['cpu_miss_share']):>14} {_cell(s['h2d_gb_s'], 2):>9} "
+                  f"{format_bytes(vram):>11} {fits:>5}", flush=True)
     return 0
+
+
+def _cell(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 if __name__ == "__main__":

@@ -44,6 +44,8 @@ class BenchConfig:
     gen_tokens: int
     n_cpu_moe: int | None  # llama.cpp on a GPU: layers whose experts stay on the CPU (None: all)
     kernels: str = "auto"  # our matmul kernels (engine kernel_backend)
+    miss_policy: str = "auto"  # our expert cache misses: auto | copy | cpu
+    simulate_link_gbps: float | None = None  # CPU only: our cache's "device" behind a simulated link
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ class RunMetrics:
     host_rss_bytes: int
     expert_hit_rate: float | None = None  # ours only
     h2d_gb_s: float | None = None  # ours only: host->device expert bytes / copy time
+    cpu_miss_share: float | None = None  # ours only: share of misses computed on the CPU
 
 
 def timing_metrics(n_prompt: int, start_s: float, token_times_s: list[float]) -> dict[str, float]:
@@ -85,7 +88,8 @@ class MoestreamRunner:
             max_cached_experts=config.max_cached_experts,
             ctx_size=config.prompt_tokens + config.gen_tokens + 1, max_batch=1,
             max_batched_tokens=max(config.prompt_tokens, WARMUP_PROMPT_TOKENS),
-            kernel_backend=config.kernels)
+            kernel_backend=config.kernels, miss_policy=config.miss_policy,
+            simulate_link_gbps=config.simulate_link_gbps)
 
     def run(self, prompt_ids: list[int], gen_tokens: int) -> RunMetrics:
         from engine import SamplingParams
@@ -113,9 +117,10 @@ def expert_metrics(before: dict, after: dict) -> dict[str, float | None]:
     def delta(key: str) -> float:
         return after.get(key, 0) - before.get(key, 0)
 
-    lookups, copy_s = delta("expert_lookups"), delta("copy_s")
+    lookups, copy_s, misses = delta("expert_lookups"), delta("copy_s"), delta("expert_misses")
     return {"expert_hit_rate": delta("expert_hits") / lookups if lookups else None,
-            "h2d_gb_s": delta("bytes_to_device") / copy_s / 1e9 if copy_s > 0 else None}
+            "h2d_gb_s": delta("bytes_to_device") / copy_s / 1e9 if copy_s > 0 else None,
+            "cpu_miss_share": delta("misses_on_cpu") / misses if misses else None}
 
 
 def make_runner(name: str, config: BenchConfig):
@@ -219,7 +224,7 @@ def summarize(runs: list[RunMetrics]) -> dict:
 _ROWS = [("prefill tok/s", "prefill_tok_s", 1.0, "{:.2f}"), ("decode tok/s", "decode_tok_s", 1.0, "{:.2f}"),
          ("TTFT s", "ttft_s", 1.0, "{:.3f}"), ("peak VRAM GiB", "peak_vram_bytes", 2**-30, "{:.2f}"),
          ("host RSS GiB", "host_rss_bytes", 2**-30, "{:.2f}"), ("expert hit rate", "expert_hit_rate", 1.0, "{:.3f}"),
-         ("H2D GB/s", "h2d_gb_s", 1.0, "{:.2f}")]
+         ("H2D GB/s", "h2d_gb_s", 1.0, "{:.2f}"), ("misses on CPU", "cpu_miss_share", 1.0, "{:.3f}")]
 
 
 def format_table(summaries: dict[str, dict]) -> str:
@@ -257,6 +262,8 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernels", default=None, choices=("auto", "q8", "torch", "triton"),
                         help="our matmul kernels (default: q8 on the CPU, auto on CUDA; see "
                              "`moestream serve --help`)")
+    parser.add_argument("--miss-policy", default="auto", choices=("auto", "copy", "cpu"),
+                        help="what our expert cache misses do (see `moestream serve --help`)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
@@ -273,7 +280,7 @@ def bench_main(args: argparse.Namespace) -> int:
         vram_budget=args.vram_budget, max_cached_experts=args.max_cached_experts,
         threads=args.threads or os.cpu_count() or 1,
         prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens, n_cpu_moe=args.n_cpu_moe,
-        kernels=default_kernels(device, args.kernels))
+        kernels=default_kernels(device, args.kernels), miss_policy=args.miss_policy)
     names = ["moestream", "llama_cpp"] if args.vs_llama_cpp else ["moestream"]
     results = run_bench(config, names, args.repeat, args.warmup, seed=args.seed, progress=not args.json)
     summaries = {name: summarize(runs) for name, runs in results.items()}

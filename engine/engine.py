@@ -40,6 +40,8 @@ class EngineConfig:
     prefetch: bool = True
     pin_memory: bool = True
     kernel_backend: str = "auto"
+    miss_policy: str = "auto"  # expert cache misses: auto (cost model) | copy | cpu
+    simulate_link_gbps: float | None = None  # CPU only: the cache's "device" behind a link this fast
     kv_block_size: int = 16
     record_routing: str | None = None  # JSONL file of each token's experts per layer
 

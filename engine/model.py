@@ -9,7 +9,9 @@ which the MoE layer asks for by id without knowing where they live.
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from time import perf_counter
 from typing import Callable
 
 import torch
@@ -23,7 +25,7 @@ from engine.kv_cache import KVCache
 from engine.layers import Embedding, Linear, Rope, dequantize_tensor, rms_norm
 from engine.loader import GGUFModelFile
 from offload.layout import ExpertWeights
-from offload.source import ExpertSource
+from offload.source import ExpertSource, LayerPlan
 from offload.store import HostExpertStore
 
 RoutingHook = Callable[[int, torch.Tensor, torch.Tensor], None]
@@ -82,6 +84,7 @@ class MoEModel:
         self.experts, self.device, self.dtype = experts, device, dtype
         self.kernel_backend, self.prefetch = kernel_backend, prefetch
         self.routing_hook: RoutingHook | None = None
+        self._cpu_pool: ThreadPoolExecutor | None = None  # the hybrid policy's CPU side
         self.embed = Embedding(file.tensor("token_embd.weight"), dtype, device)
         self.output_norm = self._dense(file, "output_norm.weight")
         head = "output.weight" if file.has("output.weight") else "token_embd.weight"
@@ -178,28 +181,22 @@ class MoEModel:
         return ids, weights
 
     def _moe(self, i: int, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
-        T, D = x.shape
         ids, weights = self.route(lw, x)
         if self.routing_hook is not None:
             self.routing_hook(i, ids, weights)
+        counts = torch.bincount(ids.flatten(), minlength=self.config.n_experts).tolist()
+        tokens = {e: n for e, n in enumerate(counts) if n}  # expert -> tokens routed to it
+        plan = self.experts.plan(i, tokens)
+        # The CPU side (misses not worth a copy) starts first and runs while the device side
+        # computes hits and copies; its rows are filled in when it is done.
+        cpu_side = self._start_cpu_side(x, ids, weights, plan) if plan.cpu else None
+        per_k = self._device_side(i, x, ids, weights, plan.device)
+        if cpu_side is not None:
+            (tok, kth), y, seconds = cpu_side.result()
+            per_k[tok.to(per_k.device), kth.to(per_k.device)] = y.to(per_k.device, per_k.dtype)
+            self.experts.record_cpu(i, {e: tokens[e] for e in plan.cpu_ids}, seconds)
         # Each (token, k) result lands in its own row and the k rows are summed in a fixed
-        # order, so the result does not depend on the order the experts arrive in.
-        experts = self.experts.load(i, ids.unique().tolist())
-        lay = self.experts.layout(i) if isinstance(self.experts, HostExpertStore) else None
-        parts = (lay.gate, lay.up, lay.down) if lay is not None else ()
-        if parts and x.dtype == torch.float32 and all(uses_cpu_kernel(p.qtype, x.device, self.kernel_backend)
-                                                        for p in parts):
-            # Host-store experts stay valid after the generator moves on (a cache slot would
-            # not), so the whole layer runs in one compiled call, bitwise as expert by expert.
-            qtypes = tuple(p.qtype for p in parts)
-            per_k = cpu_moe_layer(x, ids, weights, [(e, *w.parts) for e, w in experts], qtypes,
-                                  lay.gate.shape[0], exact=self.kernel_backend == "auto")
-        else:
-            per_k = torch.zeros(T, ids.shape[1], D, dtype=x.dtype, device=x.device)
-            for e, w in experts:
-                tok, kth = (ids == e).nonzero(as_tuple=True)
-                y = expert_ffn(x[tok], w, self.kernel_backend)
-                per_k[tok, kth] = y * weights[tok, kth, None].to(y.dtype)
+        # order, so the result does not depend on where or in what order experts ran.
         out = per_k.sum(1)
         if lw.shared is not None:
             gate, up, down = lw.shared
@@ -208,6 +205,52 @@ class MoEModel:
                 s = s * torch.sigmoid(F.linear(x, lw.shared_gate.view(1, -1)))
             out = out + s
         return out
+
+    def _device_side(self, i: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                     expert_ids: tuple[int, ...]) -> torch.Tensor:
+        """per_k [T, k, D]: the rows of `expert_ids`, computed where the source keeps them
+        (zeros elsewhere)."""
+        T, D = x.shape
+        experts = self.experts.load(i, expert_ids)
+        lay = self.experts.layout(i) if isinstance(self.experts, HostExpertStore) else None
+        parts = (lay.gate, lay.up, lay.down) if lay is not None else ()
+        if parts and x.dtype == torch.float32 and all(uses_cpu_kernel(p.qtype, x.device, self.kernel_backend)
+                                                        for p in parts):
+            # Host-store experts stay valid after the generator moves on (a cache slot would
+            # not), so the whole layer runs in one compiled call, bitwise as expert by expert.
+            qtypes = tuple(p.qtype for p in parts)
+            return cpu_moe_layer(x, ids, weights, [(e, *w.parts) for e, w in experts], qtypes,
+                                 lay.gate.shape[0], exact=self.kernel_backend == "auto")
+        per_k = torch.zeros(T, ids.shape[1], D, dtype=x.dtype, device=x.device)
+        for e, w in experts:
+            tok, kth = (ids == e).nonzero(as_tuple=True)
+            y = expert_ffn(x[tok], w, self.kernel_backend)
+            per_k[tok, kth] = y * weights[tok, kth, None].to(y.dtype)
+        return per_k
+
+    def _start_cpu_side(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                        plan: LayerPlan) -> Future:
+        """Compute the plan's CPU experts from host memory on a worker thread (the compiled
+        kernels release the GIL). Inputs come to the host here, before the device side is
+        queued, so the worker never waits on device work queued after them."""
+        if self._cpu_pool is None:
+            self._cpu_pool = ThreadPoolExecutor(1, thread_name_prefix="moestream-cpu-experts")
+        x_host, ids_host, weights_host = x.cpu(), ids.cpu(), weights.cpu()
+        return self._cpu_pool.submit(self._cpu_experts, x_host, ids_host, weights_host, plan.cpu)
+
+    @torch.inference_mode()
+    def _cpu_experts(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                     experts: tuple[tuple[int, ExpertWeights], ...]):
+        """((tok, kth), y [n, D] float32, seconds) for the (token, k) pairs routed to `experts`."""
+        start = perf_counter()
+        tok, kth = torch.isin(ids, torch.tensor([e for e, _ in experts])).nonzero(as_tuple=True)
+        lay = experts[0][1].layout
+        qtypes = (lay.gate.qtype, lay.up.qtype, lay.down.qtype)
+        # one row per (token, k) pair, so each expert sees exactly its tokens' rows
+        y = cpu_moe_layer(x[tok], ids[tok, kth, None], weights[tok, kth, None],
+                          [(e, *w.parts) for e, w in experts], qtypes, lay.gate.shape[0],
+                          exact=self.kernel_backend == "auto")
+        return (tok, kth), y[:, 0], perf_counter() - start
 
     def _prefetch(self, i: int, h: torch.Tensor) -> None:
         """Guess layer i's experts from the current hidden state and start their copies."""

@@ -8,8 +8,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from engine.calibrate import measure_rates
 from engine.loader import GGUFModelFile
+from engine.model import expert_ffn
+from kernels.errors import MoestreamError
 from offload.cache import ExpertCache
+from offload.copier import LinkCopier
+from offload.hybrid import MissPolicy
 from offload.layout import ExpertLayout, ProjLayout
 from offload.planner import PlacementPlan, default_budget, parse_bytes, plan_placement
 from offload.source import ExpertSource
@@ -102,4 +107,21 @@ def build_expert_source(file: GGUFModelFile, config: EngineConfig,
         return store, None  # CPU, everything resident in host memory: no copies at all
     plan = make_plan(file, config, kv_bytes, budget)
     log.info("placement plan:\n%s", plan)
-    return ExpertCache(store, plan.n_slots, device), plan
+    policy = MissPolicy.parse(config.miss_policy)
+    link = _simulated_link(config, device)
+    rates = None
+    if policy is MissPolicy.AUTO:
+        dtype = torch.float32 if device.type == "cpu" else torch.float16
+        rates = measure_rates(store, device, lambda x, w: expert_ffn(x, w, config.kernel_backend), dtype,
+                              exact=config.kernel_backend == "auto",
+                              link_bytes_per_s=link.bytes_per_s if link else None)
+    return ExpertCache(store, plan.n_slots, device, policy, rates, copier=link), plan
+
+
+def _simulated_link(config: EngineConfig, device: torch.device) -> LinkCopier | None:
+    if config.simulate_link_gbps is None:
+        return None
+    if device.type != "cpu":
+        raise MoestreamError("a simulated host->device link is for machines without a GPU: "
+                             "drop simulate_link_gbps on a CUDA device")
+    return LinkCopier(config.simulate_link_gbps * 1e9)

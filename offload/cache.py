@@ -1,19 +1,23 @@
 """The device expert cache: fixed slots, LRU across all layers, copies from the host store.
 
-`load` yields the experts already on the device first so they compute while the missing ones
-copy (mixtral-offloading's `load(unordered=True)`). A slot handed out by a load is locked
-until the consumer resumes the generator; when a layer needs more experts than there are
-slots, the misses stream through the unlocked slots in waves instead of failing.
+`plan` first splits a layer's experts between the device (hits, and the misses worth a copy)
+and the CPU (misses computed from host memory, see offload/hybrid.py); `load` then yields the
+device experts, those already on the device first so they compute while the missing ones copy
+(mixtral-offloading's `load(unordered=True)`). A slot handed out by a load is locked until the
+consumer resumes the generator; when a layer needs more experts than there are slots, the
+misses stream through the unlocked slots in waves instead of failing.
 """
 
 from collections import OrderedDict, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from time import perf_counter
 
 import torch
 
 from offload.copier import make_copier
+from offload.hybrid import MissPolicy, Rates, RunningRate, split_misses
 from offload.layout import ExpertWeights
+from offload.source import LayerPlan
 from offload.stats import CacheStats
 from offload.store import HostExpertStore
 
@@ -23,9 +27,15 @@ Key = tuple[int, int]  # (layer, expert)
 class ExpertCache:
     """ExpertSource holding at most `n_slots` experts on `device`; the rest stay in `store`."""
 
-    def __init__(self, store: HostExpertStore, n_slots: int, device: torch.device | str):
+    def __init__(self, store: HostExpertStore, n_slots: int, device: torch.device | str,
+                 policy: MissPolicy | str = MissPolicy.COPY, rates: Rates | None = None,
+                 copier=None):
         if n_slots < 1:
             raise ValueError(f"an expert cache needs at least one slot, got {n_slots}")
+        self.policy = MissPolicy.parse(policy)
+        if self.policy is MissPolicy.AUTO and rates is None:
+            raise ValueError("the auto miss policy needs measured rates (engine.calibrate)")
+        self.rates = rates
         self.store = store
         self.device = torch.device(device)
         self.n_slots = n_slots
@@ -36,12 +46,55 @@ class ExpertCache:
         self._locked: set[int] = set()  # slots handed out by the active load
         self._prefetched: set[Key] = set()  # filled by prefetch, not yet looked up
         self._is_loading = False
-        self._copier = make_copier(self.device, n_slots)
+        self._copier = copier or make_copier(self.device, n_slots)
         self._stats = CacheStats()
+        n_total = store.n_layers * store.n_experts
+        self._hit_rate = RunningRate(min(1.0, n_slots / n_total))  # p_reuse; uniform prior
+        self._link_queue_s = 0.0  # prefetch copies issued since the last plan (async copiers)
+        if self.policy is MissPolicy.CPU:
+            self._fill_fixed_set()
+
+    def _fill_fixed_set(self) -> None:
+        """Fill every slot once, last layers first, as llama.cpp's --n-cpu-moe keeps the
+        experts of the last layers on the GPU; under the CPU policy nothing is evicted."""
+        keys = [(layer, e) for layer in reversed(self.store.layers) for e in range(self.store.n_experts)]
+        for key in keys[:self.n_slots]:
+            self._fill(key, self._free.pop())
+        self._stats = CacheStats()  # the start-up fill is not traffic
 
     def cached(self) -> list[Key]:
         """Keys on the device, least recently used first."""
         return list(self._slots)
+
+    def plan(self, layer: int, tokens: Mapping[int, int]) -> LayerPlan:
+        """Split {expert: tokens routed to it} of one layer step into device and CPU work."""
+        hits = [e for e in tokens if (layer, e) in self._slots]
+        misses = {e: n for e, n in tokens.items() if (layer, e) not in self._slots}
+        if self.policy is MissPolicy.COPY or not misses:
+            on_cpu: tuple[int, ...] = ()
+        elif self.policy is MissPolicy.CPU:
+            on_cpu = tuple(misses)
+        else:
+            split = split_misses(misses, self.store.layout(layer).expert_bytes, self.rates,
+                                 n_hits=len(hits), free_slots=self.n_slots - len(hits),
+                                 p_reuse=self._hit_rate.value, link_busy_s=self._link_queue_s)
+            on_cpu = split.cpu
+        self._hit_rate.update(len(hits) / len(tokens) if tokens else 0.0)
+        self._link_queue_s = 0.0
+        if on_cpu:
+            self._stats.add(layer, expert_lookups=len(on_cpu), expert_misses=len(on_cpu),
+                            misses_on_cpu=len(on_cpu))
+        cpu_set = set(on_cpu)
+        return LayerPlan(device=tuple(e for e in tokens if e not in cpu_set),
+                         cpu=tuple((e, self.store.weights(layer, e)) for e in on_cpu))
+
+    def record_cpu(self, layer: int, tokens: Mapping[int, int], seconds: float) -> None:
+        """The CPU side of a step took `seconds` for these experts: count it, correct the model."""
+        self._stats.add(layer, cpu_compute_s=seconds)
+        if self.rates is not None and tokens:
+            nbytes = self.store.layout(layer).expert_bytes
+            predicted = sum(self.rates.cpu_s(nbytes, n) for n in tokens.values())
+            self.rates.correct_cpu(predicted, seconds)
 
     def load(self, layer: int, expert_ids: Sequence[int]) -> Iterator[tuple[int, ExpertWeights]]:
         if self._is_loading:
@@ -62,7 +115,7 @@ class ExpertCache:
         for expert in (e for e in ids if (layer, e) in self._slots):
             ready.append((expert, self._use_hit((layer, expert))))
         self._stats.add(layer, expert_lookups=len(ids), expert_hits=len(ready),
-                        expert_misses=len(pending))
+                        expert_misses=len(pending), misses_copied=len(pending))
         layout = self.store.layout(layer)
         self._issue(layer, pending, ready)
         while ready:
@@ -94,7 +147,10 @@ class ExpertCache:
 
     def prefetch(self, layer: int, expert_ids: Sequence[int]) -> None:
         """Start copies for experts a coming layer is predicted to use, evicting only unlocked
-        slots that hold none of them; stops quietly when no slot can be claimed."""
+        slots that hold none of them; stops quietly when no slot can be claimed. The CPU policy
+        keeps its fixed set and does not prefetch."""
+        if self.policy is MissPolicy.CPU:
+            return
         kept = set(self._locked)
         for expert in dict.fromkeys(int(e) for e in expert_ids):
             key = (layer, expert)
@@ -106,6 +162,8 @@ class ExpertCache:
             if slot is None:
                 return
             self._fill(key, slot)
+            if self._copier.is_async and self.rates is not None:
+                self._link_queue_s += self.rates.copy_s(self.store.layout(layer).expert_bytes)
             self._prefetched.add(key)
             self._stats.add(layer, prefetch_issued=1)
             kept.add(slot)
@@ -137,4 +195,5 @@ class ExpertCache:
 
     def stats(self) -> dict:
         self._collect_stalls()
-        return self._stats.as_dict(n_slots=self.n_slots, slot_bytes=self.slot_bytes)
+        return {**self._stats.as_dict(n_slots=self.n_slots, slot_bytes=self.slot_bytes),
+                "miss_policy": self.policy.value}

@@ -3,9 +3,14 @@
 CUDA: copies run on a dedicated stream; one event per slot marks "copy done" (the compute
 stream waits on it only for the slots it uses) and one marks "last use done" (the copy stream
 waits on it before overwriting the slot). CPU: the "device" is host memory and a copy is a
-plain synchronous memcpy, so there is nothing to order.
+plain synchronous memcpy, so there is nothing to order. A simulated device (`LinkCopier`)
+keeps host memory as the device but copies on a thread at a given link rate, so the
+asynchronous ordering and the hybrid miss policy run on machines without CUDA.
 """
 
+import queue
+import threading
+import time
 from collections.abc import Sequence
 
 import torch
@@ -72,6 +77,54 @@ class StreamCopier:
             (done if wait[2].query() else pending).append(wait)
         self._waits = pending
         return [(layer, start.elapsed_time(end) / 1e3) for layer, start, end in done]
+
+
+class LinkCopier:
+    """A simulated host->device link: copies run one after another on a worker thread, each
+    taking at least nbytes / bytes_per_s, while compute goes on (host memory is the device)."""
+
+    is_async = True
+
+    def __init__(self, bytes_per_s: float):
+        if bytes_per_s <= 0:
+            raise ValueError(f"a simulated link needs a positive rate, got {bytes_per_s}")
+        self.bytes_per_s = bytes_per_s
+        self._done: dict[int, threading.Event] = {}  # slot -> its latest copy's completion
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._stalls: list[tuple[int, float]] = []
+        self._link_free_at = 0.0  # when the link finishes the copies queued so far
+        threading.Thread(target=self._run, name="moestream-sim-link", daemon=True).start()
+
+    def copy(self, slot: int, dst: torch.Tensor, srcs: Sequence[torch.Tensor]) -> None:
+        done = self._done[slot] = threading.Event()
+        nbytes = sum(src.numel() for src in srcs)
+        start = max(time.perf_counter(), self._link_free_at)
+        self._link_free_at = start + nbytes / self.bytes_per_s
+        self._queue.put((dst, srcs, self._link_free_at, done))
+
+    def _run(self) -> None:
+        while True:
+            dst, srcs, finish_at, done = self._queue.get()
+            _copy_runs(dst, srcs, non_blocking=False)
+            delay = finish_at - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            done.set()
+
+    def wait(self, slot: int, layer: int) -> None:
+        done = self._done.get(slot)
+        if done is None or done.is_set():
+            return
+        start = time.perf_counter()
+        done.wait()
+        self._stalls.append((layer, time.perf_counter() - start))
+
+    def release(self, slot: int) -> None:
+        """Compute on host memory is synchronous: the slot is free once compute returns."""
+
+    def collect_stalls(self) -> list[tuple[int, float]]:
+        stalls, self._stalls = self._stalls, []
+        return stalls
 
 
 def make_copier(device: torch.device, n_slots: int) -> SyncCopier | StreamCopier:

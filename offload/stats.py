@@ -6,17 +6,21 @@ from dataclasses import asdict, dataclass, fields
 
 @dataclass
 class CacheCounters:
-    """Counts for one layer; expert_hits + expert_misses == expert_lookups always."""
+    """Counts for one layer; expert_hits + expert_misses == expert_lookups and
+    misses_copied + misses_on_cpu == expert_misses always."""
 
     expert_lookups: int = 0
     expert_hits: int = 0
     expert_misses: int = 0
+    misses_copied: int = 0  # misses copied into a slot and computed on the device
+    misses_on_cpu: int = 0  # misses computed on the CPU from host memory, no copy
     expert_evictions: int = 0
     bytes_to_device: int = 0
     copy_s: float = 0.0  # host time spent issuing (CUDA) or doing (CPU) host->device copies
     stall_s: float = 0.0  # time compute waited for copies
     prefetch_issued: int = 0
     prefetch_used: int = 0
+    cpu_compute_s: float = 0.0  # wall time of the CPU side's expert computations
 
 
 class CacheStats:

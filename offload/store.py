@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from offload.layout import ExpertLayout, ExpertWeights
+from offload.source import LayerPlan
 from offload.stats import CacheStats
 
 # One projection of all experts of a layer: uint8 [n_expert, bytes of one expert's part]
@@ -101,6 +102,12 @@ class HostExpertStore:
         return tuple(part[expert] for part in self._parts[layer])
 
     # ExpertSource: everything is resident, so every lookup is a hit and nothing is copied.
+    def plan(self, layer: int, tokens: Mapping[int, int]) -> LayerPlan:
+        return LayerPlan(device=tuple(tokens))
+
+    def record_cpu(self, layer: int, tokens: Mapping[int, int], seconds: float) -> None:
+        """Never called: a host store's plan puts nothing on a separate CPU side."""
+
     def load(self, layer: int, expert_ids: Sequence[int]) -> Iterator[tuple[int, ExpertWeights]]:
         ids = list(dict.fromkeys(int(e) for e in expert_ids))
         self._stats.add(layer, expert_lookups=len(ids), expert_hits=len(ids))

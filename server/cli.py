@@ -15,6 +15,12 @@ from kernels.errors import MoestreamError
 
 EXIT_USAGE = 2
 KERNEL_CHOICES = ("auto", "q8", "torch", "triton")
+MISS_POLICIES = ("auto", "copy", "cpu")
+MISS_POLICY_HELP = ("what an expert cache miss does: auto (per miss and step, copy it into a slot "
+                    "or compute it on the CPU from host memory, whichever a cost model measured at "
+                    "start-up says finishes first), copy (always copy: a plain LRU cache), cpu "
+                    "(always compute on the CPU; the slots hold the last layers' experts, as "
+                    "llama.cpp's --n-cpu-moe); default auto")
 KERNELS_HELP = ("matmul kernels: q8 (CPU: activations rounded to int8 blocks as llama.cpp does; "
                 "about 1%% from exact, 1.8x faster), auto (exact fp32: compiled CPU kernels, Triton "
                 "on CUDA), torch (reference), triton; default: q8 on the CPU, auto on CUDA")
@@ -33,6 +39,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="read experts from the memory map instead of pinned host memory")
     p.add_argument("--no-prefetch", action="store_true", help="do not prefetch predicted experts")
     p.add_argument("--kernels", default=None, choices=KERNEL_CHOICES, help=KERNELS_HELP)
+    p.add_argument("--miss-policy", default="auto", choices=MISS_POLICIES, help=MISS_POLICY_HELP)
     p.add_argument("--record-routing", default=None, metavar="FILE",
                    help="write each token's experts per layer to FILE (JSONL) for `moestream cache-sim`")
 
@@ -45,7 +52,8 @@ def engine_options(args: argparse.Namespace) -> dict:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return dict(device=device, vram_budget=args.vram_budget, max_cached_experts=args.max_cached_experts,
                 ctx_size=args.ctx_size, pin_memory=not args.no_pin, prefetch=not args.no_prefetch,
-                record_routing=args.record_routing, kernel_backend=default_kernels(device, args.kernels))
+                record_routing=args.record_routing, kernel_backend=default_kernels(device, args.kernels),
+                miss_policy=args.miss_policy)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -133,6 +141,8 @@ def _add_serve_parser(sub) -> None:
     option("--no-prefetch", "MOESTREAM_NO_PREFETCH", "do not prefetch predicted experts",
            action="store_true")
     option("--kernels", "MOESTREAM_KERNELS", KERNELS_HELP, choices=KERNEL_CHOICES)
+    option("--miss-policy", "MOESTREAM_MISS_POLICY", MISS_POLICY_HELP, choices=MISS_POLICIES,
+           default="auto")
     option("--record-routing", "MOESTREAM_RECORD_ROUTING", "write each token's experts per layer "
            "to this JSONL file, for `moestream cache-sim`")
     p.set_defaults(func=cmd_serve)

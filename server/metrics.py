@@ -29,10 +29,16 @@ REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 2
 # Engine counters exported as <name>_total: (stats key, help); per layer where noted.
 LAYER_COUNTERS = {
     "expert_cache_hits": ("expert_hits", "Expert lookups served from the device expert cache."),
-    "expert_cache_misses": ("expert_misses", "Expert lookups that copied the expert host->device."),
+    "expert_cache_misses": ("expert_misses", "Expert lookups not served from the device expert cache."),
     "expert_cache_evictions": ("expert_evictions", "Experts evicted from the device expert cache."),
 }
 TOTAL_COUNTERS = {
+    "expert_misses_copied": ("misses_copied", "Expert cache misses copied into a slot and computed "
+                             "on the device."),
+    "expert_misses_on_cpu": ("misses_on_cpu", "Expert cache misses computed on the CPU from host "
+                             "memory, without a copy (hybrid miss policy)."),
+    "expert_cpu_compute_seconds": ("cpu_compute_s", "Seconds the CPU side spent computing missed "
+                                   "experts (concurrent with the device)."),
     "expert_bytes_to_device": ("bytes_to_device", "Bytes of experts copied host->device."),
     "expert_copy_seconds": ("copy_s", "Seconds spent issuing or doing host->device expert copies."),
     "expert_copy_stall_seconds": ("stall_s", "Seconds compute waited for expert copies."),
