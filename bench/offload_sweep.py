@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="cap the slots below what each budget buys (on the CPU: the cache size)")
     p.add_argument("--simulate-link-gbps", type=float, default=None,
                    help="CPU only: put the cache's 'device' behind a simulated link this fast")
+    p.add_argument("--replay-routing", default=None, metavar="LOG",
+                   help="route from this real routing log instead of the (random-weight) router")
     args = p.parse_args(argv)
     peak = pinned_h2d_gb_s()
     print(f"pinned host->device: {f'{peak:.1f} GB/s' if peak else 'n/a (no CUDA)'}"
@@ -63,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
                                  max_cached_experts=args.max_cached_experts, threads=os.cpu_count() or 1,
                                  prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens,
                                  n_cpu_moe=None, kernels=args.kernels, miss_policy=policy,
-                                 simulate_link_gbps=args.simulate_link_gbps)
+                                 simulate_link_gbps=args.simulate_link_gbps,
+                                 replay_routing=args.replay_routing)
             s = summarize(run_bench(config, ["moestream"], args.repeat, warmup=1, progress=False)["moestream"])
             vram = s["peak_vram_bytes"] or 0
             fits = "yes" if vram <= parse_bytes(budget) else "NO"

@@ -46,6 +46,7 @@ class BenchConfig:
     kernels: str = "auto"  # our matmul kernels (engine kernel_backend)
     miss_policy: str = "auto"  # our expert cache misses: auto | copy | cpu
     simulate_link_gbps: float | None = None  # CPU only: our cache's "device" behind a simulated link
+    replay_routing: str | None = None  # ours: route from a real log (engine/replay.py)
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ class MoestreamRunner:
             ctx_size=config.prompt_tokens + config.gen_tokens + 1, max_batch=1,
             max_batched_tokens=max(config.prompt_tokens, WARMUP_PROMPT_TOKENS),
             kernel_backend=config.kernels, miss_policy=config.miss_policy,
-            simulate_link_gbps=config.simulate_link_gbps)
+            simulate_link_gbps=config.simulate_link_gbps, replay_routing=config.replay_routing)
 
     def run(self, prompt_ids: list[int], gen_tokens: int) -> RunMetrics:
         from engine import SamplingParams
@@ -264,6 +265,10 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
                              "`moestream serve --help`)")
     parser.add_argument("--miss-policy", default="auto", choices=("auto", "copy", "cpu"),
                         help="what our expert cache misses do (see `moestream serve --help`)")
+    parser.add_argument("--replay-routing", default=None, metavar="LOG",
+                        help="our engine routes from this real routing log (JSONL, shared/data/routing "
+                             "or --record-routing) instead of its router: random-weight models route with "
+                             "unrealistic locality; prefetch is off while replaying")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
@@ -280,7 +285,8 @@ def bench_main(args: argparse.Namespace) -> int:
         vram_budget=args.vram_budget, max_cached_experts=args.max_cached_experts,
         threads=args.threads or os.cpu_count() or 1,
         prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens, n_cpu_moe=args.n_cpu_moe,
-        kernels=default_kernels(device, args.kernels), miss_policy=args.miss_policy)
+        kernels=default_kernels(device, args.kernels), miss_policy=args.miss_policy,
+        replay_routing=args.replay_routing)
     names = ["moestream", "llama_cpp"] if args.vs_llama_cpp else ["moestream"]
     results = run_bench(config, names, args.repeat, args.warmup, seed=args.seed, progress=not args.json)
     summaries = {name: summarize(runs) for name, runs in results.items()}

@@ -23,7 +23,8 @@ from engine.sequence import SamplingParams, Sequence, StepOutput
 from engine.chat_template import render_chat
 from engine.tokenizer import Tokenizer
 from kernels.errors import MoestreamError
-from offload.trace import RoutingRecorder
+from engine.replay import RoutingReplay
+from offload.trace import RoutingRecorder, read_trace
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class EngineConfig:
     simulate_link_gbps: float | None = None  # CPU only: the cache's "device" behind a link this fast
     kv_block_size: int = 16
     record_routing: str | None = None  # JSONL file of each token's experts per layer
+    replay_routing: str | None = None  # benchmarks: route from this real log (engine/replay.py)
 
     def kv_tokens(self, model_context_length: int) -> int:
         """KV cache capacity in tokens: a full context for each of max_batch sequences."""
@@ -71,7 +73,10 @@ class Engine:
                           n_blocks, config.kv_block_size, dtype, self.device)
         self.experts, self.plan = build_expert_source(file, config, self.kv.nbytes)
         self.model = MoEModel(file, self.experts, self.device, dtype, config.kernel_backend,
-                              prefetch=config.prefetch and self.plan is not None)
+                              prefetch=config.prefetch and self.plan is not None and not config.replay_routing)
+        if config.replay_routing:
+            self.model.replay = RoutingReplay(read_trace(config.replay_routing), self.config.n_experts,
+                                              self.config.n_experts_used, self.config.n_layers)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_batch, config.max_batched_tokens, config.max_waiting), self.kv
         )
@@ -134,7 +139,7 @@ class Engine:
         return self._postprocess(sampling, sample(logits, sampling))
 
     def _build_batch(self, scheduled: list[ScheduledSeq]) -> tuple[BatchInput, list[Sequence]]:
-        tokens, positions, slots, segments, logits_rows, sampling = [], [], [], [], [], []
+        tokens, positions, segments, logits_rows, sampling = [], [], [], [], []
         row_seqs: list[int] = []
         offset = 0
         for item in scheduled:
@@ -143,8 +148,8 @@ class Engine:
             tokens += seq.token_ids[start:end]
             positions += range(start, end)
             row_seqs += [seq.seq_id] * item.n_tokens
-            slots.append(self.kv.slots(seq.block_table, start, end))
-            segments.append(Segment(offset, item.n_tokens, self.kv.slots(seq.block_table, 0, end)))
+            segments.append(Segment(offset, item.n_tokens, self.kv.index(seq.block_table, start, end),
+                                    self.kv.index(seq.block_table, 0, end)))
             offset += item.n_tokens
             if end == seq.num_tokens:  # the chunk reaches the sequence's last token: sample
                 logits_rows.append(offset - 1)
@@ -153,7 +158,6 @@ class Engine:
         batch = BatchInput(
             token_ids=torch.tensor(tokens, dtype=torch.long),
             positions=torch.tensor(positions, dtype=torch.long, device=self.device),
-            slot_mapping=torch.cat(slots),
             segments=segments,
             logits_rows=torch.tensor(logits_rows, dtype=torch.long, device=self.device),
         )
@@ -219,12 +223,11 @@ class Engine:
         self.kv.allocate(table, len(token_ids))
         try:
             n = len(token_ids)
-            slots = self.kv.slots(table, 0, n)
+            slots = self.kv.index(table, 0, n)
             batch = BatchInput(
                 token_ids=torch.tensor(token_ids, dtype=torch.long),
                 positions=torch.arange(n, device=self.device),
-                slot_mapping=slots,
-                segments=[Segment(0, n, slots)],
+                segments=[Segment(0, n, slots, slots)],
                 logits_rows=torch.arange(n, device=self.device),
             )
             self._batch_rows = ([], [])

@@ -21,9 +21,10 @@ from tqdm import tqdm
 from kernels.cpu import cpu_expert_ffn, cpu_moe_layer
 from kernels.dispatch import qmatmul, uses_cpu_kernel
 from engine.config import ModelConfig, QKNorm
-from engine.kv_cache import KVCache
+from engine.kv_cache import KVCache, SlotIndex
 from engine.layers import Embedding, Linear, Rope, dequantize_tensor, rms_norm
 from engine.loader import GGUFModelFile
+from engine.replay import RoutingReplay
 from offload.layout import ExpertWeights
 from offload.source import ExpertSource, LayerPlan
 from offload.store import HostExpertStore
@@ -37,14 +38,14 @@ class Segment:
 
     offset: int  # first row of this sequence in the batch's T rows
     n_new: int  # tokens of this sequence in this step
-    context_slots: torch.Tensor  # KV slots of all its tokens so far, new ones included
+    new_slots: SlotIndex  # KV slots its new tokens write
+    context_slots: SlotIndex  # KV slots of all its tokens so far, new ones included
 
 
 @dataclass
 class BatchInput:
     token_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
-    slot_mapping: torch.Tensor  # [T] KV slot each new token writes
     segments: list[Segment]
     logits_rows: torch.Tensor  # rows of T whose logits are wanted
 
@@ -76,6 +77,18 @@ def expert_ffn(x: torch.Tensor, w: ExpertWeights, backend: str) -> torch.Tensor:
     return qmatmul(F.silu(gate) * up, w.down, lay.down.qtype, lay.down.shape, backend=backend)
 
 
+def _attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention of one new token (decode): two batched matmuls over the KV heads, a third
+    of the time of scaled_dot_product_attention's general path on the CPU at T=1."""
+    # q: [1, H, hd]; k, v: [ctx, KV, hd], views into the cache
+    _, H, hd = q.shape
+    n_kv = k.shape[1]
+    q = (q * hd**-0.5).view(n_kv, H // n_kv, hd)  # [KV, group, hd]: the heads that share a KV head
+    scores = torch.bmm(q, k.permute(1, 2, 0))  # [KV, group, ctx]
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+    return torch.bmm(probs, v.transpose(0, 1)).view(1, H, hd)
+
+
 class MoEModel:
     def __init__(self, file: GGUFModelFile, experts: ExpertSource, device: torch.device,
                  dtype: torch.dtype = torch.float32, kernel_backend: str = "auto",
@@ -85,6 +98,7 @@ class MoEModel:
         self.kernel_backend, self.prefetch = kernel_backend, prefetch
         self.routing_hook: RoutingHook | None = None
         self._cpu_pool: ThreadPoolExecutor | None = None  # the hybrid policy's CPU side
+        self.replay: RoutingReplay | None = None  # benchmarks: routes from a real log instead
         self.embed = Embedding(file.tensor("token_embd.weight"), dtype, device)
         self.output_norm = self._dense(file, "output_norm.weight")
         head = "output.weight" if file.has("output.weight") else "token_embd.weight"
@@ -153,20 +167,20 @@ class MoEModel:
         if cfg.spec.qk_norm is QKNorm.PER_HEAD:
             q, k = rms_norm(q, lw.q_norm, cfg.rms_eps), rms_norm(k, lw.k_norm, cfg.rms_eps)
         q, k = self.rope(q, rope), self.rope(k, rope)
-        kv.write(i, batch.slot_mapping, k, v)
         out = torch.empty(T, cfg.n_heads, cfg.head_dim, dtype=x.dtype, device=x.device)
         for seg in batch.segments:
             rows = slice(seg.offset, seg.offset + seg.n_new)
+            kv.write(i, seg.new_slots, k[rows], v[rows])
             out[rows] = self._attend(q[rows], *kv.read(i, seg.context_slots))
         return lw.wo(out.view(T, -1))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q: [n, H, hd] (the last n positions); k, v: [ctx, KV, hd]
         n, ctx = q.shape[0], k.shape[0]
-        mask = None
-        if n > 1:
-            qpos = torch.arange(ctx - n, ctx, device=q.device)[:, None]
-            mask = torch.arange(ctx, device=q.device)[None, :] <= qpos  # [n, ctx]
+        if n == 1:
+            return _attend_one(q, k, v)
+        qpos = torch.arange(ctx - n, ctx, device=q.device)[:, None]
+        mask = torch.arange(ctx, device=q.device)[None, :] <= qpos  # [n, ctx]
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, enable_gqa=True
         )  # [H, n, hd]
@@ -181,7 +195,10 @@ class MoEModel:
         return ids, weights
 
     def _moe(self, i: int, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
-        ids, weights = self.route(lw, x)
+        if self.replay is not None:
+            ids, weights = self.replay.route(i, x.shape[0], x.device)
+        else:
+            ids, weights = self.route(lw, x)
         if self.routing_hook is not None:
             self.routing_hook(i, ids, weights)
         counts = torch.bincount(ids.flatten(), minlength=self.config.n_experts).tolist()

@@ -51,12 +51,13 @@ class ExpertCache:
         n_total = store.n_layers * store.n_experts
         self._hit_rate = RunningRate(min(1.0, n_slots / n_total))  # p_reuse; uniform prior
         self._link_queue_s = 0.0  # prefetch copies issued since the last plan (async copiers)
-        if self.policy is MissPolicy.CPU:
+        if self.policy is not MissPolicy.COPY:
             self._fill_fixed_set()
 
     def _fill_fixed_set(self) -> None:
-        """Fill every slot once, last layers first, as llama.cpp's --n-cpu-moe keeps the
-        experts of the last layers on the GPU; under the CPU policy nothing is evicted."""
+        """Fill every slot at start, last layers first, as llama.cpp's --n-cpu-moe keeps the
+        experts of the last layers on the GPU. Under the CPU policy nothing is ever evicted;
+        under auto the slots start useful instead of empty when few misses are worth a copy."""
         keys = [(layer, e) for layer in reversed(self.store.layers) for e in range(self.store.n_experts)]
         for key in keys[:self.n_slots]:
             self._fill(key, self._free.pop())
@@ -182,16 +183,18 @@ class ExpertCache:
     def _fill(self, key: Key, slot: int) -> float:
         """Copy `key`'s bytes into `slot` and make it most recently used; returns copy seconds."""
         start = perf_counter()
-        self._copier.copy(slot, self.buffer[slot], self.store.blob_parts(*key))
+        self._copier.copy(slot, self.buffer[slot], self.store.blob_parts(*key), key[0])
         seconds = perf_counter() - start
         self._slots[key] = slot
-        self._stats.add(key[0], bytes_to_device=self.store.layout(key[0]).expert_bytes,
-                        copy_s=seconds)
+        self._stats.add(key[0], bytes_to_device=self.store.layout(key[0]).expert_bytes)
         return seconds
 
     def _collect_stalls(self) -> None:
+        """Read back the copier's finished timings: compute waits, and time on the link."""
         for layer, seconds in self._copier.collect_stalls():
             self._stats.add(layer, stall_s=seconds)
+        for layer, seconds in self._copier.collect_copies():
+            self._stats.add(layer, copy_s=seconds)
 
     def stats(self) -> dict:
         self._collect_stalls()

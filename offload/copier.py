@@ -11,6 +11,7 @@ asynchronous ordering and the hybrid miss policy run on machines without CUDA.
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 
 import torch
@@ -21,8 +22,13 @@ class SyncCopier:
 
     is_async = False
 
-    def copy(self, slot: int, dst: torch.Tensor, srcs: Sequence[torch.Tensor]) -> None:
+    def __init__(self) -> None:
+        self._copies: list[tuple[int, float]] = []
+
+    def copy(self, slot: int, dst: torch.Tensor, srcs: Sequence[torch.Tensor], layer: int) -> None:
+        start = time.perf_counter()
         _copy_runs(dst, srcs, non_blocking=False)
+        self._copies.append((layer, time.perf_counter() - start))
 
     def wait(self, slot: int, layer: int) -> None:
         """Nothing to wait for: the copy finished before copy() returned."""
@@ -31,7 +37,13 @@ class SyncCopier:
         """Nothing to record: compute on this device is synchronous too."""
 
     def collect_stalls(self) -> list[tuple[int, float]]:
+        """Compute never waits on its own: a synchronous copy is all stall (the cache counts it)."""
         return []
+
+    def collect_copies(self) -> list[tuple[int, float]]:
+        """(layer, seconds) of each copy since the last call."""
+        copies, self._copies = self._copies, []
+        return copies
 
 
 class StreamCopier:
@@ -44,15 +56,21 @@ class StreamCopier:
         self.stream = torch.cuda.Stream(device)
         self._copied = [torch.cuda.Event() for _ in range(n_slots)]
         self._released = [torch.cuda.Event() for _ in range(n_slots)]
-        # (layer, start, end) timing events around compute-stream waits not yet read back
+        # (layer, start, end) timing events not yet read back: around compute-stream waits,
+        # and around each copy on the copy stream (its transfer time)
         self._waits: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] = []
+        self._copies: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] = []
 
-    def copy(self, slot: int, dst: torch.Tensor, srcs: Sequence[torch.Tensor]) -> None:
+    def copy(self, slot: int, dst: torch.Tensor, srcs: Sequence[torch.Tensor], layer: int) -> None:
         # The slot's previous occupant may still be read by queued compute: wait for its release.
         self.stream.wait_event(self._released[slot])
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         with torch.cuda.stream(self.stream):
+            start.record(self.stream)
             _copy_runs(dst, srcs, non_blocking=True)
+            end.record(self.stream)
             self._copied[slot].record(self.stream)
+        self._copies.append((layer, start, end))
 
     def wait(self, slot: int, layer: int) -> None:
         """Make the compute stream wait for the slot's copy, timing the wait on the GPU."""
@@ -72,11 +90,13 @@ class StreamCopier:
 
     def collect_stalls(self) -> list[tuple[int, float]]:
         """(layer, seconds) of the waits the GPU has finished; never blocks."""
-        done, pending = [], []
-        for wait in self._waits:
-            (done if wait[2].query() else pending).append(wait)
-        self._waits = pending
-        return [(layer, start.elapsed_time(end) / 1e3) for layer, start, end in done]
+        done, self._waits = _finished(self._waits)
+        return done
+
+    def collect_copies(self) -> list[tuple[int, float]]:
+        """(layer, seconds) of the copies the GPU has finished; never blocks."""
+        done, self._copies = _finished(self._copies)
+        return done
 
 
 class LinkCopier:
@@ -92,23 +112,26 @@ class LinkCopier:
         self._done: dict[int, threading.Event] = {}  # slot -> its latest copy's completion
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._stalls: list[tuple[int, float]] = []
+        self._copies: deque[tuple[int, float]] = deque()  # appended by the link thread
         self._link_free_at = 0.0  # when the link finishes the copies queued so far
         threading.Thread(target=self._run, name="moestream-sim-link", daemon=True).start()
 
-    def copy(self, slot: int, dst: torch.Tensor, srcs: Sequence[torch.Tensor]) -> None:
+    def copy(self, slot: int, dst: torch.Tensor, srcs: Sequence[torch.Tensor], layer: int) -> None:
         done = self._done[slot] = threading.Event()
         nbytes = sum(src.numel() for src in srcs)
         start = max(time.perf_counter(), self._link_free_at)
         self._link_free_at = start + nbytes / self.bytes_per_s
-        self._queue.put((dst, srcs, self._link_free_at, done))
+        self._queue.put((dst, srcs, self._link_free_at, done, layer))
 
     def _run(self) -> None:
         while True:
-            dst, srcs, finish_at, done = self._queue.get()
+            dst, srcs, finish_at, done, layer = self._queue.get()
+            start = time.perf_counter()
             _copy_runs(dst, srcs, non_blocking=False)
             delay = finish_at - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
+            self._copies.append((layer, time.perf_counter() - start))
             done.set()
 
     def wait(self, slot: int, layer: int) -> None:
@@ -125,6 +148,18 @@ class LinkCopier:
     def collect_stalls(self) -> list[tuple[int, float]]:
         stalls, self._stalls = self._stalls, []
         return stalls
+
+    def collect_copies(self) -> list[tuple[int, float]]:
+        """(layer, seconds on the link) of the copies finished since the last call."""
+        return [self._copies.popleft() for _ in range(len(self._copies))]  # deque: thread-safe
+
+
+def _finished(timed: list[tuple[int, torch.cuda.Event, torch.cuda.Event]]):
+    """Split (layer, start, end) event pairs into finished (layer, seconds) and pending ones."""
+    done, pending = [], []
+    for item in timed:
+        (done if item[2].query() else pending).append(item)
+    return [(layer, start.elapsed_time(end) / 1e3) for layer, start, end in done], pending
 
 
 def make_copier(device: torch.device, n_slots: int) -> SyncCopier | StreamCopier:

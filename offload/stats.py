@@ -16,7 +16,7 @@ class CacheCounters:
     misses_on_cpu: int = 0  # misses computed on the CPU from host memory, no copy
     expert_evictions: int = 0
     bytes_to_device: int = 0
-    copy_s: float = 0.0  # host time spent issuing (CUDA) or doing (CPU) host->device copies
+    copy_s: float = 0.0  # time the host->device link spent on expert copies (finished ones)
     stall_s: float = 0.0  # time compute waited for copies
     prefetch_issued: int = 0
     prefetch_used: int = 0

@@ -40,7 +40,7 @@ TOTAL_COUNTERS = {
     "expert_cpu_compute_seconds": ("cpu_compute_s", "Seconds the CPU side spent computing missed "
                                    "experts (concurrent with the device)."),
     "expert_bytes_to_device": ("bytes_to_device", "Bytes of experts copied host->device."),
-    "expert_copy_seconds": ("copy_s", "Seconds spent issuing or doing host->device expert copies."),
+    "expert_copy_seconds": ("copy_s", "Seconds the host->device link spent on expert copies."),
     "expert_copy_stall_seconds": ("stall_s", "Seconds compute waited for expert copies."),
     "expert_prefetch_issued": ("prefetch_issued", "Expert copies started by the prefetcher."),
     "expert_prefetch_used": ("prefetch_used", "Prefetched experts that a later lookup used."),
