@@ -12,8 +12,8 @@ from engine.loader import RawTensor
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+    # torch normalises in float32 and casts back before the weight, as transformers does
+    return F.rms_norm(x, weight.shape, weight, eps)
 
 
 def dequantize_tensor(t: RawTensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -51,22 +51,31 @@ class Rope:
         self.inv_freq = base ** (-torch.arange(0, dims, 2, dtype=torch.float64, device=device) / dims)
 
     def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin [T, 1, dims/2] of a batch's positions: made once per step, used by
-        every layer."""
+        """cos and sin [T, 1, dims] of a batch's positions, each angle repeated where its
+        pair's two values sit: made once per step, used by every layer."""
         angles = (positions.to(torch.float64)[:, None] * self.scale) * self.inv_freq[None, :]
+        if self.style is RopeStyle.NEOX:
+            angles = torch.cat([angles, angles], dim=-1)
+        else:
+            angles = angles.repeat_interleave(2, dim=-1)
         return angles.cos().to(torch.float32)[:, None, :], angles.sin().to(torch.float32)[:, None, :]
 
     def __call__(self, x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         # x: [T, H, head_dim]; tables from `tables(positions)`
+        if self.dims < x.shape[-1]:  # partial rotary: the tail passes through
+            return torch.cat([self(x[..., : self.dims], tables), x[..., self.dims :]], dim=-1)
         cos, sin = tables
-        rot, rest = x[..., : self.dims].float(), x[..., self.dims :]
+        xf = x.float()
+        # pair (a, b) -> (a cos - b sin, b cos + a sin), written as x cos + rotated(x) sin
+        return (xf * cos + self._rotated(xf) * sin).to(x.dtype)
+
+    def _rotated(self, x: torch.Tensor) -> torch.Tensor:
+        """Each pair (a, b) -> (-b, a)."""
         if self.style is RopeStyle.NEOX:
-            a, b = rot[..., : self.dims // 2], rot[..., self.dims // 2 :]
-            out = torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
-        else:
-            a, b = rot[..., 0::2], rot[..., 1::2]
-            out = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
-        return torch.cat([out.to(x.dtype), rest], dim=-1)
+            a, b = x.chunk(2, dim=-1)
+            return torch.cat([-b, a], dim=-1)
+        pairs = x.unflatten(-1, (-1, 2))
+        return torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
 
 
 
