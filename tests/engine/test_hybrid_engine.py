@@ -81,3 +81,17 @@ def test_simulated_link_is_refused_on_a_gpu_device():
 
     with pytest.raises(MoestreamError, match="without a GPU"):
         _simulated_link(EngineConfig(simulate_link_gbps=1.0), torch.device("cuda"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the device side needs CUDA")
+@pytest.mark.parametrize("policy", ["auto", "copy", "cpu"])
+def test_cuda_policies_match_the_cpu_reference(engine_for, policy):
+    fixture = get_fixture("qwen2moe", "Q4_K_M")
+    ids = sample_token_ids(fixture, 24, seed=35)
+    want = engine_for("qwen2moe", "Q4_K_M").score(ids)  # CPU, exact kernels, all resident
+    engine = Engine.from_gguf(fixture.gguf_path, device="cuda", vram_budget="1GiB", max_cached_experts=3,
+                              miss_policy=policy)
+    got = engine.score(ids)
+    assert (got - want).norm() / want.norm() < 2e-2  # fp16 activations on the device side
+    s = engine.stats()
+    assert s["expert_misses"] == s["misses_copied"] + s["misses_on_cpu"] > 0
