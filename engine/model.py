@@ -19,12 +19,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from kernels.cpu import cpu_expert_ffn, cpu_moe_layer
-from kernels.dispatch import qmatmul, uses_cpu_kernel
+from kernels.dispatch import qmatmul, use_triton, uses_cpu_kernel
+from kernels.moe_ffn import moe_ffn
 from engine.config import ModelConfig, QKNorm
 from engine.kv_cache import KVCache, SlotIndex
 from engine.layers import Embedding, Linear, Rope, dequantize_tensor, rms_norm
 from engine.loader import GGUFModelFile
 from engine.replay import RoutingReplay
+from offload.cache import ExpertCache
 from offload.layout import ExpertWeights
 from offload.source import ExpertSource, LayerPlan
 from offload.store import HostExpertStore
@@ -228,6 +230,10 @@ class MoEModel:
         """per_k [T, k, D]: the rows of `expert_ids`, computed where the source keeps them
         (zeros elsewhere)."""
         T, D = x.shape
+        if isinstance(self.experts, ExpertCache):
+            lay = self.experts.store.layout(i)
+            if all(use_triton(p.qtype, x.device, self.kernel_backend) for p in (lay.gate, lay.up, lay.down)):
+                return self._grouped_device_side(i, x, ids, weights, expert_ids)
         experts = self.experts.load(i, expert_ids)
         lay = self.experts.layout(i) if isinstance(self.experts, HostExpertStore) else None
         parts = (lay.gate, lay.up, lay.down) if lay is not None else ()
@@ -243,6 +249,28 @@ class MoEModel:
             tok, kth = (ids == e).nonzero(as_tuple=True)
             y = expert_ffn(x[tok], w, self.kernel_backend)
             per_k[tok, kth] = y * weights[tok, kth, None].to(y.dtype)
+        return per_k
+
+    def _grouped_device_side(self, i: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                             expert_ids: tuple[int, ...]) -> torch.Tensor:
+        """per_k [T, k, D] from the cache slots, one grouped Triton FFN (kernels.moe_ffn) per
+        group the cache hands out: the hits, then each wave of copies."""
+        T, D = x.shape
+        cache = self.experts
+        layout = cache.store.layout(i).slot_layout()
+        ids_host = ids.cpu()  # the routing already came to the host to plan this step
+        per_k = torch.zeros(T, ids.shape[1], D, dtype=x.dtype, device=x.device)
+        for group in cache.load_groups(i, expert_ids):
+            slot_of_expert = torch.zeros(self.config.n_experts, dtype=torch.int32)
+            for expert, slot in group:
+                slot_of_expert[expert] = slot
+            members = torch.tensor([e for e, _ in group])
+            tok, kth = torch.isin(ids_host, members).nonzero(as_tuple=True)
+            tok, kth = tok.to(x.device), kth.to(x.device)
+            # one row per (token, k) pair of this group, each its own top-1 "token"
+            y = moe_ffn(x[tok], cache.buffer, slot_of_expert.to(x.device), layout, ids[tok, kth, None],
+                        weights[tok, kth, None].to(torch.float32).contiguous(), backend=self.kernel_backend)
+            per_k[tok, kth] = y
         return per_k
 
     def _start_cpu_side(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
@@ -266,7 +294,7 @@ class MoEModel:
         # one row per (token, k) pair, so each expert sees exactly its tokens' rows
         y = cpu_moe_layer(x[tok], ids[tok, kth, None], weights[tok, kth, None],
                           [(e, *w.parts) for e, w in experts], qtypes, lay.gate.shape[0],
-                          exact=self.kernel_backend == "auto")
+                          exact=self.kernel_backend != "q8")  # int8 activations only when asked
         return (tok, kth), y[:, 0], perf_counter() - start
 
     def _prefetch(self, i: int, h: torch.Tensor) -> None:

@@ -113,7 +113,7 @@ def build_expert_source(file: GGUFModelFile, config: EngineConfig,
     if policy is MissPolicy.AUTO:
         dtype = torch.float32 if device.type == "cpu" else torch.float16
         rates = measure_rates(store, device, lambda x, w: expert_ffn(x, w, config.kernel_backend), dtype,
-                              exact=config.kernel_backend == "auto",
+                              exact=config.kernel_backend != "q8",
                               link_bytes_per_s=link.bytes_per_s if link else None)
     return ExpertCache(store, plan.n_slots, device, policy, rates, copier=link), plan
 

@@ -127,6 +127,42 @@ class ExpertCache:
             self._locked.discard(slot)
             self._issue(layer, pending, ready)
 
+    def load_groups(self, layer: int, expert_ids: Sequence[int]) -> Iterator[list[tuple[int, int]]]:
+        """Yield (expert, slot) groups of this layer's experts, their bytes in `buffer[slot]`:
+        first the hits, then each wave of copies (the first wave copies while the hits
+        compute). A group's slots stay locked until the generator is resumed, so one grouped
+        kernel can read them all (kernels.moe_ffn)."""
+        if self._is_loading:
+            raise RuntimeError("ExpertCache.load: finish or close the previous load first")
+        self._is_loading = True
+        try:
+            yield from self._load_groups(layer, list(dict.fromkeys(int(e) for e in expert_ids)))
+        finally:
+            for slot in self._locked:
+                self._copier.release(slot)
+            self._locked.clear()
+            self._is_loading = False
+
+    def _load_groups(self, layer: int, ids: list[int]) -> Iterator[list[tuple[int, int]]]:
+        self._collect_stalls()
+        hits = [(e, self._use_hit((layer, e))) for e in ids if (layer, e) in self._slots]
+        pending = deque(e for e in ids if (layer, e) not in self._slots)
+        self._stats.add(layer, expert_lookups=len(ids), expert_hits=len(hits),
+                        expert_misses=len(pending), misses_copied=len(pending))
+        group, wave = hits, deque()
+        self._issue(layer, pending, wave)  # the first copies run while the hits compute
+        while group or wave:
+            if group:
+                for _, slot in group:
+                    self._copier.wait(slot, layer)
+                yield group
+                for _, slot in group:
+                    self._copier.release(slot)
+                    self._locked.discard(slot)
+            # the next wave starts copying into the slots just freed while this one computes
+            group, wave = list(wave), deque()
+            self._issue(layer, pending, wave)
+
     def _use_hit(self, key: Key) -> int:
         self._slots.move_to_end(key)
         slot = self._slots[key]

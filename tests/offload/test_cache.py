@@ -161,3 +161,38 @@ def test_cuda_copies_and_compute_are_ordered(layers):
     assert stats["prefetch_used"] == 2 and stats["stall_s"] >= 0
     prefetched = 2 * store.layout(3).expert_bytes
     assert stats["bytes_to_device"] == copied_bytes(store, stats) + prefetched
+
+
+def consume_groups(cache: ExpertCache, layer: int, ids: list[int]) -> list[dict[int, bytes]]:
+    """Run one grouped load to the end; each group's slot bytes are read while it is valid."""
+    groups = []
+    for group in cache.load_groups(layer, ids):
+        slots = [slot for _, slot in group]
+        assert len(set(slots)) == len(slots), "two experts of one group share a slot"
+        groups.append({e: cache.buffer[slot, :cache.store.layout(layer).expert_bytes].numpy().tobytes()
+                       for e, slot in group})
+    return groups
+
+
+def test_grouped_loads_hand_out_hits_first_then_waves(layers, store):
+    cache = ExpertCache(store, 3, "cpu")
+    consume(cache, 1, [4, 5])
+    # two hits, then four misses through 3 slots: one copies while the hits are locked;
+    # while that wave computes, the next copies into the two slots the hits freed; then the last
+    groups = consume_groups(cache, 1, [0, 4, 1, 5, 2, 3])
+    assert [sorted(g) for g in groups] == [[4, 5], [0], [1, 2], [3]]
+    for group in groups:
+        assert group == {e: expected_bytes(layers, 1, e) for e in group}
+    stats = cache.stats()
+    assert (stats["expert_hits"], stats["expert_misses"], stats["misses_copied"]) == (2, 6, 6)
+
+
+def test_grouped_loads_match_per_expert_loads_under_pressure(layers, store):
+    rng = random.Random(11)
+    grouped, single = ExpertCache(store, 4, "cpu"), ExpertCache(store, 4, "cpu")
+    for _ in range(60):
+        layer = rng.choice(store.layers)
+        ids = rng.sample(range(N_EXPERTS), rng.randint(1, N_EXPERTS))
+        merged = {e: b for g in consume_groups(grouped, layer, ids) for e, b in g.items()}
+        assert merged == consume(single, layer, ids) == {e: expected_bytes(layers, layer, e) for e in ids}
+    assert grouped.cached() == single.cached()  # same LRU order either way
