@@ -14,7 +14,7 @@ from time import perf_counter
 
 import torch
 
-from offload.copier import make_copier
+from offload.copier import LinkCopier, StreamCopier, SyncCopier, make_copier
 from offload.hybrid import MissPolicy, Rates, RunningRate, split_misses
 from offload.layout import ExpertWeights
 from offload.source import LayerPlan
@@ -29,7 +29,7 @@ class ExpertCache:
 
     def __init__(self, store: HostExpertStore, n_slots: int, device: torch.device | str,
                  policy: MissPolicy | str = MissPolicy.COPY, rates: Rates | None = None,
-                 copier=None):
+                 copier: SyncCopier | StreamCopier | LinkCopier | None = None):
         if n_slots < 1:
             raise ValueError(f"an expert cache needs at least one slot, got {n_slots}")
         self.policy = MissPolicy.parse(policy)
@@ -60,8 +60,7 @@ class ExpertCache:
         under auto the slots start useful instead of empty when few misses are worth a copy."""
         keys = [(layer, e) for layer in reversed(self.store.layers) for e in range(self.store.n_experts)]
         for key in keys[:self.n_slots]:
-            self._fill(key, self._free.pop())
-        self._stats = CacheStats()  # the start-up fill is not traffic
+            self._fill(key, self._free.pop())  # counted in bytes_to_device and copy_s like any copy
 
     def cached(self) -> list[Key]:
         """Keys on the device, least recently used first."""
