@@ -4,16 +4,16 @@ A sequence owns a list of blocks (its block table); token at position p lives in
 `block_table[p // block_size] * block_size + p % block_size`. Admission asks
 `can_allocate` before `allocate`, so a request that would not fit waits instead of failing.
 
-Reads and writes take a `SlotIndex`: a slice when the slots are one consecutive run (a lone
-sequence in a fresh pool gets consecutive blocks), so a read is a view and a write a plain
-copy; otherwise the slot ids, gathered with index_select (an order of magnitude faster on
-the CPU than advanced indexing).
+Reads and writes take a `SlotIndex`: a slice when the slots are one consecutive run, so a
+read is a view and a write a plain copy; otherwise the slot ids, gathered with index_select
+(an order of magnitude faster on the CPU than advanced indexing). Blocks are handed out
+lowest id first, so a lone sequence always gets consecutive blocks.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
-from collections import deque
 
 import torch
 
@@ -28,7 +28,7 @@ class KVCache:
         shape = (n_layers, num_blocks * block_size, n_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.free_blocks: deque[int] = deque(range(num_blocks))
+        self.free_blocks: list[int] = list(range(num_blocks))  # a heap: lowest id first
 
     @property
     def nbytes(self) -> int:
@@ -54,10 +54,11 @@ class KVCache:
         need = self.blocks_needed(block_table, n_tokens)
         if need > len(self.free_blocks):
             raise RuntimeError("KV cache out of blocks: call can_allocate first")
-        block_table.extend(self.free_blocks.popleft() for _ in range(need))
+        block_table.extend(heapq.heappop(self.free_blocks) for _ in range(need))
 
     def free(self, block_table: list[int]) -> None:
-        self.free_blocks.extend(block_table)
+        for block in block_table:
+            heapq.heappush(self.free_blocks, block)
         block_table.clear()
 
     def slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:

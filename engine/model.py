@@ -80,8 +80,9 @@ def expert_ffn(x: torch.Tensor, w: ExpertWeights, backend: str) -> torch.Tensor:
 
 
 def _attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Attention of one new token (decode): two batched matmuls over the KV heads, a third
-    of the time of scaled_dot_product_attention's general path on the CPU at T=1."""
+    """Attention of one new token (decode) as two batched matmuls over the KV heads. On the
+    CPU they read the cache's strided views in place; scaled_dot_product_attention's general
+    path took 25-90% longer on them in the decode loop (OLMoE, 160 tokens of context)."""
     # q: [1, H, hd]; k, v: [ctx, KV, hd], views into the cache
     _, H, hd = q.shape
     n_kv = k.shape[1]
