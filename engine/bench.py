@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from engine.engine import default_kernels
 from kernels.errors import MoestreamError
+from offload.hybrid import MissPolicy
 
 WARMUP_PROMPT_TOKENS = 16
 WARMUP_GEN_TOKENS = 2
@@ -263,7 +264,7 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernels", default=None, choices=("auto", "q8", "torch", "triton"),
                         help="our matmul kernels (default: q8 on the CPU, auto on CUDA; see "
                              "`moestream serve --help`)")
-    parser.add_argument("--miss-policy", default="auto", choices=("auto", "copy", "cpu"),
+    parser.add_argument("--miss-policy", default="auto", choices=[p.value for p in MissPolicy],
                         help="what our expert cache misses do (see `moestream serve --help`)")
     parser.add_argument("--replay-routing", default=None, metavar="LOG",
                         help="our engine routes from this real routing log (JSONL, shared/data/routing "

@@ -99,6 +99,7 @@ def make_plan(file: GGUFModelFile, config: EngineConfig, kv_bytes: int,
 def build_expert_source(file: GGUFModelFile, config: EngineConfig,
                         kv_bytes: int) -> tuple[ExpertSource, PlacementPlan | None]:
     device = torch.device(config.device)
+    policy = MissPolicy.parse(config.miss_policy)  # a bad name fails even where no cache is built
     store = HostExpertStore(expert_layers(file), pinned=device.type == "cuda" and config.pin_memory)
     budget = config.vram_budget
     if budget is None and device.type == "cuda":
@@ -107,7 +108,6 @@ def build_expert_source(file: GGUFModelFile, config: EngineConfig,
         return store, None  # CPU, everything resident in host memory: no copies at all
     plan = make_plan(file, config, kv_bytes, budget)
     log.info("placement plan:\n%s", plan)
-    policy = MissPolicy.parse(config.miss_policy)
     link = _simulated_link(config, device)
     rates = None
     if policy is MissPolicy.AUTO:

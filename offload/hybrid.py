@@ -106,7 +106,7 @@ def split_misses(
 
 
 class RunningRate:
-    """An exponential moving average, for the hit rate and the CPU cost model's correction."""
+    """An exponential moving average (the cache's recent hit rate, the copies' p_reuse)."""
 
     def __init__(self, initial: float, weight: float = 0.05):
         self.value, self.weight = initial, weight

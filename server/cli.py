@@ -12,10 +12,11 @@ import sys
 from pathlib import Path
 
 from kernels.errors import MoestreamError
+from offload.hybrid import MissPolicy
 
 EXIT_USAGE = 2
 KERNEL_CHOICES = ("auto", "q8", "torch", "triton")
-MISS_POLICIES = ("auto", "copy", "cpu")
+MISS_POLICIES = tuple(p.value for p in MissPolicy)
 MISS_POLICY_HELP = ("what an expert cache miss does: auto (per miss and step, copy it into a slot "
                     "or compute it on the CPU from host memory, whichever a cost model measured at "
                     "start-up says finishes first), copy (always copy: a plain LRU cache), cpu "

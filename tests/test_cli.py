@@ -41,6 +41,15 @@ def test_generate_chat_mode():
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.parametrize("policy", ["cpu", "auto"])
+def test_generate_through_an_expert_cache_with_a_miss_policy(policy):
+    fixture = get_fixture("qwen2moe", "Q4_K_M")
+    result = moestream("generate", "--model", str(fixture.gguf_path), "--prompt", "hello there",
+                       "--max-tokens", "6", "--max-cached-experts", "3", "--miss-policy", policy)
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.strip()) > 0
+
+
 def _assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()

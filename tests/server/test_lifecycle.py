@@ -13,6 +13,7 @@ from contextlib import ExitStack
 import httpx
 import pytest
 
+from tests.fixtures.models import get_fixture
 from tests.server.conftest import REPO_ROOT, ServerProcess, free_port
 
 
@@ -117,3 +118,11 @@ def test_hub_model_while_offline_exits_2_saying_so(tmp_path):
                    env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)})
     assert done.returncode == 2, done.stderr
     assert "offline" in done.stderr
+
+
+def test_unknown_miss_policy_from_the_environment_exits_2(tmp_path):
+    fixture = get_fixture("olmoe", "Q4_K_M")
+    done = run_cli("--model", str(fixture.gguf_path), "--port", str(free_port()),
+                   env={"MOESTREAM_MISS_POLICY": "sometimes"})
+    assert done.returncode == 2, done.stderr
+    assert "unknown miss policy 'sometimes'" in done.stderr and "auto, copy, cpu" in done.stderr
