@@ -9,6 +9,7 @@ misses stream through the unlocked slots in waves instead of failing.
 """
 
 from collections import OrderedDict, deque
+from contextlib import contextmanager
 from collections.abc import Iterator, Mapping, Sequence
 from time import perf_counter
 
@@ -96,17 +97,23 @@ class ExpertCache:
             predicted = sum(self.rates.cpu_s(nbytes, n) for n in tokens.values())
             self.rates.correct_cpu(predicted, seconds)
 
-    def load(self, layer: int, expert_ids: Sequence[int]) -> Iterator[tuple[int, ExpertWeights]]:
+    @contextmanager
+    def _loading(self) -> Iterator[None]:
+        """One load at a time; whatever it left locked is released when it ends or is closed."""
         if self._is_loading:
-            raise RuntimeError("ExpertCache.load: finish or close the previous load first")
+            raise RuntimeError("ExpertCache: finish or close the previous load first")
         self._is_loading = True
         try:
-            yield from self._load(layer, list(dict.fromkeys(int(e) for e in expert_ids)))
+            yield
         finally:
             for slot in self._locked:
                 self._copier.release(slot)
             self._locked.clear()
             self._is_loading = False
+
+    def load(self, layer: int, expert_ids: Sequence[int]) -> Iterator[tuple[int, ExpertWeights]]:
+        with self._loading():
+            yield from self._load(layer, list(dict.fromkeys(int(e) for e in expert_ids)))
 
     def _load(self, layer: int, ids: list[int]) -> Iterator[tuple[int, ExpertWeights]]:
         self._collect_stalls()
@@ -131,16 +138,8 @@ class ExpertCache:
         first the hits, then each wave of copies (the first wave copies while the hits
         compute). A group's slots stay locked until the generator is resumed, so one grouped
         kernel can read them all (kernels.moe_ffn)."""
-        if self._is_loading:
-            raise RuntimeError("ExpertCache.load: finish or close the previous load first")
-        self._is_loading = True
-        try:
+        with self._loading():
             yield from self._load_groups(layer, list(dict.fromkeys(int(e) for e in expert_ids)))
-        finally:
-            for slot in self._locked:
-                self._copier.release(slot)
-            self._locked.clear()
-            self._is_loading = False
 
     def _load_groups(self, layer: int, ids: list[int]) -> Iterator[list[tuple[int, int]]]:
         self._collect_stalls()
