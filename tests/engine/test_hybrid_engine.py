@@ -96,3 +96,35 @@ def test_cuda_policies_match_the_cpu_reference(engine_for, policy):
     assert (got - want).norm() / want.norm() < 2e-2  # fp16 activations on the device side
     s = engine.stats()
     assert s["expert_misses"] == s["misses_copied"] + s["misses_on_cpu"] > 0
+
+
+def test_cpu_side_runs_while_the_device_side_works():
+    """The CPU job is started before the device side and runs beside it: with the device side
+    held busy for 0.3 s, every CPU job of the step finishes before its device side does."""
+    import time
+
+    fixture = get_fixture("olmoe", "Q4_K_M")
+    engine = Engine.from_gguf(fixture.gguf_path, max_cached_experts=4, miss_policy="cpu")
+    model, spans = engine.model, []
+    cpu_experts, device_side = model._cpu_experts, model._device_side
+
+    def timed_cpu(*args):
+        start = time.perf_counter()
+        out = cpu_experts(*args)
+        spans.append(("cpu", start, time.perf_counter()))
+        return out
+
+    def busy_device(*args):
+        start = time.perf_counter()
+        time.sleep(0.3)
+        out = device_side(*args)
+        spans.append(("device", start, time.perf_counter()))
+        return out
+
+    model._cpu_experts, model._device_side = timed_cpu, busy_device
+    engine.score(sample_token_ids(fixture, 6, seed=36))
+    cpu = [s for s in spans if s[0] == "cpu"]
+    device = [s for s in spans if s[0] == "device"]
+    assert len(cpu) == len(device) == engine.config.n_layers  # every layer had CPU misses
+    for (_, c_start, c_end), (_, d_start, d_end) in zip(cpu, device):
+        assert c_start < d_start + 0.3 and c_end < d_end  # inside the device side's busy time
