@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 
 from kernels.cpu import cpu_moe_layer
+from offload.copier import copy_runs
 from offload.hybrid import Rates
 from offload.layout import ExpertWeights
 from offload.store import HostExpertStore
@@ -39,7 +40,7 @@ def measure_rates(store: HostExpertStore, device: torch.device, run_device: Devi
 
     def copy_all() -> None:
         for e, buf in zip(experts, buffers):
-            _copy_into(buf, store.blob_parts(layer, e))
+            copy_runs(buf, store.blob_parts(layer, e), non_blocking=True)
 
     copy_s = _best(copy_all, device)
     x = torch.randn(MANY_TOKENS, d_model, generator=torch.Generator().manual_seed(0))
@@ -68,13 +69,6 @@ def measure_rates(store: HostExpertStore, device: torch.device, run_device: Devi
              1e-9 / rates.cpu_s_per_byte, 100 * rates.cpu_s_per_byte_token / rates.cpu_s_per_byte,
              1e3 * rates.device_s_per_expert)
     return rates
-
-
-def _copy_into(dst: torch.Tensor, runs: tuple[torch.Tensor, ...]) -> None:
-    offset = 0
-    for run in runs:
-        dst[offset:offset + run.numel()].copy_(run, non_blocking=True)
-        offset += run.numel()
 
 
 def _best(work: Callable[[], object], device: torch.device) -> float:

@@ -115,14 +115,18 @@ class ExpertCache:
         with self._loading():
             yield from self._load(layer, list(dict.fromkeys(int(e) for e in expert_ids)))
 
-    def _load(self, layer: int, ids: list[int]) -> Iterator[tuple[int, ExpertWeights]]:
+    def _lookup(self, layer: int, ids: list[int]) -> tuple[list[tuple[int, int]], deque[int]]:
+        """Start a load: (expert, slot) of the hits, locked and touched, and the misses to copy."""
         self._collect_stalls()
-        ready: deque[tuple[int, int]] = deque()  # (expert, slot) in yield order: hits first
+        hits = [(e, self._use_hit((layer, e))) for e in ids if (layer, e) in self._slots]
         pending = deque(e for e in ids if (layer, e) not in self._slots)
-        for expert in (e for e in ids if (layer, e) in self._slots):
-            ready.append((expert, self._use_hit((layer, expert))))
-        self._stats.add(layer, expert_lookups=len(ids), expert_hits=len(ready),
+        self._stats.add(layer, expert_lookups=len(ids), expert_hits=len(hits),
                         expert_misses=len(pending), misses_copied=len(pending))
+        return hits, pending
+
+    def _load(self, layer: int, ids: list[int]) -> Iterator[tuple[int, ExpertWeights]]:
+        hits, pending = self._lookup(layer, ids)
+        ready = deque(hits)  # (expert, slot) in yield order: hits first
         layout = self.store.layout(layer)
         self._issue(layer, pending, ready)
         while ready:
@@ -142,12 +146,8 @@ class ExpertCache:
             yield from self._load_groups(layer, list(dict.fromkeys(int(e) for e in expert_ids)))
 
     def _load_groups(self, layer: int, ids: list[int]) -> Iterator[list[tuple[int, int]]]:
-        self._collect_stalls()
-        hits = [(e, self._use_hit((layer, e))) for e in ids if (layer, e) in self._slots]
-        pending = deque(e for e in ids if (layer, e) not in self._slots)
-        self._stats.add(layer, expert_lookups=len(ids), expert_hits=len(hits),
-                        expert_misses=len(pending), misses_copied=len(pending))
-        group, wave = hits, deque()
+        group, pending = self._lookup(layer, ids)
+        wave: deque[tuple[int, int]] = deque()
         self._issue(layer, pending, wave)  # the first copies run while the hits compute
         while group or wave:
             if group:

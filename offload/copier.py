@@ -27,7 +27,7 @@ class SyncCopier:
 
     def copy(self, slot: int, dst: torch.Tensor, srcs: Sequence[torch.Tensor], layer: int) -> None:
         start = time.perf_counter()
-        _copy_runs(dst, srcs, non_blocking=False)
+        copy_runs(dst, srcs, non_blocking=False)
         self._copies.append((layer, time.perf_counter() - start))
 
     def wait(self, slot: int, layer: int) -> None:
@@ -67,7 +67,7 @@ class StreamCopier:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         with torch.cuda.stream(self.stream):
             start.record(self.stream)
-            _copy_runs(dst, srcs, non_blocking=True)
+            copy_runs(dst, srcs, non_blocking=True)
             end.record(self.stream)
             self._copied[slot].record(self.stream)
         self._copies.append((layer, start, end))
@@ -127,7 +127,7 @@ class LinkCopier:
         while True:
             dst, srcs, finish_at, done, layer = self._queue.get()
             start = time.perf_counter()
-            _copy_runs(dst, srcs, non_blocking=False)
+            copy_runs(dst, srcs, non_blocking=False)
             delay = finish_at - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
@@ -166,7 +166,7 @@ def make_copier(device: torch.device, n_slots: int) -> SyncCopier | StreamCopier
     return StreamCopier(device, n_slots) if device.type == "cuda" else SyncCopier()
 
 
-def _copy_runs(dst: torch.Tensor, srcs: Sequence[torch.Tensor], non_blocking: bool) -> None:
+def copy_runs(dst: torch.Tensor, srcs: Sequence[torch.Tensor], non_blocking: bool) -> None:
     """Copy the byte runs `srcs` end to end into the start of `dst`."""
     offset = 0
     for src in srcs:
