@@ -28,6 +28,7 @@ COPY pyproject.toml README.md ./
 COPY kernels ./kernels
 COPY offload ./offload
 COPY engine ./engine
+COPY tools ./tools
 COPY server ./server
 # ninja: torch.utils.cpp_extension builds the C++ CPU kernels with it at first use.
 RUN pip install . ninja

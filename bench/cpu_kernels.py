@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType as Q
 
-from kernels import block_format, dequantize, random_blocks, row_bytes
-import kernels.cpu.qmatmul as cpu_api
-from kernels.cpu import cpu_dequantize, cpu_expert_ffn, cpu_qmatmul
-from kernels.cpu.build import WITHOUT_AVX2, WITHOUT_AVX512, compile_extension, load_extension
+from moestream.kernels import block_format, dequantize, random_blocks, row_bytes
+import moestream.kernels.cpu.qmatmul as cpu_api
+from moestream.kernels.cpu import cpu_dequantize, cpu_expert_ffn, cpu_qmatmul
+from moestream.kernels.cpu.build import WITHOUT_AVX2, WITHOUT_AVX512, compile_extension, load_extension
 
 BUILDS = {"native": (), "avx2": WITHOUT_AVX512, "plain-cpp": WITHOUT_AVX2}
 

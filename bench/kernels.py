@@ -77,7 +77,7 @@ def copy_gb_s(device: torch.device) -> float:
 def weight_blocks(qtype: Q, n_blocks: int, gen: torch.Generator) -> torch.Tensor:
     """Random blocks with fp16 scales near 2**-10, so weights are O(1) as in real models and
     fp16 activations through a whole expert FFN stay finite."""
-    from kernels.formats import block_format, random_blocks
+    from moestream.kernels.formats import block_format, random_blocks
 
     blocks = random_blocks(qtype, n_blocks, gen)
     for offset in block_format(qtype).fp16_fields:
@@ -95,10 +95,10 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def bench_matmuls(qtypes: list[Q], shapes, rows, dtypes, device: torch.device, copy_rate: float) -> list[Row]:
-    from kernels.formats import row_bytes
-    from kernels.dispatch import qmatmul
-    from kernels.triton_gemm import triton_gemm
-    from kernels.triton_gemv import MAX_GEMV_ROWS, triton_gemv
+    from moestream.kernels.formats import row_bytes
+    from moestream.kernels.dispatch import qmatmul
+    from moestream.kernels.triton_gemm import triton_gemm
+    from moestream.kernels.triton_gemv import MAX_GEMV_ROWS, triton_gemv
 
     gen = torch.Generator().manual_seed(0)
     table = []
@@ -124,9 +124,9 @@ def bench_matmuls(qtypes: list[Q], shapes, rows, dtypes, device: torch.device, c
 
 def bench_moe(qtype: Q, dims: tuple[int, int, int, int], tokens: list[int], dtype, device, copy_rate) -> list[Row]:
     """Grouped gate|up matmul and the whole expert FFN over n_experts shuffled slots, top-k routing."""
-    from kernels.expert_layout import SlotLayout, SlotTensor
-    from kernels.moe_ffn import moe_ffn
-    from kernels.dispatch import grouped_qmatmul
+    from moestream.kernels.expert_layout import SlotLayout, SlotTensor
+    from moestream.kernels.moe_ffn import moe_ffn
+    from moestream.kernels.dispatch import grouped_qmatmul
 
     n_experts, top_k, hidden, inter = dims
     gen = torch.Generator().manual_seed(1)
@@ -162,7 +162,7 @@ def bench_moe(qtype: Q, dims: tuple[int, int, int, int], tokens: list[int], dtyp
 
 
 def _type_size(qtype: Q) -> int:
-    from kernels.formats import block_format
+    from moestream.kernels.formats import block_format
 
     return block_format(qtype).type_size
 
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     elif not torch.cuda.is_available():
         print("bench.kernels needs a CUDA GPU (or --cpu-smoke)", file=sys.stderr)
         return 2
-    from kernels.triton_dequant_tiles import TRITON_QTYPES
+    from moestream.kernels.triton_dequant_tiles import TRITON_QTYPES
 
     device = torch.device("cpu" if args.cpu_smoke else "cuda")
     qtypes = [Q[name] for name in args.types.split(",")] if args.types else sorted(TRITON_QTYPES, key=int)

@@ -21,11 +21,11 @@ from gguf import GGMLQuantizationType as Q  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from kernels.formats import block_format  # noqa: E402
-from kernels.triton_dequant_tiles import TRITON_QTYPES  # noqa: E402
-from kernels.triton_gemm import _gemm_kernel, gpu_gemm_config  # noqa: E402
-from kernels.triton_gemv import _gemv_kernel, gpu_gemv_config  # noqa: E402
-from kernels.triton_moe import _grouped_kernel, gpu_grouped_config  # noqa: E402
+from moestream.kernels.formats import block_format  # noqa: E402
+from moestream.kernels.triton_dequant_tiles import TRITON_QTYPES  # noqa: E402
+from moestream.kernels.triton_gemm import _gemm_kernel, gpu_gemm_config  # noqa: E402
+from moestream.kernels.triton_gemv import _gemv_kernel, gpu_gemv_config  # noqa: E402
+from moestream.kernels.triton_moe import _grouped_kernel, gpu_grouped_config  # noqa: E402
 
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 _INDEX_POINTERS = ("slot_of_expert_ptr", "sorted_ids_ptr", "expert_ids_ptr", "num_post_pad_ptr")

@@ -17,8 +17,9 @@ import time
 
 import torch
 
-from engine.bench import BenchConfig, run_bench, summarize
-from offload.planner import format_bytes, parse_bytes
+from moestream.tools.bench import run_bench, summarize
+from moestream.tools.measure import BenchConfig
+from moestream.offload.planner import format_bytes, parse_bytes
 
 
 def pinned_h2d_gb_s(nbytes: int = 256 << 20, repeat: int = 5) -> float | None:

@@ -10,8 +10,8 @@ import argparse
 
 import numpy as np
 
-from engine import Engine, SamplingParams
-from engine.loader import open_gguf
+from moestream.engine import Engine, SamplingParams
+from moestream.engine.loader import open_gguf
 
 
 def main(argv: list[str] | None = None) -> int:

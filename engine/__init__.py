@@ -1,6 +1,6 @@
 """Engine layer: GGUF loading, tokenizer, MoE forward, KV cache, sampler, scheduler."""
 
-from engine.engine import Engine, EngineConfig, QueueFull
-from engine.sequence import SamplingParams, StepOutput
+from moestream.engine.engine import Engine, EngineConfig, QueueFull
+from moestream.engine.sequence import SamplingParams, StepOutput
 
 __all__ = ["Engine", "EngineConfig", "QueueFull", "SamplingParams", "StepOutput"]

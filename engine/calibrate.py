@@ -15,11 +15,11 @@ from collections.abc import Callable
 
 import torch
 
-from kernels.cpu import cpu_moe_layer
-from offload.copier import copy_runs
-from offload.hybrid import Rates
-from offload.layout import ExpertWeights
-from offload.store import HostExpertStore
+from moestream.kernels.cpu import cpu_moe_layer
+from moestream.offload.copier import copy_runs
+from moestream.offload.hybrid import Rates
+from moestream.offload.layout import ExpertWeights
+from moestream.offload.store import HostExpertStore
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from jinja2 import nodes
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from kernels.errors import MoestreamError
+from moestream.kernels.errors import MoestreamError
 
 log = logging.getLogger(__name__)
 

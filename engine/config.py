@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from kernels.errors import MoestreamError
+from moestream.kernels.errors import MoestreamError
 
 
 class RopeStyle(Enum):

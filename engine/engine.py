@@ -7,56 +7,26 @@ hands requests in between steps.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from engine.kv_cache import KVCache
-from engine.loader import GGUFModelFile, open_gguf
-from engine.model import BatchInput, MoEModel, Segment
-from engine.placement import build_expert_source
-from engine.sampler import sample
-from engine.scheduler import Scheduler, SchedulerConfig, ScheduledSeq
-from engine.sequence import SamplingParams, Sequence, StepOutput
-from engine.chat_template import render_chat
-from engine.tokenizer import Tokenizer
-from kernels.errors import MoestreamError
-from engine.replay import RoutingReplay
-from offload.trace import RoutingRecorder, read_trace
+from moestream.engine.engine_config import EngineConfig
+from moestream.engine.kv_cache import KVCache
+from moestream.engine.loader import GGUFModelFile, open_gguf
+from moestream.engine.model import BatchInput, MoEModel, Segment
+from moestream.engine.placement import build_expert_source
+from moestream.engine.sampler import sample
+from moestream.engine.scheduler import Scheduler, SchedulerConfig, ScheduledSeq
+from moestream.engine.sequence import SamplingParams, Sequence, StepOutput
+from moestream.engine.chat_template import render_chat
+from moestream.engine.tokenizer import Tokenizer
+from moestream.kernels.errors import MoestreamError
+from moestream.engine.replay import RoutingReplay
+from moestream.offload.trace import RoutingRecorder, read_trace
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    device: str = "cpu"
-    ctx_size: int = 4096  # longest sequence (prompt + output), capped by the model's
-    max_batch: int = 8  # sequences decoded together
-    max_batched_tokens: int = 256  # prefill chunk budget per step
-    max_waiting: int = 64
-    vram_budget: str | int | None = None
-    max_cached_experts: int | None = None
-    prefetch: bool = True
-    pin_memory: bool = True
-    kernel_backend: str = "auto"
-    miss_policy: str = "auto"  # expert cache misses: auto (cost model) | copy | cpu
-    simulate_link_gbps: float | None = None  # CPU only: the cache's "device" behind a link this fast
-    kv_block_size: int = 16
-    record_routing: str | None = None  # JSONL file of each token's experts per layer
-    replay_routing: str | None = None  # benchmarks: route from this real log (engine/replay.py)
-
-    def kv_tokens(self, model_context_length: int) -> int:
-        """KV cache capacity in tokens: a full context for each of max_batch sequences."""
-        max_len = min(self.ctx_size, model_context_length)
-        return -(-max_len // self.kv_block_size) * self.kv_block_size * self.max_batch
-
-
-def default_kernels(device: str, kernels: str | None) -> str:
-    """The command line follows llama.cpp's numerics on the CPU (q8) unless told otherwise;
-    EngineConfig's default stays the exact path ("auto")."""
-    return kernels or ("q8" if torch.device(device).type == "cpu" else "auto")
 
 
 class Engine:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels.dispatch import uses_cpu_kernel
-from engine.config import RopeStyle
-from engine.loader import RawTensor
+from moestream import kernels
+from moestream.kernels.dispatch import uses_cpu_kernel
+from moestream.engine.config import RopeStyle
+from moestream.engine.loader import RawTensor
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFReader
 
-from engine.config import ModelConfig, QKNorm
-from kernels.errors import MoestreamError
-from kernels.formats import block_format
+from moestream.engine.config import ModelConfig, QKNorm
+from moestream.kernels.errors import MoestreamError
+from moestream.kernels.formats import block_format
 
 # Metadata arrays that can hold hundreds of thousands of entries; the tokenizer reads
 # them straight from the reader, the config never needs them.

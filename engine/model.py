@@ -18,18 +18,18 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from kernels.cpu import cpu_expert_ffn, cpu_moe_layer
-from kernels.dispatch import qmatmul, use_triton, uses_cpu_kernel
-from kernels.moe_ffn import moe_ffn
-from engine.config import ModelConfig, QKNorm
-from engine.kv_cache import KVCache, SlotIndex
-from engine.layers import Embedding, Linear, Rope, dequantize_tensor, rms_norm
-from engine.loader import GGUFModelFile
-from engine.replay import RoutingReplay
-from offload.cache import ExpertCache
-from offload.layout import ExpertWeights
-from offload.source import ExpertSource, LayerPlan
-from offload.store import HostExpertStore
+from moestream.kernels.cpu import cpu_expert_ffn, cpu_moe_layer
+from moestream.kernels.dispatch import qmatmul, use_triton, uses_cpu_kernel
+from moestream.kernels.moe_ffn import moe_ffn
+from moestream.engine.config import ModelConfig, QKNorm
+from moestream.engine.kv_cache import KVCache, SlotIndex
+from moestream.engine.layers import Embedding, Linear, Rope, dequantize_tensor, rms_norm
+from moestream.engine.loader import GGUFModelFile
+from moestream.engine.replay import RoutingReplay
+from moestream.offload.cache import ExpertCache
+from moestream.offload.layout import ExpertWeights
+from moestream.offload.source import ExpertSource, LayerPlan
+from moestream.offload.store import HostExpertStore
 
 RoutingHook = Callable[[int, torch.Tensor, torch.Tensor], None]
 

@@ -4,24 +4,20 @@ expert cache sized by the placement planner when a budget applies."""
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
-
 import torch
 
-from engine.calibrate import measure_rates
-from engine.loader import GGUFModelFile
-from engine.model import expert_ffn
-from kernels.errors import MoestreamError
-from offload.cache import ExpertCache
-from offload.copier import LinkCopier
-from offload.hybrid import MissPolicy
-from offload.layout import ExpertLayout, ProjLayout
-from offload.planner import PlacementPlan, default_budget, parse_bytes, plan_placement
-from offload.source import ExpertSource
-from offload.store import HostExpertStore
-
-if TYPE_CHECKING:
-    from engine.engine import EngineConfig
+from moestream.engine.calibrate import measure_rates
+from moestream.engine.engine_config import EngineConfig
+from moestream.engine.loader import GGUFModelFile
+from moestream.engine.model import expert_ffn
+from moestream.kernels.errors import MoestreamError
+from moestream.offload.cache import ExpertCache
+from moestream.offload.copier import LinkCopier
+from moestream.offload.hybrid import MissPolicy
+from moestream.offload.layout import ExpertLayout, ProjLayout
+from moestream.offload.planner import PlacementPlan, default_budget, parse_bytes, plan_placement
+from moestream.offload.source import ExpertSource
+from moestream.offload.store import HostExpertStore
 
 log = logging.getLogger(__name__)
 

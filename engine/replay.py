@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.errors import MoestreamError
-from offload.trace import RoutingTrace
+from moestream.kernels.errors import MoestreamError
+from moestream.offload.trace import RoutingTrace
 
 
 class RoutingReplay:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.sequence import Sequence, TokenLogprob
+from moestream.engine.sequence import Sequence, TokenLogprob
 
 
 def apply_penalties(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:

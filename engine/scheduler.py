@@ -12,8 +12,8 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from engine.kv_cache import KVCache
-from engine.sequence import Sequence, SequenceStatus
+from moestream.engine.kv_cache import KVCache
+from moestream.engine.sequence import Sequence, SequenceStatus
 
 
 @dataclass(frozen=True)

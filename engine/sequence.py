@@ -9,7 +9,7 @@ from enum import Enum
 
 import torch
 
-from kernels.errors import MoestreamError
+from moestream.kernels.errors import MoestreamError
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import gguf
 from tokenizers import AddedToken, Regex, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
-from engine.tokenizer_vocab import GGUFVocab, TokenType, read_vocab
+from moestream.engine.tokenizer_vocab import GGUFVocab, TokenType, read_vocab
 
 SPACE_MARK = "\u2581"  # SentencePiece's visible space
 _SPECIAL_TYPES = (TokenType.CONTROL, TokenType.UNKNOWN)

@@ -8,7 +8,7 @@ matches and the text between them. Where llama.cpp rewrites a tokenizer.json reg
 
 from dataclasses import dataclass
 
-from kernels.errors import MoestreamError
+from moestream.kernels.errors import MoestreamError
 
 _CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
 

@@ -13,8 +13,8 @@ from enum import IntEnum
 
 import gguf
 
-from engine.tokenizer_pre import PreTokenizerSpec, pre_tokenizer_spec
-from kernels.errors import MoestreamError
+from moestream.engine.tokenizer_pre import PreTokenizerSpec, pre_tokenizer_spec
+from moestream.kernels.errors import MoestreamError
 
 log = logging.getLogger(__name__)
 

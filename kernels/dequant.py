@@ -8,9 +8,9 @@ from typing import Callable
 import torch
 from gguf import GGMLQuantizationType as Q
 
-from kernels import dequant_codebook as cb
-from kernels import dequant_linear as lin
-from kernels.formats import BLOCK_FORMATS, BlockFormat, block_format, row_bytes
+from moestream.kernels import dequant_codebook as cb
+from moestream.kernels import dequant_linear as lin
+from moestream.kernels.formats import BLOCK_FORMATS, BlockFormat, block_format, row_bytes
 
 BlockDequantizer = Callable[[BlockFormat, torch.Tensor], torch.Tensor]
 

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as Q, quants
 
-from kernels.bits import sign_bits, unpack
-from kernels.formats import BlockFormat, reinterpret
+from moestream.kernels.bits import sign_bits, unpack
+from moestream.kernels.formats import BlockFormat, reinterpret
 
 IQ1_DELTA = float(quants.IQ1_S.delta)  # grid shift of IQ1_S/IQ1_M, +-1/8
 

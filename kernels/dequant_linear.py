@@ -6,8 +6,8 @@ operations in the same order as gguf.quants / ggml-quants.c, so results match bi
 
 import torch
 
-from kernels.bits import unpack
-from kernels.formats import BlockFormat
+from moestream.kernels.bits import unpack
+from moestream.kernels.formats import BlockFormat
 
 
 def plain_float(fmt: BlockFormat, blocks: torch.Tensor) -> torch.Tensor:

@@ -18,17 +18,17 @@ import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType as Q
 
-from kernels.cpu import cpu_qmatmul, has_cpu_kernel
-from kernels.dequant import dequantize
-from kernels.errors import UnsupportedQuantType
-from kernels.expert_layout import SlotTensor
-from kernels.formats import block_format, row_bytes
-from kernels.moe_align import MoeAlignment, moe_align_block_size
-from kernels.reference import qmatmul_reference
-from kernels.triton_dequant_tiles import TRITON_QTYPES
-from kernels.triton_gemm import triton_gemm
-from kernels.triton_gemv import MAX_GEMV_ROWS, triton_gemv
-from kernels.triton_moe import moe_block_m, triton_grouped_qmatmul
+from moestream.kernels.cpu import cpu_qmatmul, has_cpu_kernel
+from moestream.kernels.dequant import dequantize
+from moestream.kernels.errors import UnsupportedQuantType
+from moestream.kernels.expert_layout import SlotTensor
+from moestream.kernels.formats import block_format, row_bytes
+from moestream.kernels.moe_align import MoeAlignment, moe_align_block_size
+from moestream.kernels.reference import qmatmul_reference
+from moestream.kernels.triton_dequant_tiles import TRITON_QTYPES
+from moestream.kernels.triton_gemm import triton_gemm
+from moestream.kernels.triton_gemv import MAX_GEMV_ROWS, triton_gemv
+from moestream.kernels.triton_moe import moe_block_m, triton_grouped_qmatmul
 
 log = logging.getLogger(__name__)
 

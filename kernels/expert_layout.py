@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from gguf import GGMLQuantizationType as Q
 
-from kernels.formats import row_bytes
+from moestream.kernels.formats import row_bytes
 
 
 @dataclass(frozen=True)

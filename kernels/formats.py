@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
-from kernels.errors import UnsupportedQuantType
+from moestream.kernels.errors import UnsupportedQuantType
 
 @dataclass(frozen=True)
 class Field:

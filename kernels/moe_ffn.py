@@ -11,10 +11,10 @@ are applied in the down projection's epilogue.
 import torch
 import torch.nn.functional as F
 
-from kernels.expert_layout import SlotLayout
-from kernels.moe_align import moe_align_block_size
-from kernels.dispatch import Backend, grouped_qmatmul, use_triton
-from kernels.triton_moe import moe_block_m
+from moestream.kernels.expert_layout import SlotLayout
+from moestream.kernels.moe_align import moe_align_block_size
+from moestream.kernels.dispatch import Backend, grouped_qmatmul, use_triton
+from moestream.kernels.triton_moe import moe_block_m
 
 
 def moe_ffn(

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 
-from kernels.dequant import dequantize
+from moestream.kernels.dequant import dequantize
 
 
 def qmatmul_reference(

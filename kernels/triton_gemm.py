@@ -14,8 +14,8 @@ import triton
 import triton.language as tl
 from gguf import GGMLQuantizationType as Q
 
-from kernels.formats import block_format, row_bytes
-from kernels.triton_dequant_tiles import dequant_tile, lookup_table
+from moestream.kernels.formats import block_format, row_bytes
+from moestream.kernels.triton_dequant_tiles import dequant_tile, lookup_table
 
 
 @dataclass(frozen=True)

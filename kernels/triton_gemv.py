@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 from gguf import GGMLQuantizationType as Q
 
-from kernels.formats import block_format, row_bytes
-from kernels.triton_dequant_tiles import dequant_tile, lookup_table
+from moestream.kernels.formats import block_format, row_bytes
+from moestream.kernels.triton_dequant_tiles import dequant_tile, lookup_table
 
 MAX_GEMV_ROWS = 16
 # First guesses from register counts of sm_90 builds (ptxas, no spills), to be tuned with

@@ -16,11 +16,11 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.expert_layout import SlotTensor
-from kernels.formats import block_format
-from kernels.moe_align import MoeAlignment
-from kernels.triton_dequant_tiles import lookup_table
-from kernels.triton_gemm import dot_tiles
+from moestream.kernels.expert_layout import SlotTensor
+from moestream.kernels.formats import block_format
+from moestream.kernels.moe_align import MoeAlignment
+from moestream.kernels.triton_dequant_tiles import lookup_table
+from moestream.kernels.triton_gemm import dot_tiles
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """Where experts live: host store, device expert cache, placement planner, routing traces."""
 
-from offload.cache import ExpertCache
-from offload.layout import ExpertLayout, ExpertWeights, ProjLayout
-from offload.planner import (
+from moestream.offload.cache import ExpertCache
+from moestream.offload.layout import ExpertLayout, ExpertWeights, ProjLayout
+from moestream.offload.planner import (
     BudgetTooSmall,
     PlacementPlan,
     default_budget,
@@ -11,10 +11,10 @@ from offload.planner import (
     parse_bytes,
     plan_placement,
 )
-from offload.source import ExpertSource
-from offload.stats import CacheCounters
-from offload.store import HostExpertStore
-from offload.trace import RoutingRecorder, RoutingTrace, read_trace
+from moestream.offload.source import ExpertSource
+from moestream.offload.stats import CacheCounters
+from moestream.offload.store import HostExpertStore
+from moestream.offload.trace import RoutingRecorder, RoutingTrace, read_trace
 
 __all__ = [
     "BudgetTooSmall",

@@ -15,12 +15,12 @@ from time import perf_counter
 
 import torch
 
-from offload.copier import LinkCopier, StreamCopier, SyncCopier, make_copier
-from offload.hybrid import MissPolicy, Rates, RunningRate, split_misses
-from offload.layout import ExpertWeights
-from offload.source import LayerPlan
-from offload.stats import CacheStats
-from offload.store import HostExpertStore
+from moestream.offload.copier import LinkCopier, StreamCopier, SyncCopier, make_copier
+from moestream.offload.hybrid import MissPolicy, Rates, RunningRate, split_misses
+from moestream.offload.layout import ExpertWeights
+from moestream.offload.source import LayerPlan
+from moestream.offload.stats import CacheStats
+from moestream.offload.store import HostExpertStore
 
 Key = tuple[int, int]  # (layer, expert)
 

@@ -15,8 +15,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from kernels.errors import MoestreamError
-from offload.trace import RoutingTrace, read_trace
+from moestream.kernels.errors import MoestreamError
+from moestream.offload.trace import RoutingTrace, read_trace
 
 DEFAULT_SIZES = (0.125, 0.25, 0.5)
 POLICIES = ("lru", "lfu", "belady")

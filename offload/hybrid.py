@@ -16,7 +16,7 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from kernels.errors import MoestreamError
+from moestream.kernels.errors import MoestreamError
 
 
 class MissPolicy(enum.Enum):

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 from gguf import GGMLQuantizationType
 
-from kernels.expert_layout import SlotLayout, SlotTensor
-from kernels.formats import row_bytes
+from moestream.kernels.expert_layout import SlotLayout, SlotTensor
+from moestream.kernels.formats import row_bytes
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.errors import MoestreamError
+from moestream.kernels.errors import MoestreamError
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from offload.layout import ExpertWeights
+from moestream.offload.layout import ExpertWeights
 
 
 @dataclass(frozen=True)

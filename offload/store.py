@@ -13,9 +13,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from offload.layout import ExpertLayout, ExpertWeights
-from offload.source import LayerPlan
-from offload.stats import CacheStats
+from moestream.offload.layout import ExpertLayout, ExpertWeights
+from moestream.offload.source import LayerPlan
+from moestream.offload.stats import CacheStats
 
 # One projection of all experts of a layer: uint8 [n_expert, bytes of one expert's part]
 # (a [n_expert, rows, row_bytes] array from GGUFReader is accepted too).

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from kernels.errors import MoestreamError
+from moestream.kernels.errors import MoestreamError
 
 
 @dataclass(frozen=True)

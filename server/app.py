@@ -20,13 +20,14 @@ from fastapi import FastAPI
 from fastapi import Response
 from prometheus_client import generate_latest
 
-from engine import Engine
-from kernels.errors import MoestreamError
-from server.errors import install_error_handlers
-from server.metrics import ServerMetrics
-from server.model_source import ModelSource
-from server.routes import router
-from server.state import Gate, ServerSettings, ServerState
+from moestream.engine import Engine
+from moestream.kernels.errors import MoestreamError
+from moestream.server.errors import install_error_handlers
+from moestream.server.metrics import ServerMetrics
+from moestream.server.model_source import ModelSource
+from moestream.server.options import engine_options
+from moestream.server.routes import router
+from moestream.server.state import Gate, ServerSettings, ServerState
 
 log = logging.getLogger(__name__)
 _TEXT_FORMAT = "text/plain; version=0.0.4; charset=utf-8"  # what Prometheus 2.x and 3.x parse
@@ -79,8 +80,7 @@ class DrainingServer(uvicorn.Server):
 
 
 def serve(args: argparse.Namespace) -> int:
-    from server.cli import engine_options
-    from server.demo import DEMO_MODEL_NAME, demo_max_cached_experts, demo_model_path
+    from moestream.server.demo import DEMO_MODEL_NAME, demo_max_cached_experts, demo_model_path
 
     if args.demo:
         log.warning("--demo: serving a small synthetic model with random weights; its text is gibberish")

@@ -16,8 +16,8 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from engine import Engine, SamplingParams
-from engine.sequence import SequenceStatus, TokenLogprob
+from moestream.engine import Engine, SamplingParams
+from moestream.engine.sequence import SequenceStatus, TokenLogprob
 
 log = logging.getLogger(__name__)
 

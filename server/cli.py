@@ -11,20 +11,10 @@ import os
 import sys
 from pathlib import Path
 
-from kernels.errors import MoestreamError
-from offload.hybrid import MissPolicy
+from moestream.kernels.errors import MoestreamError
+from moestream.server.options import KERNEL_CHOICES, KERNELS_HELP, MISS_POLICIES, MISS_POLICY_HELP, engine_options
 
 EXIT_USAGE = 2
-KERNEL_CHOICES = ("auto", "q8", "torch", "triton")
-MISS_POLICIES = tuple(p.value for p in MissPolicy)
-MISS_POLICY_HELP = ("what an expert cache miss does: auto (per miss and step, copy it into a slot "
-                    "or compute it on the CPU from host memory, whichever a cost model measured at "
-                    "start-up says finishes first), copy (always copy: a plain LRU cache), cpu "
-                    "(always compute on the CPU; the slots hold the last layers' experts, as "
-                    "llama.cpp's --n-cpu-moe); default auto")
-KERNELS_HELP = ("matmul kernels: q8 (CPU: activations rounded to int8 blocks as llama.cpp does; "
-                "about 1%% from exact, 1.8x faster), auto (exact fp32: compiled CPU kernels, Triton "
-                "on CUDA), torch (reference), triton; default: q8 on the CPU, auto on CUDA")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -45,28 +35,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="write each token's experts per layer to FILE (JSONL) for `moestream cache-sim`")
 
 
-def engine_options(args: argparse.Namespace) -> dict:
-    import torch
-
-    from engine.engine import default_kernels
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return dict(device=device, vram_budget=args.vram_budget, max_cached_experts=args.max_cached_experts,
-                ctx_size=args.ctx_size, pin_memory=not args.no_pin, prefetch=not args.no_prefetch,
-                record_routing=args.record_routing, kernel_backend=default_kernels(device, args.kernels),
-                miss_policy=args.miss_policy)
-
-
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from server.inspect import describe
+    from moestream.server.inspect import describe
 
     print(describe(Path(args.file), vram_budget=args.vram_budget, ctx_size=args.ctx_size))
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from engine import Engine, SamplingParams
-    from engine.tokenizer import StreamDecoder
+    from moestream.engine import Engine, SamplingParams
+    from moestream.engine.tokenizer import StreamDecoder
 
     engine = Engine.from_gguf(args.model, **engine_options(args))
     tok = engine.tokenizer
@@ -87,13 +65,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from server.app import serve
+    from moestream.server.app import serve
 
     return serve(args)
 
 
 def cmd_cache_sim(args: argparse.Namespace) -> int:
-    from offload.cachesim import main as cache_sim_main
+    from moestream.offload.cachesim import main as cache_sim_main
 
     return cache_sim_main(args.rest)
 
@@ -150,7 +128,7 @@ def _add_serve_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from engine import bench, perplexity, synth
+    from moestream.tools import bench, perplexity, synth
 
     parser = argparse.ArgumentParser(prog="moestream", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default="INFO")

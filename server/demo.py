@@ -2,7 +2,7 @@
 
 Random Q4_K_M weights (its text is gibberish), a byte-level BPE vocab and a ChatML
 template, so a machine without a model can try the API and the dashboards. Written once
-into the user's cache by engine.synth, keyed by the sources that make it.
+into the user's cache by tools.synth, keyed by the sources that make it.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import hashlib
 import os
 from pathlib import Path
 
-from engine import gguf_write, synth
-from engine.synth import Preset, write_synthetic
+from moestream.tools import gguf_write, synth
+from moestream.tools.synth import Preset, write_synthetic
 
 DEMO_MODEL_NAME = "moestream-demo"
 DEMO_QUANT = "Q4_K_M"

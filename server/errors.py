@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kernels.errors import MoestreamError
+from moestream.kernels.errors import MoestreamError
 
 log = logging.getLogger(__name__)
 

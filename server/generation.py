@@ -10,11 +10,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from engine.sequence import TokenLogprob
-from engine.tokenizer import StreamDecoder, Tokenizer
-from server.async_engine import AsyncEngine, EngineFailed, RequestStream, TokenEvent
-from server.metrics import RequestRecord, ServerMetrics
-from server.stops import StopMatcher
+from moestream.engine.sequence import TokenLogprob
+from moestream.engine.tokenizer import StreamDecoder, Tokenizer
+from moestream.server.async_engine import AsyncEngine, EngineFailed, RequestStream, TokenEvent
+from moestream.server.metrics import RequestRecord, ServerMetrics
+from moestream.server.stops import StopMatcher
 
 
 @dataclass

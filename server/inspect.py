@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from engine.loader import GGUFModelFile, open_gguf
-from offload.planner import format_bytes
+from moestream.engine.loader import GGUFModelFile, open_gguf
+from moestream.offload.planner import format_bytes
 
 _GROUPS = (
     ("routed experts", lambda n: n.endswith("_exps.weight")),
@@ -69,9 +69,9 @@ def describe(path: Path, vram_budget: str | None = None, ctx_size: int = 4096) -
 
 def plan_for(file: GGUFModelFile, vram_budget: str, ctx_size: int):
     """The placement plan the engine would make on a GPU with this budget."""
-    from engine.engine import EngineConfig
-    from engine.placement import make_plan
-    from offload.planner import kv_cache_bytes
+    from moestream.engine.engine_config import EngineConfig
+    from moestream.engine.placement import make_plan
+    from moestream.offload.planner import kv_cache_bytes
 
     cfg = file.config
     config = EngineConfig(device="cuda", ctx_size=ctx_size, vram_budget=vram_budget)

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from offload.planner import PlacementPlan
+from moestream.offload.planner import PlacementPlan
 
 PREFIX = "moestream:"
 # vLLM's buckets, so its Grafana panels read ours unchanged.

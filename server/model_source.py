@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from kernels.errors import MoestreamError
+from moestream.kernels.errors import MoestreamError
 
 HF_PREFIX = "hf:"
 

@@ -7,8 +7,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from engine.sequence import TokenLogprob
-from engine.tokenizer import Tokenizer
+from moestream.engine.sequence import TokenLogprob
+from moestream.engine.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)

@@ -12,13 +12,13 @@ from dataclasses import dataclass
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from kernels.errors import MoestreamError
-from server.async_engine import EngineFailed
-from server.errors import APIError
-from server.generation import Delta, Generation
-from server.responses import Envelope, chat_logprobs, completion_logprobs, sse
-from server.schemas import ChatCompletionRequest, CompletionRequest
-from server.state import ServerState
+from moestream.kernels.errors import MoestreamError
+from moestream.server.async_engine import EngineFailed
+from moestream.server.errors import APIError
+from moestream.server.generation import Delta, Generation
+from moestream.server.responses import Envelope, chat_logprobs, completion_logprobs, sse
+from moestream.server.schemas import ChatCompletionRequest, CompletionRequest
+from moestream.server.state import ServerState
 
 router = APIRouter()
 _DISCONNECT_POLL_S = 0.5

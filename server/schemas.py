@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from engine import SamplingParams
+from moestream.engine import SamplingParams
 
 
 class _Request(BaseModel):

@@ -11,12 +11,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from engine import Engine, QueueFull, SamplingParams
-from kernels.errors import MoestreamError
-from server.async_engine import AsyncEngine
-from server.errors import APIError
-from server.generation import Generation
-from server.metrics import EngineView, RequestRecord, ServerMetrics
+from moestream.engine import Engine, QueueFull, SamplingParams
+from moestream.kernels.errors import MoestreamError
+from moestream.server.async_engine import AsyncEngine
+from moestream.server.errors import APIError
+from moestream.server.generation import Generation
+from moestream.server.metrics import EngineView, RequestRecord, ServerMetrics
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from tests.fixtures.models import ARCHS, get_fixture
 
 
 def moestream(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "server.cli", "--log-level", "WARNING", *args],
+    return subprocess.run([sys.executable, "-m", "moestream.server.cli", "--log-level", "WARNING", *args],
                           capture_output=True, text=True, timeout=300)
 
 

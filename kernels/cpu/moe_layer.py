@@ -12,9 +12,9 @@ from collections.abc import Sequence
 import torch
 from gguf import GGMLQuantizationType
 
-from kernels.cpu.build import load_extension
-from kernels.cpu.qmatmul import cpu_expert_ffn, has_cpu_kernel
-from kernels.formats import row_bytes
+from moestream.kernels.cpu.build import load_extension
+from moestream.kernels.cpu.qmatmul import cpu_expert_ffn, has_cpu_kernel
+from moestream.kernels.formats import row_bytes
 
 # (expert id, gate, up, down): the raw GGUF bytes of one routed expert's projections.
 LayerExpert = tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 
-from kernels.cpu.build import load_extension
-from kernels.dequant import dequantize
-from kernels.formats import row_bytes
+from moestream.kernels.cpu.build import load_extension
+from moestream.kernels.dequant import dequantize
+from moestream.kernels.formats import row_bytes
 
 
 @cache

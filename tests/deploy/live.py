@@ -80,7 +80,7 @@ class LiveServer:
 
 def start_server(tmp: Path, args: list[str]) -> LiveServer:
     port = free_port()
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), *args]
+    cmd = [sys.executable, "-m", "moestream.server.cli", "serve", "--port", str(port), *args]
     # The flags are the whole config: no MOESTREAM_* variable of the caller leaks in.
     env = {k: v for k, v in os.environ.items() if not k.startswith("MOESTREAM_")}
     process = Process.launch("moestream serve", cmd, tmp / "server.log", env)

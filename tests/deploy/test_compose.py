@@ -8,7 +8,7 @@ import re
 
 import yaml
 
-from server.cli import build_parser
+from moestream.server.cli import build_parser
 from tests.deploy.dashboard import (DATASOURCE_VARIABLE, METRIC_NAME, load_dashboard, panel_queries,
                                     panels)
 from tests.deploy.dockerfile import parse_dockerfile

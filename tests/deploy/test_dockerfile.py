@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from server.cli import build_parser
+from moestream.server.cli import build_parser
 from tests.deploy.dockerfile import Stage, ignore_patterns, is_ignored, parse_dockerfile
 from tests.deploy.live import REPO_ROOT, LiveServer, free_port
 
@@ -69,7 +69,7 @@ def test_final_stage_has_no_build_tools():
 def test_entrypoint_cmd_and_env_make_a_server_listening_on_the_exposed_port(monkeypatch):
     assert FINAL.last("ENTRYPOINT").exec_form() == ["moestream"]
     scripts = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["moestream"] == "server.cli:main"
+    assert scripts["moestream"] == "moestream.server.cli:main"
     (exposed,) = [int(p.split("/")[0]) for i in FINAL.all("EXPOSE") for p in i.args.split()]
     image_env = {k: v for k, v in FINAL.env().items() if k.startswith("MOESTREAM_")}
     default = parse_serve(FINAL.last("CMD").exec_form(), image_env, monkeypatch)

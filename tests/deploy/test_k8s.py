@@ -8,7 +8,7 @@ import os
 
 import yaml
 
-from server.cli import build_parser
+from moestream.server.cli import build_parser
 from tests.deploy.dockerfile import parse_dockerfile
 from tests.deploy.live import DEPLOY, REPO_ROOT
 

@@ -7,7 +7,7 @@ from tests.fixtures.models import get_fixture
 
 @functools.lru_cache(maxsize=None)
 def cached_engine(arch: str, quant: str = "F32", **options):
-    from engine import Engine
+    from moestream.engine import Engine
 
     return Engine.from_gguf(get_fixture(arch, quant).gguf_path, **options)
 

@@ -8,8 +8,8 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models
 from transformers import PreTrainedTokenizerFast
 
-from engine.chat_template import render_chat
-from kernels.errors import MoestreamError
+from moestream.engine.chat_template import render_chat
+from moestream.kernels.errors import MoestreamError
 
 BOS, EOS = "<s>", "</s>"
 

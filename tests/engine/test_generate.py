@@ -4,7 +4,7 @@ transformers' greedy decoding (full recomputation at every step)."""
 import pytest
 import torch
 
-from engine import SamplingParams
+from moestream.engine import SamplingParams
 from tests.fixtures.models import get_fixture, hf_model, sample_token_ids
 
 

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from engine import Engine, SamplingParams
-from engine.calibrate import measure_rates
-from engine.model import expert_ffn
+from moestream.engine import Engine, SamplingParams
+from moestream.engine.calibrate import measure_rates
+from moestream.engine.model import expert_ffn
 from tests.fixtures.models import ARCHS, get_fixture, sample_token_ids
 
 
@@ -76,9 +76,9 @@ def test_calibration_measures_this_machine(engine_for):
 
 
 def test_simulated_link_is_refused_on_a_gpu_device():
-    from engine.engine import EngineConfig
-    from engine.placement import _simulated_link
-    from kernels.errors import MoestreamError
+    from moestream.engine.engine_config import EngineConfig
+    from moestream.engine.placement import _simulated_link
+    from moestream.kernels.errors import MoestreamError
 
     with pytest.raises(MoestreamError, match="without a GPU"):
         _simulated_link(EngineConfig(simulate_link_gbps=1.0), torch.device("cuda"))

@@ -6,8 +6,8 @@ import random
 import pytest
 import torch
 
-from engine.kv_cache import KVCache
-from engine.model import _attend_one
+from moestream.engine.kv_cache import KVCache
+from moestream.engine.model import _attend_one
 
 BLOCK = 4
 

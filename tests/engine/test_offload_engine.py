@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from engine import SamplingParams
+from moestream.engine import SamplingParams
 from tests.fixtures.models import ARCHS, get_fixture, sample_token_ids
 
 

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from engine import Engine, SamplingParams
-from engine.replay import RoutingReplay
-from kernels.errors import MoestreamError
-from offload.trace import read_trace
+from moestream.engine import Engine, SamplingParams
+from moestream.engine.replay import RoutingReplay
+from moestream.kernels.errors import MoestreamError
+from moestream.offload.trace import read_trace
 from tests.fixtures.models import get_fixture, sample_token_ids
 
 

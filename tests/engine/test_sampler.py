@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from engine.sampler import apply_penalties, filter_top_k_top_p
-from engine.sequence import SamplingParams, Sequence
-from kernels.errors import MoestreamError
+from moestream.engine.sampler import apply_penalties, filter_top_k_top_p
+from moestream.engine.sequence import SamplingParams, Sequence
+from moestream.kernels.errors import MoestreamError
 
 
 def brute_top_p(logits: list[float], top_p: float) -> set[int]:

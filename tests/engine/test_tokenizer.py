@@ -18,8 +18,8 @@ import gguf
 import numpy as np
 import pytest
 
-from engine.tokenizer import StreamDecoder, Tokenizer
-from kernels.errors import MoestreamError
+from moestream.engine.tokenizer import StreamDecoder, Tokenizer
+from moestream.kernels.errors import MoestreamError
 from tests.conftest import SHARED_DATA
 
 SEPARATOR = "\n__ggml_vocab_test__\n"

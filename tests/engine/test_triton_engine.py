@@ -21,7 +21,7 @@ def test_triton_kernels_match_reference_path(engine_for, arch, quant):
 def test_grouped_kernel_over_cache_slots_matches_reference(engine_for, policy):
     """Through an expert cache the Triton path runs one grouped FFN (kernels.moe_ffn) per
     group of slots (hits, then waves of copies); with 3 slots most layers need waves."""
-    from engine import Engine
+    from moestream.engine import Engine
 
     fixture = get_fixture("olmoe", "Q4_K_M")
     ids = sample_token_ids(fixture, 12, seed=32)

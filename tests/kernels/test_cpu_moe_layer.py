@@ -13,10 +13,10 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf import quants
 
-import kernels.cpu.build as build
-import kernels.cpu.moe_layer as layer_module
-from kernels import BLOCK_FORMATS, random_blocks
-from kernels.cpu import cpu_expert_ffn, cpu_moe_layer
+import moestream.kernels.cpu.build as build
+import moestream.kernels.cpu.moe_layer as layer_module
+from moestream.kernels import BLOCK_FORMATS, random_blocks
+from moestream.kernels.cpu import cpu_expert_ffn, cpu_moe_layer
 
 D_MODEL, INTER, N_EXPERTS, TOP_K = 256, 512, 6, 3
 EXACT_TOLERANCE = 1e-5  # max |error| / max |y|, as for the exact matmuls

@@ -30,10 +30,10 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType as Q
 from gguf import quants
 
-import kernels.cpu.build as build
-import kernels.cpu.qmatmul as cpu_module
-from kernels import BLOCK_FORMATS, dequantize, random_blocks
-from kernels.cpu import cpu_dequantize, cpu_expert_ffn, cpu_qmatmul, has_cpu_kernel
+import moestream.kernels.cpu.build as build
+import moestream.kernels.cpu.qmatmul as cpu_module
+from moestream.kernels import BLOCK_FORMATS, dequantize, random_blocks
+from moestream.kernels.cpu import cpu_dequantize, cpu_expert_ffn, cpu_qmatmul, has_cpu_kernel
 
 SUPER_BLOCK_TYPES = [Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S,
                      Q.IQ4_XS]

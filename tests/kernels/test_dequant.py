@@ -6,8 +6,8 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf import quants
 
-import kernels.dequant
-from kernels import (
+import moestream.kernels.dequant as dequant_module
+from moestream.kernels import (
     BLOCK_FORMATS,
     UnsupportedQuantType,
     block_format,
@@ -59,7 +59,7 @@ def test_matches_gguf_bitwise(qtype: Q, rows: int, generator: torch.Generator) -
 @pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K, Q.IQ1_M], ids=lambda q: q.name)
 def test_chunk_boundaries(qtype: Q, generator: torch.Generator, monkeypatch) -> None:
     """Several chunks, the last one partial, give the same values as one pass."""
-    monkeypatch.setattr(kernels.dequant, "CHUNK_VALUES", 2 * BLOCK_FORMATS[qtype].block_size)
+    monkeypatch.setattr(dequant_module, "CHUNK_VALUES", 2 * BLOCK_FORMATS[qtype].block_size)
     raw, cols = _random_tensor(qtype, 7, 1, generator)
     got = dequantize(raw, qtype, (7, cols))
     assert torch.equal(got, _oracle(raw, qtype)), f"seed {generator.initial_seed()}"

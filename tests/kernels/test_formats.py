@@ -6,7 +6,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 from gguf import quants
 
-from kernels import BLOCK_FORMATS, block_format, random_blocks
+from moestream.kernels import BLOCK_FORMATS, block_format, random_blocks
 
 # Byte offsets of the ggml_half fields in ggml-common.h's block structs.
 FP16_OFFSETS = {

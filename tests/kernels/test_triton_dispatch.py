@@ -6,10 +6,10 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 
-import kernels.dispatch as qm
-from kernels.errors import UnsupportedQuantType
-from kernels.formats import row_bytes
-from kernels.dispatch import qmatmul, use_triton
+import moestream.kernels.dispatch as qm
+from moestream.kernels.errors import UnsupportedQuantType
+from moestream.kernels.formats import row_bytes
+from moestream.kernels.dispatch import qmatmul, use_triton
 from tests.kernels.triton_helpers import activations, assert_matches, random_weight
 
 N, K = 64, 256
@@ -43,7 +43,7 @@ def test_auto_on_cpu_uses_the_reference(qtype: Q, monkeypatch) -> None:
 def test_types_without_kernel_fall_back_with_one_notice(caplog) -> None:
     qm._log_fallback.cache_clear()
     cuda = torch.device("cuda")
-    with caplog.at_level(logging.WARNING, logger="kernels.dispatch"):
+    with caplog.at_level(logging.WARNING, logger="moestream.kernels.dispatch"):
         assert use_triton(Q.Q4_K, cuda, "auto")
         assert not use_triton(Q.Q5_1, cuda, "auto")
         assert not use_triton(Q.Q5_1, cuda, "auto")

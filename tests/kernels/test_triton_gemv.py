@@ -4,8 +4,8 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 
-from kernels.reference import qmatmul_reference
-from kernels.triton_gemv import GemvConfig, triton_gemv
+from moestream.kernels.reference import qmatmul_reference
+from moestream.kernels.triton_gemv import GemvConfig, triton_gemv
 from tests.kernels.triton_helpers import (
     TRITON_TYPES, activations, assert_matches, poisoned, random_weight,
 )

@@ -12,12 +12,12 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 
-from kernels.expert_layout import SlotLayout, SlotTensor
-from kernels.formats import random_blocks
-from kernels.moe_align import moe_align_block_size
-from kernels.moe_ffn import moe_ffn
-from kernels.dispatch import grouped_qmatmul
-from kernels.triton_moe import GroupedConfig, moe_block_m, triton_grouped_qmatmul
+from moestream.kernels.expert_layout import SlotLayout, SlotTensor
+from moestream.kernels.formats import random_blocks
+from moestream.kernels.moe_align import moe_align_block_size
+from moestream.kernels.moe_ffn import moe_ffn
+from moestream.kernels.dispatch import grouped_qmatmul
+from moestream.kernels.triton_moe import GroupedConfig, moe_block_m, triton_grouped_qmatmul
 from tests.kernels.triton_helpers import activations, assert_matches, poisoned
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels.moe_align import max_padded_pairs, moe_align_block_size
+from moestream.kernels.moe_align import max_padded_pairs, moe_align_block_size
 
 
 def _python_align(topk_ids: list[list[int]], n_experts: int, block_m: int) -> tuple[list[int], list[int]]:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as Q
 
-from kernels.formats import random_blocks, row_bytes
+from moestream.kernels.formats import random_blocks, row_bytes
 
 TRITON_TYPES = (
     Q.Q8_0, Q.Q4_K, Q.Q6_K, Q.Q5_K, Q.Q3_K, Q.Q2_K, Q.IQ4_XS,

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from offload import HostExpertStore
+from moestream.offload import HostExpertStore
 from tests.offload.tiny_store import make_layers
 
 

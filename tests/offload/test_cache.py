@@ -4,7 +4,7 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from offload import ExpertCache, ExpertSource, HostExpertStore
+from moestream.offload import ExpertCache, ExpertSource, HostExpertStore
 from tests.offload.tiny_store import D, F, LAYER_TYPES, N_EXPERTS, expected_bytes, part_bytes
 
 

@@ -7,8 +7,8 @@ from functools import lru_cache
 
 import pytest
 
-from kernels.errors import MoestreamError
-from offload.cachesim import (
+from moestream.kernels.errors import MoestreamError
+from moestream.offload.cachesim import (
     belady_hits,
     format_table,
     lfu_hits,
@@ -18,7 +18,7 @@ from offload.cachesim import (
     reuse_stats,
     simulate,
 )
-from offload.trace import RoutingRecorder, RoutingTrace, TraceRow, read_trace
+from moestream.offload.trace import RoutingRecorder, RoutingTrace, TraceRow, read_trace
 
 LOGS = [
     "olmoe-1b-7b-0924_layer0",
@@ -196,7 +196,7 @@ def test_main_prints_the_table(shared_data, capsys):
 def test_module_entry_point_reports_bad_input(tmp_path):
     bad = tmp_path / "empty.jsonl"
     bad.write_text('{"type": "meta"}\n')
-    proc = subprocess.run([sys.executable, "-m", "offload.cachesim", str(bad)],
+    proc = subprocess.run([sys.executable, "-m", "moestream.offload.cachesim", str(bad)],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "no routing rows" in proc.stderr
 

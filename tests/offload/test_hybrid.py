@@ -8,10 +8,10 @@ import time
 import pytest
 import torch
 
-from kernels.errors import MoestreamError
-from offload import ExpertCache, HostExpertStore
-from offload.copier import LinkCopier
-from offload.hybrid import MissPolicy, Rates, split_misses
+from moestream.kernels.errors import MoestreamError
+from moestream.offload import ExpertCache, HostExpertStore
+from moestream.offload.copier import LinkCopier
+from moestream.offload.hybrid import MissPolicy, Rates, split_misses
 from tests.offload.tiny_store import N_EXPERTS, expected_bytes, make_layers
 
 MB = 1_000_000

@@ -3,7 +3,7 @@
 import torch
 from gguf import GGMLQuantizationType as Q
 
-from offload.layout import ExpertLayout, ExpertWeights, ProjLayout
+from moestream.offload.layout import ExpertLayout, ExpertWeights, ProjLayout
 
 
 def test_slot_layout_addresses_the_same_bytes_as_the_blob_views():

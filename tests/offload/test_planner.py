@@ -3,8 +3,8 @@ import random
 import pytest
 import torch
 
-from kernels.errors import MoestreamError
-from offload import BudgetTooSmall, default_budget, kv_cache_bytes, parse_bytes, plan_placement
+from moestream.kernels.errors import MoestreamError
+from moestream.offload import BudgetTooSmall, default_budget, kv_cache_bytes, parse_bytes, plan_placement
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -3,7 +3,7 @@ import warnings
 import pytest
 import torch
 
-from offload import ExpertSource, HostExpertStore
+from moestream.offload import ExpertSource, HostExpertStore
 from tests.offload.tiny_store import F, D, LAYER_TYPES, N_EXPERTS, expected_bytes, part_bytes
 
 

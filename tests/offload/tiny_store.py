@@ -4,7 +4,7 @@ mixes types per layer), so slot size is the larger layer's expert and offsets di
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
-from offload import ExpertLayout, ProjLayout
+from moestream.offload import ExpertLayout, ProjLayout
 
 N_EXPERTS = 6
 D, F = 256, 512  # hidden, expert FFN width (multiples of the 256-element K super-block)

@@ -48,7 +48,7 @@ class ServerProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def launch(self) -> ServerProcess:
-        cmd = [sys.executable, "-m", "server.cli", "serve", *self.args]
+        cmd = [sys.executable, "-m", "moestream.server.cli", "serve", *self.args]
         if "MOESTREAM_PORT" not in self.env:
             cmd += ["--port", str(self.port)]
         self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env={**os.environ, **self.env},

@@ -103,7 +103,7 @@ def test_demo_serves_with_environment_configuration(tmp_path):
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "server.cli", "serve", *args], cwd=REPO_ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "moestream.server.cli", "serve", *args], cwd=REPO_ROOT, capture_output=True,
                           text=True, timeout=120, env={**os.environ, **(env or {})})
 
 

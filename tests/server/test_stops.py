@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from server.stops import StopMatcher
+from moestream.server.stops import StopMatcher
 
 
 def reference_output(text: str, stops: list[str]) -> tuple[str, bool]:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from kernels.errors import MoestreamError
+from moestream.kernels.errors import MoestreamError
 
 Scorer = Callable[[list[int]], torch.Tensor]  # token ids -> logits [T, V] for every position
 
@@ -87,7 +87,7 @@ def add_perplexity_args(parser: argparse.ArgumentParser) -> None:
 
 
 def perplexity_main(args: argparse.Namespace) -> int:
-    from engine import Engine
+    from moestream.engine import Engine
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -101,7 +101,7 @@ def perplexity_main(args: argparse.Namespace) -> int:
     results = {"moestream": perplexity(engine.score, chunks, desc="moestream")}
     del engine
     if args.vs_llama_cpp:
-        from engine.llama_cpp_ref import llama_cpp_scorer
+        from moestream.tools.llama_cpp_ref import llama_cpp_scorer
 
         with llama_cpp_scorer(args.model, args.ctx, args.threads, -1 if device == "cuda" else 0) as score:
             results["llama_cpp"] = perplexity(score, chunks, desc="llama.cpp")

@@ -9,7 +9,7 @@ median over --repeat runs, after --warmup short runs that page the weights in.
 llama.cpp on a GPU: all layers go to the GPU and the routed experts of the first
 --n-cpu-moe layers (default: all) stay in host memory, as llama.cpp's --cpu-moe/--n-cpu-moe
 do; llama-cpp-python 0.3.36 has no argument for tensor_buft_overrides, so
-engine.llama_cpp_ref sets it in the model-params struct.
+tools.llama_cpp_ref sets it in the model-params struct.
 """
 
 from __future__ import annotations
@@ -20,68 +20,24 @@ import multiprocessing
 import statistics
 import time
 import traceback
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields
 from multiprocessing.connection import Connection
 
 import numpy as np
 from tqdm import tqdm
 
-from engine.engine import default_kernels
-from kernels.errors import MoestreamError
-from offload.hybrid import MissPolicy
-
-WARMUP_PROMPT_TOKENS = 16
-WARMUP_GEN_TOKENS = 2
-
-
-@dataclass(frozen=True)
-class BenchConfig:
-    model: str
-    device: str
-    vram_budget: str | None
-    max_cached_experts: int | None
-    threads: int
-    prompt_tokens: int
-    gen_tokens: int
-    n_cpu_moe: int | None  # llama.cpp on a GPU: layers whose experts stay on the CPU (None: all)
-    kernels: str = "auto"  # our matmul kernels (engine kernel_backend)
-    miss_policy: str = "auto"  # our expert cache misses: auto | copy | cpu
-    simulate_link_gbps: float | None = None  # CPU only: our cache's "device" behind a simulated link
-    replay_routing: str | None = None  # ours: route from a real log (engine/replay.py)
-
-
-@dataclass(frozen=True)
-class RunMetrics:
-    prefill_tok_s: float
-    decode_tok_s: float
-    ttft_s: float
-    peak_vram_bytes: int | None  # None: not measurable (llama.cpp on a GPU without nvidia-ml-py)
-    host_rss_bytes: int
-    expert_hit_rate: float | None = None  # ours only
-    h2d_gb_s: float | None = None  # ours only: host->device expert bytes / copy time
-    cpu_miss_share: float | None = None  # ours only: share of misses computed on the CPU
-
-
-def timing_metrics(n_prompt: int, start_s: float, token_times_s: list[float]) -> dict[str, float]:
-    """TTFT, prefill and decode rates from the wall-clock time of each generated token."""
-    ttft = token_times_s[0] - start_s
-    decode_s = token_times_s[-1] - token_times_s[0]
-    decode = (len(token_times_s) - 1) / decode_s if decode_s > 0 else 0.0
-    return {"ttft_s": ttft, "prefill_tok_s": n_prompt / ttft, "decode_tok_s": decode}
-
-
-def host_rss_bytes() -> int:
-    import psutil
-
-    return psutil.Process().memory_info().rss
-
+from moestream.engine.engine_config import default_kernels
+from moestream.kernels.errors import MoestreamError
+from moestream.offload.hybrid import MissPolicy
+from moestream.tools.measure import (WARMUP_GEN_TOKENS, WARMUP_PROMPT_TOKENS, BenchConfig, RunMetrics,
+                                     host_rss_bytes, timing_metrics)
 
 # -- the engines, each inside its worker ------------------------------------------------
 class MoestreamRunner:
     def __init__(self, config: BenchConfig):
         import torch
 
-        from engine import Engine
+        from moestream.engine import Engine
 
         torch.set_num_threads(config.threads)
         self.torch, self.config = torch, config
@@ -94,7 +50,7 @@ class MoestreamRunner:
             simulate_link_gbps=config.simulate_link_gbps, replay_routing=config.replay_routing)
 
     def run(self, prompt_ids: list[int], gen_tokens: int) -> RunMetrics:
-        from engine import SamplingParams
+        from moestream.engine import SamplingParams
 
         cuda = self.engine.device.type == "cuda"
         if cuda:
@@ -127,7 +83,7 @@ def expert_metrics(before: dict, after: dict) -> dict[str, float | None]:
 
 def make_runner(name: str, config: BenchConfig):
     if name == "llama_cpp":
-        from engine.llama_cpp_ref import LlamaCppRunner
+        from moestream.tools.llama_cpp_ref import LlamaCppRunner
 
         return LlamaCppRunner(config)
     return MoestreamRunner(config)

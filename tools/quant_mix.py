@@ -6,7 +6,7 @@ and the rest Q4_K, and falls back to 32-block types where a row is not a multipl
 This module restates those rules (llama.cpp `src/llama-quant.cpp`,
 `llama_tensor_get_type_impl` and `tensor_type_fallback`, as vendored in llama-cpp-python
 0.3.36) for the file types listed in FILE_TYPES, without an importance matrix. It decides
-types only; `engine.synth` writes the bytes.
+types only; `tools.synth` writes the bytes.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from enum import Enum
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q, LlamaFileType as FT
 
-from kernels.errors import MoestreamError
+from moestream.kernels.errors import MoestreamError
 
 # file type name -> (llama.cpp ftype, the default type of its quantized tensors)
 FILE_TYPES: dict[str, tuple[FT, Q]] = {

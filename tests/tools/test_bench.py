@@ -15,9 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.bench import add_bench_args, bench_main
-from engine.perplexity import add_perplexity_args, make_chunks, perplexity_main
-from engine.synth import get_preset, write_synthetic
+from moestream.tools.bench import add_bench_args, bench_main
+from moestream.tools.perplexity import add_perplexity_args, make_chunks, perplexity_main
+from moestream.tools.synth import get_preset, write_synthetic
 from tests.fixtures.models import get_fixture, hf_logits
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the reference")
@@ -50,7 +50,7 @@ def reference_ppl(logits_of, chunks: list[list[int]]) -> float:
 
 
 def test_perplexity_matches_transformers_and_llama_cpp(text_file: Path, capsys) -> None:
-    from engine import Engine
+    from moestream.engine import Engine
 
     fixture = get_fixture("olmoe")
     args = parse(add_perplexity_args, ["--model", str(fixture.gguf_path), "--text", str(text_file),
@@ -72,7 +72,7 @@ def test_perplexity_matches_transformers_and_llama_cpp(text_file: Path, capsys) 
 
 def test_llama_cpp_tokenizes_the_text_as_we_do(text_file: Path) -> None:
     """The chunks --vs-llama-cpp scores are the ones llama.cpp's perplexity would cut."""
-    from engine import Engine
+    from moestream.engine import Engine
 
     fixture = get_fixture("olmoe")
     ours = Engine.from_gguf(fixture.gguf_path, ctx_size=N_CTX, max_batch=1).tokenizer.encode(

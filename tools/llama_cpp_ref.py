@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.bench import WARMUP_PROMPT_TOKENS, BenchConfig, RunMetrics, host_rss_bytes, timing_metrics
-from kernels.errors import MoestreamError
+from moestream.tools.measure import WARMUP_PROMPT_TOKENS, BenchConfig, RunMetrics, host_rss_bytes, timing_metrics
+from moestream.kernels.errors import MoestreamError
 
 _EXPERT_PATTERN = r"ffn_(up|down|gate)_exps"  # llama.cpp common's --cpu-moe pattern
 _GGML_BACKEND_DEVICE_TYPE_CPU = 0

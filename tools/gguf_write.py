@@ -16,7 +16,7 @@ from typing import NamedTuple
 import gguf
 import numpy as np
 
-from kernels.errors import MoestreamError
+from moestream.kernels.errors import MoestreamError
 
 CONTROL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 

@@ -3,7 +3,7 @@
 `moestream synth --arch olmoe --preset olmoe-1b-7b --quant Q4_K_M -o model.gguf` writes what
 llama.cpp's converter + `llama-quantize ... Q4_K_M` would make of OLMoE-1B-7B, with random
 blocks instead of trained weights: the right tensor names, shapes and per-tensor types
-(engine.quant_mix), the architecture's metadata, and a byte-level BPE vocab of the right size
+(tools.quant_mix), the architecture's metadata, and a byte-level BPE vocab of the right size
 (not the model's real tokenizer). Benchmarks need the bytes and the routing work, not the
 knowledge, so a multi-GB model can be made without a download.
 
@@ -28,11 +28,11 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 from tqdm import tqdm
 
-from engine.config import ARCHITECTURES
-from engine.gguf_write import CHATML_TEMPLATE, add_tokenizer, byte_level_bpe_vocab
-from engine.quant_mix import FILE_TYPES, ModelFacts, TensorShape, file_type, tensor_types
-from kernels.errors import MoestreamError
-from kernels.formats import block_format, random_blocks
+from moestream.engine.config import ARCHITECTURES
+from moestream.tools.gguf_write import CHATML_TEMPLATE, add_tokenizer, byte_level_bpe_vocab
+from moestream.tools.quant_mix import FILE_TYPES, ModelFacts, TensorShape, file_type, tensor_types
+from moestream.kernels.errors import MoestreamError
+from moestream.kernels.formats import block_format, random_blocks
 
 CHUNK_BYTES = 32 << 20  # generate and write at most this much of a tensor at once
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.synth import PRESETS, get_preset, plan, write_synthetic
-from kernels.errors import MoestreamError
+from moestream.tools.synth import PRESETS, get_preset, plan, write_synthetic
+from moestream.kernels.errors import MoestreamError
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the reference")
 
@@ -99,8 +99,8 @@ IDS = [5, 77, 300, 12, 140, 9, 250, 33]
 
 @pytest.mark.parametrize("arch", list(PRESETS))
 def test_tiny_preset_runs_in_llama_cpp_and_engine(tiny_files: dict[str, Path], arch: str) -> None:
-    from engine import Engine
-    from engine.config import ARCHITECTURES
+    from moestream.engine import Engine
+    from moestream.engine.config import ARCHITECTURES
 
     theirs = llama_cpp_logits(tiny_files[arch], IDS)
     assert theirs.shape == (len(IDS), get_preset(arch, "tiny").n_vocab)

@@ -1,0 +1,37 @@
+"""The engine's runtime settings, one frozen record built once from the command line."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    device: str = "cpu"
+    ctx_size: int = 4096  # longest sequence (prompt + output), capped by the model's
+    max_batch: int = 8  # sequences decoded together
+    max_batched_tokens: int = 256  # prefill chunk budget per step
+    max_waiting: int = 64
+    vram_budget: str | int | None = None
+    max_cached_experts: int | None = None
+    prefetch: bool = True
+    pin_memory: bool = True
+    kernel_backend: str = "auto"
+    miss_policy: str = "auto"  # expert cache misses: auto (cost model) | copy | cpu
+    simulate_link_gbps: float | None = None  # CPU only: the cache's "device" behind a link this fast
+    kv_block_size: int = 16
+    record_routing: str | None = None  # JSONL file of each token's experts per layer
+    replay_routing: str | None = None  # benchmarks: route from this real log (engine/replay.py)
+
+    def kv_tokens(self, model_context_length: int) -> int:
+        """KV cache capacity in tokens: a full context for each of max_batch sequences."""
+        max_len = min(self.ctx_size, model_context_length)
+        return -(-max_len // self.kv_block_size) * self.kv_block_size * self.max_batch
+
+
+def default_kernels(device: str, kernels: str | None) -> str:
+    """The command line follows llama.cpp's numerics on the CPU (q8) unless told otherwise;
+    EngineConfig's default stays the exact path ("auto")."""
+    return kernels or ("q8" if torch.device(device).type == "cpu" else "auto")

@@ -1,0 +1,1 @@
+"""What drives the engine from outside: synthetic GGUFs, benchmarks, perplexity, llama.cpp runs."""
