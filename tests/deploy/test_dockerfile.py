@@ -22,7 +22,7 @@ from tests.deploy.live import REPO_ROOT, LiveServer, free_port
 STAGES = parse_dockerfile(REPO_ROOT / "Dockerfile")
 FINAL = STAGES[-1]
 BUILD = STAGES[0]
-PACKAGES = ("kernels", "offload", "engine", "server")
+PACKAGES = ("kernels", "offload", "engine", "tools", "server")  # installed as moestream.<folder>
 # Triton compiles a C launcher per kernel signature at run time and kernels/cpu builds its
 # C++ kernels for the host CPU at first use: these compiler drivers are run-time needs.
 RUNTIME_COMPILER_PACKAGES = {"gcc", "g++", "libc6-dev"}
@@ -153,5 +153,5 @@ def test_build_context_gives_a_wheel_with_every_package_file(tmp_path):
     listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", *PACKAGES],
                             cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.split()
     package_files = [f for f in listed if (REPO_ROOT / f).is_file()]
-    missing = [f for f in package_files if f not in in_wheel]
+    missing = [f for f in package_files if f"moestream/{f}" not in in_wheel]
     assert package_files and not missing, f"not in the wheel (declare them as package data): {missing}"
