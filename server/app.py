@@ -21,6 +21,8 @@ from fastapi import Response
 from prometheus_client import generate_latest
 
 from moestream.engine import Engine
+from moestream.engine.loader import open_gguf
+from moestream.engine.startup_check import check_startup_forward
 from moestream.kernels.errors import MoestreamError
 from moestream.server.errors import install_error_handlers
 from moestream.server.metrics import ServerMetrics
@@ -89,6 +91,8 @@ def serve(args: argparse.Namespace) -> int:
     elif args.model:
         source = ModelSource(args.model)
         source.check()
+        if not source.is_hub:  # a corrupt file fails here, before the port is bound
+            open_gguf(source.resolve())
         default_name = source.default_name
     else:
         raise MoestreamError("give --model FILE.gguf (or hf:OWNER/REPO/FILE.gguf, or set "
@@ -115,6 +119,7 @@ def load_engine(source: ModelSource, options: dict) -> Engine:
     path = source.resolve()
     log.info("loading %s (%s)", path, ", ".join(f"{k}={v}" for k, v in options.items()))
     engine = Engine.from_gguf(path, **options)
+    check_startup_forward(engine)
     cfg = engine.config
     log.info("model %s: %s, %d layers, %d experts (%d used per token), context %d",
              cfg.name, cfg.arch, cfg.n_layers, cfg.n_experts, cfg.n_experts_used, engine.max_model_len)

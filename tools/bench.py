@@ -38,6 +38,7 @@ class MoestreamRunner:
         import torch
 
         from moestream.engine import Engine
+        from moestream.engine.startup_check import check_startup_forward
 
         torch.set_num_threads(config.threads)
         self.torch, self.config = torch, config
@@ -48,6 +49,7 @@ class MoestreamRunner:
             max_batched_tokens=max(config.prompt_tokens, WARMUP_PROMPT_TOKENS),
             kernel_backend=config.kernels, miss_policy=config.miss_policy,
             simulate_link_gbps=config.simulate_link_gbps, replay_routing=config.replay_routing)
+        check_startup_forward(self.engine)
 
     def run(self, prompt_ids: list[int], gen_tokens: int) -> RunMetrics:
         from moestream.engine import SamplingParams
@@ -234,8 +236,11 @@ def bench_main(args: argparse.Namespace) -> int:
 
     import torch
 
+    from moestream.engine.loader import open_gguf
+
     if args.prompt_tokens < 1 or args.gen_tokens < 2:
         raise MoestreamError("--prompt-tokens must be >= 1 and --gen-tokens >= 2 (decode speed needs two tokens)")
+    open_gguf(args.model)  # a corrupt file fails here, before any worker starts
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     config = BenchConfig(
         model=args.model, device=device,
