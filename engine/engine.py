@@ -106,7 +106,19 @@ class Engine:
         logits = self.model.forward(batch, self.kv)
         for item in scheduled:
             item.seq.num_computed += item.n_tokens
-        return self._postprocess(sampling, sample(logits, sampling))
+        return self._postprocess(sampling, self._sample_each(logits, sampling))
+
+    def _sample_each(self, logits: torch.Tensor, seqs: list[Sequence]) -> list:
+        """Each sequence's (token, logprob), or the exception its sampling raised: one
+        request's failure ends that request alone, and the others' draws are untouched."""
+        chosen = []
+        for i, seq in enumerate(seqs):
+            try:
+                chosen.append(sample(logits[i:i + 1], [seq])[0])
+            except Exception as exc:
+                log.exception("sampling failed for sequence %d; ending it", seq.seq_id)
+                chosen.append(exc)
+        return chosen
 
     def _build_batch(self, scheduled: list[ScheduledSeq]) -> tuple[BatchInput, list[Sequence]]:
         tokens, positions, segments, logits_rows, sampling = [], [], [], [], []
@@ -140,7 +152,14 @@ class Engine:
 
     def _postprocess(self, seqs: list[Sequence], chosen: list) -> list[StepOutput]:
         outputs = []
-        for seq, (token, logprob) in zip(seqs, chosen):
+        for seq, choice in zip(seqs, chosen):
+            if isinstance(choice, Exception):
+                self.scheduler.finish(seq, "error")
+                self.sequences.pop(seq.seq_id, None)
+                error = f"{type(choice).__name__}: {choice}"
+                outputs.append(StepOutput(seq.seq_id, -1, True, "error", error=error))
+                continue
+            token, logprob = choice
             seq.output_ids.append(token)
             reason = self._finish_reason(seq, token)
             if reason is not None:

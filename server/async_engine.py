@@ -33,7 +33,8 @@ class TokenEvent:
 
 
 class EngineFailed(RuntimeError):
-    """The engine raised during a step; every request in flight gets this."""
+    """The engine failed this request: a step raised (every request in flight gets this)
+    or this request's own sampling did (it alone gets it)."""
 
 
 @dataclass
@@ -143,7 +144,10 @@ class AsyncEngine:
             stream = self._streams.get(out.seq_id)
             if stream is None:  # aborted while this step ran
                 continue
-            batch.append((stream, TokenEvent(out.token_id, out.logprob, out.finish_reason, end_s)))
+            if out.error is not None:
+                batch.append((stream, EngineFailed(f"the engine failed this request: {out.error}")))
+            else:
+                batch.append((stream, TokenEvent(out.token_id, out.logprob, out.finish_reason, end_s)))
             if out.finished:
                 del self._streams[out.seq_id]
         if batch:

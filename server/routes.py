@@ -115,7 +115,10 @@ async def _respond_unless_gone(request: Request, respond: Callable) -> Response:
     while True:
         done, _ = await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
         if done:
-            return JSONResponse(task.result())
+            try:
+                return JSONResponse(task.result())
+            except EngineFailed as exc:
+                return APIError(str(exc), "server_error").response()
         if await request.is_disconnected():
             task.cancel()
             return Response(status_code=499)
