@@ -54,3 +54,17 @@ def test_a_failing_sequence_ends_alone_and_the_others_are_unchanged(engine_for, 
     assert len(victim) == 4 and victim[-1].finished and victim[-1].finish_reason == "error"
     assert "injected sampling failure" in victim[-1].error
     assert engine.kv.usage == 0.0 and not engine.sequences, "the failed sequence kept its state"
+
+
+def test_a_burst_is_admitted_up_to_the_free_batch_slots_plus_the_queue(engine_for):
+    from moestream.engine import QueueFull
+
+    engine = engine_for("olmoe", max_batch=3, max_waiting=2)
+    prompt = sample_token_ids(get_fixture("olmoe"), 4, seed=9)
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    seqs = [engine.add_request(prompt, params) for _ in range(5)]  # before any step runs
+    with pytest.raises(QueueFull):
+        engine.add_request(prompt, params)
+    for seq in seqs:
+        engine.abort(seq.seq_id)
+    assert not engine.has_work()
