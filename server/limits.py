@@ -33,28 +33,19 @@ class BodyGuard:
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await self._too_large().response(close=True)(scope, receive, send)
             return
-        chunks, size = [], 0
-        deadline_s = asyncio.get_running_loop().time() + self.timeout_s
-        while True:
-            try:
-                async with asyncio.timeout_at(deadline_s):
-                    message = await receive()
-            except TimeoutError:
-                error = APIError(f"the request body did not arrive within {self.timeout_s:g} s",
-                                 status=408, code="request_timeout")
-                await error.response(close=True)(scope, receive, send)
-                return
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_bytes:
-                await self._too_large().response(close=True)(scope, receive, send)
-                return
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        del chunks
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                body = await self._read(receive)
+        except TimeoutError:
+            error = APIError(f"the request body did not arrive within {self.timeout_s:g} s",
+                             status=408, code="request_timeout")
+            await error.response(close=True)(scope, receive, send)
+            return
+        if body is None:  # the client left
+            return
+        if len(body) > self.max_bytes:
+            await self._too_large().response(close=True)(scope, receive, send)
+            return
         replayed = False
 
         async def replay():
@@ -66,6 +57,19 @@ class BodyGuard:
             return message
 
         await self.app(scope, replay, send)
+
+    async def _read(self, receive) -> bytes | None:
+        """The whole body, or its first part past the limit; None if the client hung up."""
+        chunks, size = [], 0
+        while size <= self.max_bytes:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks)
 
     def _too_large(self) -> APIError:
         return APIError(f"the request body is larger than {self.max_bytes} bytes (the server's "
