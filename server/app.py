@@ -24,9 +24,11 @@ from moestream.engine import Engine
 from moestream.engine.loader import open_gguf
 from moestream.engine.startup_check import check_startup_forward
 from moestream.kernels.errors import MoestreamError
-from moestream.server.errors import install_error_handlers
+from moestream.server.errors import CatchAll, install_error_handlers
+from moestream.server.limits import BodyGuard, timed_h11_protocol
 from moestream.server.metrics import ServerMetrics
 from moestream.server.model_source import ModelSource
+from moestream.server.openapi import install_openapi
 from moestream.server.options import engine_options
 from moestream.server.routes import router
 from moestream.server.state import Gate, ServerSettings, ServerState
@@ -50,6 +52,7 @@ def create_app(settings: ServerSettings, load: Callable[[], Engine]) -> FastAPI:
     app.state.server = state
     install_error_handlers(app)
     app.include_router(router)
+    install_openapi(app)
 
     @app.get("/metrics", include_in_schema=False)
     def metrics() -> Response:
@@ -58,7 +61,11 @@ def create_app(settings: ServerSettings, load: Callable[[], Engine]) -> FastAPI:
         # (client_python#1177), and every "moestream:" query then comes back empty.
         return Response(generate_latest(state.metrics.registry), media_type=_TEXT_FORMAT)
 
+    # Starlette runs the last added first: CatchAll, then the key check, then the body read.
+    app.add_middleware(BodyGuard, max_request_bytes=settings.max_request_bytes,
+                       request_timeout_s=settings.request_timeout_s)
     app.add_middleware(Gate, state=state)
+    app.add_middleware(CatchAll)  # added last: the outermost, so it sees the others' faults
     return app
 
 
@@ -84,6 +91,7 @@ class DrainingServer(uvicorn.Server):
 def serve(args: argparse.Namespace) -> int:
     from moestream.server.demo import DEMO_MODEL_NAME, demo_max_cached_experts, demo_model_path
 
+    _check_serve_args(args)
     if args.demo:
         log.warning("--demo: serving a small synthetic model with random weights; its text is gibberish")
         source = ModelSource(str(demo_model_path()))
@@ -105,14 +113,27 @@ def serve(args: argparse.Namespace) -> int:
         log.warning("listening on %s without --api-key: anyone who can reach the port can use it", args.host)
     settings = ServerSettings(served_model_name=args.served_model_name or default_name,
                               api_key=args.api_key, ctx_size=args.ctx_size,
-                              shutdown_grace_s=args.shutdown_grace)
+                              shutdown_grace_s=args.shutdown_grace, max_request_bytes=args.max_request_bytes,
+                              request_timeout_s=args.request_timeout)
     app = create_app(settings, lambda: load_engine(source, options))
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
-                            timeout_graceful_shutdown=_UVICORN_CLOSE_TIMEOUT_S, access_log=False)
+                            timeout_graceful_shutdown=_UVICORN_CLOSE_TIMEOUT_S, access_log=False,
+                            http=timed_h11_protocol(args.request_timeout))
     server = DrainingServer(config, app.state.server)
     server.run()
     exit_code = app.state.server.exit_code
     return exit_code if exit_code is not None else 0
+
+
+def _check_serve_args(args: argparse.Namespace) -> None:
+    if args.api_key is not None and not args.api_key.strip():
+        # An empty key would lock every client out (no header can match "Bearer ").
+        raise MoestreamError("the API key is empty: give --api-key (or MOESTREAM_API_KEY) a value, "
+                             "or leave it unset to serve without one")
+    if args.max_request_bytes < 1024:
+        raise MoestreamError(f"--max-request-bytes is {args.max_request_bytes}: give at least 1024")
+    if not args.request_timeout > 0:
+        raise MoestreamError(f"--request-timeout is {args.request_timeout}: give a positive number of seconds")
 
 
 def load_engine(source: ModelSource, options: dict) -> Engine:

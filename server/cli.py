@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from moestream.kernels.errors import MoestreamError
+from moestream.server.limits import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_REQUEST_TIMEOUT_S
 from moestream.server.options import KERNEL_CHOICES, KERNELS_HELP, MISS_POLICIES, MISS_POLICY_HELP, engine_options
 
 EXIT_USAGE = 2
@@ -115,6 +116,11 @@ def _add_serve_parser(sub) -> None:
            type=int, default=256)
     option("--max-waiting", "MOESTREAM_MAX_WAITING", "queued requests before new ones get 503 "
            "with Retry-After", type=int, default=64)
+    option("--max-request-bytes", "MOESTREAM_MAX_REQUEST_BYTES", "largest request body in bytes; "
+           "a larger one gets 413", type=int, default=DEFAULT_MAX_REQUEST_BYTES)
+    option("--request-timeout", "MOESTREAM_REQUEST_TIMEOUT", "seconds a client has to send a "
+           "request's head, and then its body, before the connection is cut", type=float,
+           default=DEFAULT_REQUEST_TIMEOUT_S)
     option("--shutdown-grace", "MOESTREAM_SHUTDOWN_GRACE", "seconds SIGTERM waits for requests in "
            "flight to finish", type=float, default=30.0)
     option("--no-pin", "MOESTREAM_NO_PIN", "read experts from the memory map instead of pinned "
