@@ -3,7 +3,7 @@
 # moestream on an NVIDIA GPU:
 #   docker build -t moestream .
 #   docker run --gpus all -v ~/models:/models -p 8000:8000 moestream \
-#       serve --model /models/model.gguf --vram-budget 4GiB
+#       serve --model /models/model.gguf --vram-budget 6GiB
 #
 # PyTorch's Linux wheels carry their own CUDA runtime libraries (torch 2.13 from PyPI: CUDA 13,
 # which needs an NVIDIA driver >= 580), so a plain Python base is enough: the host provides the

@@ -10,7 +10,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
+import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from types import FrameType
@@ -25,13 +28,14 @@ from moestream.kernels.errors import MoestreamError
 from moestream.server.errors import install_error_handlers
 from moestream.server.metrics import ServerMetrics
 from moestream.server.model_source import ModelSource
-from moestream.server.options import engine_options
+from moestream.server.options import apply_threads, engine_options
 from moestream.server.routes import router
 from moestream.server.state import Gate, ServerSettings, ServerState
 
 log = logging.getLogger(__name__)
 _TEXT_FORMAT = "text/plain; version=0.0.4; charset=utf-8"  # what Prometheus 2.x and 3.x parse
 _UVICORN_CLOSE_TIMEOUT_S = 5  # after the drain: cut connections still open this long
+_LOADER_JOIN_S = 10  # a failed load's thread is only unwinding; a load in progress cannot be cut short
 
 
 def create_app(settings: ServerSettings, load: Callable[[], Engine]) -> FastAPI:
@@ -95,6 +99,7 @@ def serve(args: argparse.Namespace) -> int:
                              "MOESTREAM_MODEL), or --demo for a synthetic model")
     options = dict(engine_options(args), max_batch=args.max_batch, max_waiting=args.max_waiting,
                    max_batched_tokens=args.max_batched_tokens)
+    apply_threads(args.threads)
     if args.demo and args.vram_budget is None and args.max_cached_experts is None:
         options["max_cached_experts"] = demo_max_cached_experts()
     if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
@@ -105,16 +110,36 @@ def serve(args: argparse.Namespace) -> int:
     app = create_app(settings, lambda: load_engine(source, options))
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
                             timeout_graceful_shutdown=_UVICORN_CLOSE_TIMEOUT_S, access_log=False)
-    server = DrainingServer(config, app.state.server)
-    server.run()
-    exit_code = app.state.server.exit_code
-    return exit_code if exit_code is not None else 0
+    state = app.state.server
+    DrainingServer(config, state).run()
+    _join_loader(state)
+    if state.load_error is not None:
+        raise state.load_error  # the command line prints it on one line and exits 2
+    return state.exit_code if state.exit_code is not None else 0
+
+
+def _join_loader(state: ServerState) -> None:
+    """Wait for the loader thread before the interpreter exits: a daemon thread still inside
+    torch's C++ code when Python finalizes aborts the process ("terminate called without an
+    active exception", exit 134) instead of exiting with our code. A load still running (a
+    signal while loading) cannot be interrupted, so then the process ends at once."""
+    if state.loader is None:
+        return
+    state.loader.join(_LOADER_JOIN_S)
+    if state.loader.is_alive():
+        log.warning("stopped while the model was still loading")
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(state.exit_code or 0)
 
 
 def load_engine(source: ModelSource, options: dict) -> Engine:
     path = source.resolve()
     log.info("loading %s (%s)", path, ", ".join(f"{k}={v}" for k, v in options.items()))
+    start_s = time.perf_counter()
     engine = Engine.from_gguf(path, **options)
+    log.info("loaded in %.1f s", time.perf_counter() - start_s)
     cfg = engine.config
     log.info("model %s: %s, %d layers, %d experts (%d used per token), context %d",
              cfg.name, cfg.arch, cfg.n_layers, cfg.n_experts, cfg.n_experts_used, engine.max_model_len)

@@ -42,6 +42,8 @@ class ServerState:
     draining_since_s: float | None = None
     num_in_flight: int = 0
     exit_code: int | None = None  # set when the server must stop (a load failure)
+    load_error: MoestreamError | None = None  # what to tell the user when exit_code is EXIT_USAGE
+    loader: threading.Thread | None = None
 
     @property
     def is_ready(self) -> bool:
@@ -52,8 +54,8 @@ class ServerState:
         def run() -> None:
             try:
                 engine = load()
-            except MoestreamError as exc:
-                log.error("moestream: error: %s", exc)
+            except MoestreamError as exc:  # the command line prints it once the server has stopped
+                self.load_error = exc
                 self.exit_code = EXIT_USAGE
                 return
             except Exception:
@@ -62,7 +64,8 @@ class ServerState:
                 return
             loop.call_soon_threadsafe(self._serve, engine, loop)
 
-        threading.Thread(target=run, name="moestream-loader", daemon=True).start()
+        self.loader = threading.Thread(target=run, name="moestream-loader", daemon=True)
+        self.loader.start()
 
     def _serve(self, engine: Engine, loop: asyncio.AbstractEventLoop) -> None:
         self.engine = AsyncEngine(engine, loop).start()
