@@ -33,7 +33,8 @@ def _commands_in(text: str) -> list[list[str]]:
     for line in text.replace("\\\n", " ").splitlines():
         words = shlex.split(line, comments=True)
         for i, word in enumerate(words):
-            if word != "moestream" or (i > 0 and words[i - 1] in ("-t", "--tag")):
+            is_image = word.startswith("moestream:")  # `docker run ... moestream:cpu serve ...`
+            if not (word == "moestream" or is_image) or (i > 0 and words[i - 1] in ("-t", "--tag")):
                 continue
             argv = []
             for w in words[i + 1:]:
