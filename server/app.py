@@ -35,7 +35,6 @@ from moestream.server.state import Gate, ServerSettings, ServerState
 log = logging.getLogger(__name__)
 _TEXT_FORMAT = "text/plain; version=0.0.4; charset=utf-8"  # what Prometheus 2.x and 3.x parse
 _UVICORN_CLOSE_TIMEOUT_S = 5  # after the drain: cut connections still open this long
-_LOADER_JOIN_S = 10  # a failed load's thread is only unwinding; a load in progress cannot be cut short
 
 
 def create_app(settings: ServerSettings, load: Callable[[], Engine]) -> FastAPI:
@@ -111,27 +110,33 @@ def serve(args: argparse.Namespace) -> int:
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
                             timeout_graceful_shutdown=_UVICORN_CLOSE_TIMEOUT_S, access_log=False)
     state = app.state.server
-    DrainingServer(config, state).run()
-    _join_loader(state)
+    try:
+        DrainingServer(config, state).run()
+    except KeyboardInterrupt:  # a second Ctrl-C
+        _join_loader(state, exit_code=130)
+        raise
+    _join_loader(state, exit_code=state.exit_code or 0)
     if state.load_error is not None:
         raise state.load_error  # the command line prints it on one line and exits 2
     return state.exit_code if state.exit_code is not None else 0
 
 
-def _join_loader(state: ServerState) -> None:
+def _join_loader(state: ServerState, exit_code: int) -> None:
     """Wait for the loader thread before the interpreter exits: a daemon thread still inside
     torch's C++ code when Python finalizes aborts the process ("terminate called without an
-    active exception", exit 134) instead of exiting with our code. A load still running (a
-    signal while loading) cannot be interrupted, so then the process ends at once."""
+    active exception", exit 134) instead of exiting with our code. A failed load's thread is
+    only unwinding; a load still running (a signal while loading) cannot be cut short, so
+    then the process ends at once."""
     if state.loader is None:
         return
-    state.loader.join(_LOADER_JOIN_S)
+    if state.exit_code is not None:
+        state.loader.join()
     if state.loader.is_alive():
-        log.warning("stopped while the model was still loading")
+        log.warning("stopped while the model was loading")
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(state.exit_code or 0)
+        os._exit(exit_code)
 
 
 def load_engine(source: ModelSource, options: dict) -> Engine:
