@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -98,9 +99,10 @@ def serve(args: argparse.Namespace) -> int:
                              "MOESTREAM_MODEL), or --demo for a synthetic model")
     options = dict(engine_options(args), max_batch=args.max_batch, max_waiting=args.max_waiting,
                    max_batched_tokens=args.max_batched_tokens)
-    apply_threads(args.threads)
     if args.demo and args.vram_budget is None and args.max_cached_experts is None:
         options["max_cached_experts"] = demo_max_cached_experts()
+    _check_address_free(args.host, args.port)
+    apply_threads(args.threads)
     if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
         log.warning("listening on %s without --api-key: anyone who can reach the port can use it", args.host)
     settings = ServerSettings(served_model_name=args.served_model_name or default_name,
@@ -112,13 +114,27 @@ def serve(args: argparse.Namespace) -> int:
     state = app.state.server
     try:
         DrainingServer(config, state).run()
-    except KeyboardInterrupt:  # a second Ctrl-C
-        _join_loader(state, exit_code=130)
+    except (KeyboardInterrupt, SystemExit) as exc:  # a second Ctrl-C; uvicorn's own start-up failures
+        _join_loader(state, exit_code=130 if isinstance(exc, KeyboardInterrupt) else
+                     exc.code if isinstance(exc.code, int) else 1)
         raise
     _join_loader(state, exit_code=state.exit_code or 0)
     if state.load_error is not None:
         raise state.load_error  # the command line prints it on one line and exits 2
     return state.exit_code if state.exit_code is not None else 0
+
+
+def _check_address_free(host: str, port: int) -> None:
+    """Fail before anything loads when the address is taken: uvicorn finds out only after the
+    model has begun loading."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise MoestreamError(f"cannot listen on {host}:{port} ({exc.strerror}): stop what uses it or "
+                                 "pick another --port") from None
 
 
 def _join_loader(state: ServerState, exit_code: int) -> None:

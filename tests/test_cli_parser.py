@@ -191,3 +191,16 @@ def test_serve_that_cannot_place_the_model_stops_with_one_line_and_exit_2():
     done = _moestream("serve", "-m", str(get_fixture("olmoe", "Q4_K_M").gguf_path), "--vram-budget", "1MiB",
                       "--port", str(free_port()), "--log-level", "WARNING")
     _assert_one_line_exit_2(done, "moestream: error: VRAM budget 1.00 MiB is too small", "--vram-budget")
+
+
+def test_serve_on_a_taken_port_says_so_before_loading():
+    import socket
+
+    from tests.fixtures.models import get_fixture
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = _moestream("serve", "-m", str(get_fixture("olmoe", "Q4_K_M").gguf_path), "--port", str(port))
+    _assert_one_line_exit_2(done, f"cannot listen on 127.0.0.1:{port}", "--port")
