@@ -133,46 +133,55 @@ def _add_serve_parser(sub, common: argparse.ArgumentParser) -> None:
                     "be set by the environment variable in brackets (for Docker); a flag on the "
                     "command line wins.")
 
-    def option(*flags: str, help: str, **kwargs) -> None:
-        env = env_name(flags[0])
+    def option(flag: str, env: str, help: str, short: str | None = None, **kwargs) -> None:
+        # One naming rule, which serve_environment() (Docker's list of variables) relies on.
+        assert env == env_name(flag), f"{flag}: name its variable {env_name(flag)}"
         if kwargs.get("action") == "store_true":
             default = os.environ.get(env, "").lower() in ("1", "true", "yes", "on")
         else:
             default = os.environ.get(env, kwargs.pop("default", None))
-        p.add_argument(*flags, default=default, help=f"{help} [{env}]", **kwargs)
+        p.add_argument(flag, *([short] if short else []), default=default, help=f"{help} [{env}]", **kwargs)
 
-    option("--model", "-m", help="a .gguf file, or hf:OWNER/REPO/FILE.gguf to download it into the "
-           "Hugging Face cache (default: none; give it or --demo)")
-    option("--demo", help="serve a small synthetic MoE with random weights (gibberish text) to try the "
-           "API and dashboards without a model", action="store_true")
-    option("--host", help="address to bind; 0.0.0.0 exposes the server to the network", default="127.0.0.1")
-    option("--port", help="TCP port", type=port_arg, default=8000)
-    option("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (/health and /metrics stay "
-           "open; default: none, /v1 is open)")
-    option("--served-model-name", help="the model id clients send (default: the file name without .gguf)")
-    option("--device", help=DEVICE_HELP, type=device_arg)
-    option("--vram-budget", help="device memory for the model, e.g. 6GiB (default: free GPU memory minus "
-           "a margin; on the CPU everything stays in host memory)", type=size_arg)
-    option("--max-cached-experts", help="cap the expert cache slots below what the budget allows (on the "
-           "CPU: use an expert cache at all)", type=positive_int)
-    option("--ctx-size", help="longest sequence in tokens, prompt + output (capped by the model's trained "
-           "context)", type=positive_int, default=4096)
-    option("--max-batch", help="sequences decoded together", type=positive_int, default=8)
-    option("--max-batched-tokens", help="prefill tokens per step", type=positive_int, default=256)
-    option("--max-waiting", help="queued requests before new ones get 503 with Retry-After",
-           type=positive_int, default=64)
-    option("--shutdown-grace", help="seconds SIGTERM waits for requests in flight to finish",
-           type=float, default=30.0)
-    option("--no-pin", help="read experts from the memory map instead of pinned host memory",
+    option("--model", "MOESTREAM_MODEL", "a .gguf file, or hf:OWNER/REPO/FILE.gguf to download it "
+           "into the Hugging Face cache (default: none; give it or --demo)", short="-m")
+    option("--demo", "MOESTREAM_DEMO", "serve a small synthetic MoE with random weights (gibberish "
+           "text) to try the API and dashboards without a model", action="store_true")
+    option("--host", "MOESTREAM_HOST", "address to bind; 0.0.0.0 exposes the server to the network",
+           default="127.0.0.1")
+    option("--port", "MOESTREAM_PORT", "TCP port", type=port_arg, default=8000)
+    option("--api-key", "MOESTREAM_API_KEY", "require 'Authorization: Bearer KEY' on /v1 "
+           "(/health and /metrics stay open; default: none, /v1 is open)")
+    option("--served-model-name", "MOESTREAM_SERVED_MODEL_NAME",
+           "the model id clients send (default: the file name without .gguf)")
+    option("--device", "MOESTREAM_DEVICE", DEVICE_HELP, type=device_arg)
+    option("--vram-budget", "MOESTREAM_VRAM_BUDGET", "device memory for the model, e.g. 6GiB "
+           "(default: free GPU memory minus a margin; on the CPU everything stays in host memory)",
+           type=size_arg)
+    option("--max-cached-experts", "MOESTREAM_MAX_CACHED_EXPERTS",
+           "cap the expert cache slots below what the budget allows (on the CPU: use an expert cache "
+           "at all)", type=positive_int)
+    option("--ctx-size", "MOESTREAM_CTX_SIZE", "longest sequence in tokens (prompt + output; capped by "
+           "the model's trained context)", type=positive_int, default=4096)
+    option("--max-batch", "MOESTREAM_MAX_BATCH", "sequences decoded together", type=positive_int, default=8)
+    option("--max-batched-tokens", "MOESTREAM_MAX_BATCHED_TOKENS", "prefill tokens per step",
+           type=positive_int, default=256)
+    option("--max-waiting", "MOESTREAM_MAX_WAITING", "queued requests before new ones get 503 "
+           "with Retry-After", type=positive_int, default=64)
+    option("--shutdown-grace", "MOESTREAM_SHUTDOWN_GRACE", "seconds SIGTERM waits for requests in "
+           "flight to finish", type=float, default=30.0)
+    option("--no-pin", "MOESTREAM_NO_PIN", "read experts from the memory map instead of pinned "
+           "host memory", action="store_true")
+    option("--no-prefetch", "MOESTREAM_NO_PREFETCH", "do not prefetch predicted experts",
            action="store_true")
-    option("--no-prefetch", help="do not prefetch predicted experts", action="store_true")
-    option("--kernels", help=KERNELS_HELP, type=one_of(KERNEL_CHOICES, "kernels"), choices=KERNEL_CHOICES)
-    option("--miss-policy", help=MISS_POLICY_HELP, type=one_of(MISS_POLICIES, "miss policy"),
-           choices=MISS_POLICIES, default="auto")
-    option("--record-routing", help="write each token's experts per layer to this JSONL file, for "
-           "`moestream cache-sim` (default: off)")
-    option("--threads", "-t", help=f"CPU threads for the compiled kernels and torch, as llama.cpp's -t "
-           "(default: $OMP_NUM_THREADS if set, else the physical cores)", type=positive_int)
+    option("--kernels", "MOESTREAM_KERNELS", KERNELS_HELP, type=one_of(KERNEL_CHOICES, "kernels"),
+           choices=KERNEL_CHOICES)
+    option("--miss-policy", "MOESTREAM_MISS_POLICY", MISS_POLICY_HELP,
+           type=one_of(MISS_POLICIES, "miss policy"), choices=MISS_POLICIES, default="auto")
+    option("--record-routing", "MOESTREAM_RECORD_ROUTING", "write each token's experts per layer "
+           "to this JSONL file, for `moestream cache-sim` (default: off)")
+    option("--threads", "MOESTREAM_THREADS", "CPU threads for the compiled kernels and torch, as "
+           "llama.cpp's -t (default: $OMP_NUM_THREADS if set, else the physical cores)",
+           short="-t", type=positive_int)
     p.set_defaults(func=cmd_serve)
 
 
@@ -198,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="the .gguf file")
     p.add_argument("--vram-budget", default=None, type=size_arg,
                    help="also print the placement plan for this budget on a CUDA device, e.g. 6GiB")
-    p.add_argument("--ctx-size", type=positive_int, default=4096, help="longest sequence in tokens, for the KV cache")
+    p.add_argument("--ctx-size", type=positive_int, default=4096,
+                   help="longest sequence in tokens, for the KV cache")
     p.set_defaults(func=cmd_inspect)
 
     p = command("generate", "generate text from a prompt, streamed to stdout; timings on stderr")

@@ -184,7 +184,8 @@ def test_compose_passes_every_serve_variable_but_the_images_host_and_port():
 def test_deploy_docs_list_every_serve_variable():
     from moestream.server.cli import serve_environment
 
-    table = re.findall(r"^\| `(MOESTREAM_\w+)` \| `(--[\w-]+)` \|", (REPO_ROOT / "docs" / "DEPLOY.md").read_text(), re.M)
+    doc = (REPO_ROOT / "docs" / "DEPLOY.md").read_text()
+    table = re.findall(r"^\| `(MOESTREAM_\w+)` \| `(--[\w-]+)` \|", doc, re.M)
     assert dict(table) == serve_environment()
 
 
