@@ -47,6 +47,8 @@ class ServerState:
     num_in_flight: int = 0
     exit_code: int | None = None  # set when the server must stop (a load failure)
     cut_since_s: float | None = None  # when the drain's grace ran out with requests in flight
+    load_error: MoestreamError | None = None  # what to tell the user when exit_code is EXIT_USAGE
+    loader: threading.Thread | None = None
 
     @property
     def is_ready(self) -> bool:
@@ -57,8 +59,8 @@ class ServerState:
         def run() -> None:
             try:
                 engine = load()
-            except MoestreamError as exc:
-                log.error("moestream: error: %s", exc)
+            except MoestreamError as exc:  # the command line prints it once the server has stopped
+                self.load_error = exc
                 self.exit_code = EXIT_USAGE
                 return
             except Exception:
@@ -67,7 +69,8 @@ class ServerState:
                 return
             loop.call_soon_threadsafe(self._serve, engine, loop)
 
-        threading.Thread(target=run, name="moestream-loader", daemon=True).start()
+        self.loader = threading.Thread(target=run, name="moestream-loader", daemon=True)
+        self.loader.start()
 
     def _serve(self, engine: Engine, loop: asyncio.AbstractEventLoop) -> None:
         self.engine = AsyncEngine(engine, loop).start()

@@ -27,7 +27,7 @@ PACKAGES = ("kernels", "offload", "engine", "tools", "server")  # installed as m
 # C++ kernels for the host CPU at first use: these compiler drivers are run-time needs.
 RUNTIME_COMPILER_PACKAGES = {"gcc", "g++", "libc6-dev"}
 # The documented `docker run ... IMAGE serve ...` line.
-DOCUMENTED_RUN_ARGS = ["serve", "--model", "/models/X.gguf", "--vram-budget", "4GiB", "--host", "0.0.0.0"]
+DOCUMENTED_RUN_ARGS = ["serve", "--model", "/models/X.gguf", "--vram-budget", "6GiB", "--host", "0.0.0.0"]
 
 
 def parse_serve(argv: list[str], env: dict[str, str], monkeypatch):
@@ -76,7 +76,7 @@ def test_entrypoint_cmd_and_env_make_a_server_listening_on_the_exposed_port(monk
     assert default.func.__name__ == "cmd_serve"
     assert (default.host, default.port) == ("0.0.0.0", exposed)
     documented = parse_serve(DOCUMENTED_RUN_ARGS, image_env, monkeypatch)
-    assert (documented.model, documented.vram_budget, documented.port) == ("/models/X.gguf", "4GiB", exposed)
+    assert (documented.model, documented.vram_budget, documented.port) == ("/models/X.gguf", "6GiB", exposed)
 
 
 def test_models_volume():
