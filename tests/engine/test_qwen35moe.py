@@ -31,7 +31,7 @@ def test_f32_matches_llama_cpp(engine_for):
     assert_logits_match(engine_for(ARCH).score(ids), llama_cpp_logits(fixture.gguf_path, ids))
 
 
-@pytest.mark.parametrize("quant", ["Q8_0", "Q4_K_M"])
+@pytest.mark.parametrize("quant", ["Q8_0", "Q4_K_M", "IQ3_S"])
 def test_quantized_matches_exact_decode_and_llama_cpp(engine_for, quant):
     fixture = get_fixture(ARCH, quant)
     ids = sample_token_ids(fixture, 32, seed=3)
@@ -41,6 +41,32 @@ def test_quantized_matches_exact_decode_and_llama_cpp(engine_for, quant):
     # llama.cpp on the quantized file rounds activations to 8 bits: measured 3.4% (Q8_0) and
     # 4.8% (Q4_K_M) from the exact logits, with ours at 3e-7 from them
     assert rel_l2(ours, llama_cpp_logits(fixture.gguf_path, ids)) <= 0.06
+
+
+def test_q8_kernels_land_where_llama_cpp_does(engine_for):
+    """The compiled CPU kernels (int8 activations, as llama.cpp) on the DeltaNet and
+    attention projections and the experts: within llama.cpp's own rounding noise."""
+    fixture = get_fixture(ARCH, "Q4_K_M")
+    ids = sample_token_ids(fixture, 32, seed=4)
+    fast = engine_for(ARCH, "Q4_K_M", kernel_backend="q8").score(ids)
+    assert rel_l2(fast, llama_cpp_logits(fixture.gguf_path, ids)) <= 0.06
+    assert rel_l2(fast, llama_cpp_logits(dequantized_copy(fixture.gguf_path), ids)) <= 0.06
+
+
+def test_expert_cache_is_bitwise_identical_to_resident(engine_for):
+    """The MoE half through a tiny VRAM expert cache (simulated on the CPU), with and
+    without prefetch, beside the DeltaNet state: the all-resident logits, bit for bit."""
+    fixture = get_fixture(ARCH, "Q4_K_M")
+    ids = sample_token_ids(fixture, 24, seed=21)
+    resident = engine_for(ARCH, "Q4_K_M").score(ids)
+    for slots, prefetch in ((4, False), (1, True)):
+        cached = engine_for(ARCH, "Q4_K_M", vram_budget="1GiB", max_cached_experts=slots, prefetch=prefetch)
+        assert torch.equal(cached.score(ids), resident)
+        assert cached.stats()["expert_misses"] > 0
+    prompts = [sample_token_ids(fixture, n, seed=30 + n) for n in (5, 17, 9)]
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    batched = run_all(engine_for(ARCH, "Q4_K_M", vram_budget="1GiB", max_cached_experts=2, max_batch=3), prompts, params)
+    assert batched == [[o.token_id for o in engine_for(ARCH, "Q4_K_M").generate(p, params)] for p in prompts]
 
 
 def _step(engine, ids: list[int], start: int, table: list[int], slot: int) -> torch.Tensor:
