@@ -10,12 +10,12 @@ those layers (`config.attention_layers`). Tensor names: engine/loader.py.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from moestream.engine.deltanet import (causal_conv, causal_conv_step, delta_rule_chunked, delta_rule_step,
+from moestream.engine.deltanet import (causal_conv, causal_conv_step, delta_rule_chunked, delta_rule_step_,
                                        l2_normalize)
 from moestream.engine.kv_cache import KVCache
 from moestream.engine.layers import Linear, rms_norm
@@ -59,6 +59,25 @@ class HybridLayerWeights:
     shared_gate: torch.Tensor
 
 
+@dataclass
+class StateRows:
+    """Which batch rows advance which state slots, worked out once per forward."""
+
+    decode_rows: torch.Tensor | None  # one-token segments: their rows, updated together
+    decode_slots: torch.Tensor | None
+    prefills: list[tuple[slice, int]] = field(default_factory=list)  # (rows, slot) of longer ones
+
+    @classmethod
+    def of(cls, batch: BatchInput, device: torch.device) -> StateRows:
+        decodes = [s for s in batch.segments if s.n_new == 1]
+        rows = slots = None
+        if decodes:
+            rows = torch.tensor([s.offset for s in decodes], device=device)
+            slots = torch.tensor([s.state_slot for s in decodes], device=device)
+        prefills = [(slice(s.offset, s.offset + s.n_new), s.state_slot) for s in batch.segments if s.n_new > 1]
+        return cls(rows, slots, prefills)
+
+
 class Qwen35MoeModel(MoEModel):
     states: RecurrentStatePool | None = None  # set by the engine before the first forward
 
@@ -95,10 +114,11 @@ class Qwen35MoeModel(MoEModel):
         eps = self.config.rms_eps
         h = self.embed(batch.token_ids)  # [T, D]
         rope = self.rope.tables(batch.positions)
+        state_rows = StateRows.of(batch, h.device)
         for i, layer in enumerate(self.layers):
             x = rms_norm(h, layer.attn_norm, eps)
             if isinstance(layer.mixer, DeltaNetWeights):
-                h = h + self._deltanet(layer.mixer, x, batch)
+                h = h + self._deltanet(layer.mixer, x, state_rows)
             else:
                 h = h + self._gated_attention(layer.mixer, x, batch, kv, rope)
             x = rms_norm(h, layer.ffn_norm, eps)
@@ -125,22 +145,18 @@ class Qwen35MoeModel(MoEModel):
             out[rows] = self._attend(q[rows], *kv.read(lw.kv_layer, seg.context_slots))
         return lw.wo((out * torch.sigmoid(gate)).reshape(T, -1))
 
-    def _deltanet(self, lw: DeltaNetWeights, x: torch.Tensor, batch: BatchInput) -> torch.Tensor:
+    def _deltanet(self, lw: DeltaNetWeights, x: torch.Tensor, state_rows: StateRows) -> torch.Tensor:
         lin = self.config.linear
         T = x.shape[0]
         mixed = lw.qkv(x)  # [T, channels]
         beta = torch.sigmoid(lw.beta(x).float())  # [T, Hv]
         g = lw.a * F.softplus(lw.alpha(x).float() + lw.dt_bias)  # [T, Hv], log of the decay, <= 0
         out = torch.empty(T, lin.n_v_heads, lin.head_v_dim, dtype=torch.float32, device=x.device)
-        decodes = [s for s in batch.segments if s.n_new == 1]
-        if decodes:  # one token per sequence: all sequences in one batched update
-            rows = torch.tensor([s.offset for s in decodes], device=x.device)
-            slots = torch.tensor([s.state_slot for s in decodes], device=x.device)
-            out[rows] = self._deltanet_step(lw, mixed[rows], g[rows], beta[rows], slots)
-        for s in batch.segments:
-            if s.n_new > 1:
-                rows = slice(s.offset, s.offset + s.n_new)
-                out[rows] = self._deltanet_prefill(lw, mixed[rows], g[rows], beta[rows], s.state_slot)
+        rows = state_rows.decode_rows
+        if rows is not None:  # one token per sequence: all sequences in one batched update
+            out[rows] = self._deltanet_step(lw, mixed[rows], g[rows], beta[rows], state_rows.decode_slots)
+        for rows, slot in state_rows.prefills:
+            out[rows] = self._deltanet_prefill(lw, mixed[rows], g[rows], beta[rows], slot)
         z = lw.z(x).view(T, lin.n_v_heads, lin.head_v_dim).float()
         out = rms_norm(out, lw.norm.float(), self.config.rms_eps) * F.silu(z)
         return lw.out(out.reshape(T, -1).to(x.dtype))
@@ -162,7 +178,9 @@ class Qwen35MoeModel(MoEModel):
         pool, layer = self.states, lw.state_layer
         conv_out, pool.conv[layer, slots] = causal_conv_step(mixed.float(), pool.conv[layer, slots], lw.conv)
         q, k, v = self._qkv_heads(conv_out)
-        out, pool.ssm[layer, slots] = delta_rule_step(q, k, v, g, beta, pool.ssm[layer, slots])
+        state = pool.ssm[layer, slots]  # gathered: a copy, written back after the update
+        out = delta_rule_step_(q, k, v, g, beta, state)
+        pool.ssm[layer, slots] = state
         return out
 
     def _deltanet_prefill(self, lw: DeltaNetWeights, mixed: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
