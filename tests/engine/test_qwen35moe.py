@@ -71,7 +71,8 @@ def test_expert_cache_is_bitwise_identical_to_resident(engine_for):
         assert cached.stats()["expert_misses"] > 0
     prompts = [sample_token_ids(fixture, n, seed=30 + n) for n in (5, 17, 9)]
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
-    batched = run_all(engine_for(ARCH, "Q4_K_M", vram_budget="1GiB", max_cached_experts=2, max_batch=3), prompts, params)
+    cached = engine_for(ARCH, "Q4_K_M", vram_budget="1GiB", max_cached_experts=2, max_batch=3)
+    batched = run_all(cached, prompts, params)
     assert batched == [[o.token_id for o in engine_for(ARCH, "Q4_K_M").generate(p, params)] for p in prompts]
 
 
