@@ -5,6 +5,7 @@ Then the engine's side: prefill in chunks and token-by-token decode give the one
 logits, batching and preemption give each request's result alone, and every finished or
 aborted sequence gives its recurrent-state slot back."""
 
+import gguf
 import pytest
 import torch
 
@@ -15,11 +16,13 @@ from moestream.engine.model import BatchInput, Segment
 from moestream.engine.models import model_class
 from moestream.engine.placement import expert_layers
 from moestream.engine.recurrent_state import RecurrentStatePool
+from moestream.kernels.errors import MoestreamError
 from moestream.offload.store import HostExpertStore
 from tests.engine.test_forward import assert_logits_match, rel_l2
 from tests.engine.test_generate import hf_greedy, run_all
 from tests.fixtures.dequant_gguf import dequantized_copy
 from tests.fixtures.models import get_fixture, hf_logits, llama_cpp_logits, sample_token_ids
+from tests.gguf_bytes import set_byte, value_offset
 
 ARCH = "qwen35moe"
 
@@ -189,3 +192,16 @@ def test_half_precision_forward_on_the_cpu():
     ours, ref = model.forward(batch, kv), hf_logits(fixture, ids)
     assert rel_l2(ours, ref) <= 5e-3  # measured 1.1e-3
     assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.95
+
+
+@pytest.mark.parametrize(("key", "entry", "value", "needle"), [
+    ("qwen35moe.ssm.inner_size", 0, 0x01, "qwen35moe.ssm.inner_size = 257"),  # 256 -> 257: not per v-head
+    ("qwen35moe.attention.recurrent_layers", 1, 0x01, "'blk.1.attn_qkv.weight' is missing"),  # now DeltaNet
+])
+def test_a_header_that_disagrees_with_its_tensors_is_refused(tmp_path, key, entry, value, needle):
+    """One corrupt byte in the DeltaNet metadata: refused naming the key or tensor, not loaded."""
+    path = get_fixture(ARCH).gguf_path
+    bad = set_byte(path, tmp_path / "bad.gguf", value_offset(gguf.GGUFReader(path), key, entry), value)
+    with pytest.raises(MoestreamError) as err:
+        open_gguf(bad)
+    assert needle in str(err.value), str(err.value)
