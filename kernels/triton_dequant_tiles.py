@@ -6,15 +6,17 @@ natural column order; the kernels then multiply it with activations (GEMV: multi
 GEMM: `tl.dot`). A tile never straddles a 256-column super-block of the K and IQ types.
 
 The raw GGUF bytes are read in place: no repacking. Several block sizes are not multiples
-of 4 (Q8_0 34 B, Q6_K 210 B, Q3_K 110 B, IQ2_XXS 66 B, ...), so every field is read as
-uint8 and wider fields (fp16 scales, uint16/uint32 words) are assembled from bytes. Within
+of 4 (Q8_0 34 B, Q4_0 and IQ4_NL 18 B, Q5_0 22 B, Q6_K 210 B, Q3_K 110 B, IQ2_XXS 66 B, ...),
+and a projection inside an expert-cache slot starts where the one before it ends, at any
+byte offset; so every field is read as uint8 and wider fields (fp16 scales, uint16/uint32
+words, the elements of F32/F16/BF16 weights) are assembled from bytes. Within
 a block the quant bytes of neighbouring columns are neighbouring bytes, so a warp's loads
 stay coalesced. Each type is decoded on a 3-D view [BLOCK_N, groups, group_size] whose
 group is the span sharing one scale, so a scale is loaded once per group, not per element.
 
 Layouts follow llama.cpp `ggml/src/ggml-common.h` (`block_<type>`) and the
 `dequantize_row_*` functions of `ggml-quants.c`; field offsets match kernels/formats.py.
-Lookup tables (IQ4_XS values, IQ2/IQ3 grids) come from the gguf package through
+Lookup tables (IQ4_NL/IQ4_XS values, IQ2/IQ3 grids) come from the gguf package through
 `lookup_table` and are passed to the kernels as a pointer.
 """
 
@@ -30,7 +32,15 @@ from gguf import GGMLQuantizationType as Q
 SUPER_BLOCK: tl.constexpr = tl.constexpr(256)  # columns of one K/IQ super-block
 
 # Type ids as compile-time constants: `dequant_tile` picks one decoder per compiled kernel.
+_F32: tl.constexpr = tl.constexpr(int(Q.F32))
+_F16: tl.constexpr = tl.constexpr(int(Q.F16))
+_BF16: tl.constexpr = tl.constexpr(int(Q.BF16))
 _Q8_0: tl.constexpr = tl.constexpr(int(Q.Q8_0))
+_Q4_0: tl.constexpr = tl.constexpr(int(Q.Q4_0))
+_Q4_1: tl.constexpr = tl.constexpr(int(Q.Q4_1))
+_Q5_0: tl.constexpr = tl.constexpr(int(Q.Q5_0))
+_Q5_1: tl.constexpr = tl.constexpr(int(Q.Q5_1))
+_IQ4_NL: tl.constexpr = tl.constexpr(int(Q.IQ4_NL))
 _Q2_K: tl.constexpr = tl.constexpr(int(Q.Q2_K))
 _Q3_K: tl.constexpr = tl.constexpr(int(Q.Q3_K))
 _Q4_K: tl.constexpr = tl.constexpr(int(Q.Q4_K))
@@ -43,8 +53,11 @@ _IQ2_S: tl.constexpr = tl.constexpr(int(Q.IQ2_S))
 _IQ3_XXS: tl.constexpr = tl.constexpr(int(Q.IQ3_XXS))
 _IQ3_S: tl.constexpr = tl.constexpr(int(Q.IQ3_S))
 
+# Types whose rows may end inside a tile: their blocks are 1 or 32 columns, not 256.
+_FLOAT_QTYPES = (Q.F32, Q.F16, Q.BF16)
+_BLOCK32_QTYPES = (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.IQ4_NL)
 TRITON_QTYPES: frozenset[Q] = frozenset(
-    {Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_XS,
+    {*_FLOAT_QTYPES, *_BLOCK32_QTYPES, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_XS,
      Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S}
 )
 _GRID_TYPES = (Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S)
@@ -52,7 +65,7 @@ _GRID_TYPES = (Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S)
 
 @lru_cache(maxsize=None)
 def _host_table(qtype: Q) -> torch.Tensor:
-    if qtype == Q.IQ4_XS:  # the 16 non-linear 4-bit values shared with IQ4_NL
+    if qtype in (Q.IQ4_XS, Q.IQ4_NL):  # the 16 non-linear 4-bit values of both types
         return torch.tensor(gguf.quants.IQ4_NL.kvalues, dtype=torch.int8)
     if qtype in _GRID_TYPES:  # grid rows of 8 (IQ2) or 4 (IQ3) magnitudes, all < 64
         quant = getattr(gguf.quants, qtype.name)
@@ -115,14 +128,76 @@ def _k_scale_min(ptr, s):
 
 
 @triton.jit
-def _q8_0(row, g0, NG: tl.constexpr, n_blocks):
-    # blocks g0.. of 34 B: fp16 d, int8 qs[32]. Blocks past the row end are clamped to the
-    # last one; the kernels zero the matching activations.
+def _float(row, col0, K, QTYPE: tl.constexpr, TYPE_SIZE: tl.constexpr, BLOCK_K: tl.constexpr):
+    # One element per "block", assembled from its bytes like every other field. Columns past
+    # K are clamped to the last one; the kernels zero the matching activations.
+    col = tl.minimum(col0 + tl.arange(0, BLOCK_K), K - 1)
+    p = row[:, None] + col[None, :] * TYPE_SIZE
+    if QTYPE == _F32:
+        return _u32(p).to(tl.float32, bitcast=True)
+    elif QTYPE == _F16:
+        return _f16(p)
+    else:  # BF16: the top half of an fp32
+        return ((_u8(p) | (_u8(p + 1) << 8)).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _block32(row, g0, NG: tl.constexpr, n_blocks, TYPE_SIZE: tl.constexpr):
+    # Byte pointers [BLOCK_N, NG, 1] of 32-column blocks g0.. . Blocks past the row end are
+    # clamped to the last one; the kernels zero the matching activations.
     s = (g0 + tl.arange(0, NG))[None, :, None]
-    i = tl.arange(0, 32)[None, None, :]
-    blk = row[:, None, None] + tl.minimum(s, n_blocks - 1) * 34
+    return row[:, None, None] + tl.minimum(s, n_blocks - 1) * TYPE_SIZE
+
+
+@triton.jit
+def _q8_0(blk, i):
+    # fp16 d, int8 qs[32]
     q = tl.load(blk + 2 + i).to(tl.int8, bitcast=True).to(tl.float32)
     return _f16(blk) * q
+
+
+@triton.jit
+def _nibble(qs, i):
+    # element i < 16 is the low nibble of qs[i], element i + 16 its high nibble
+    return (_u8(qs + i % 16) >> (4 * (i // 16))) & 15
+
+
+@triton.jit
+def _fifth_bit(qh, i):
+    # bit i of the little-endian uint32 qh (read bytewise: the field is only 2-byte aligned)
+    return (_u8(qh + i // 8) >> (i % 8)) & 1
+
+
+@triton.jit
+def _q4_0(blk, i):
+    # fp16 d, qs[16]
+    return _f16(blk) * (_nibble(blk + 2, i) - 8).to(tl.float32)
+
+
+@triton.jit
+def _q4_1(blk, i):
+    # fp16 d, fp16 m, qs[16]
+    return _f16(blk) * _nibble(blk + 4, i).to(tl.float32) + _f16(blk + 2)
+
+
+@triton.jit
+def _q5_0(blk, i):
+    # fp16 d, qh[4] (5th bits), qs[16]
+    q = _nibble(blk + 6, i) | (_fifth_bit(blk + 2, i) << 4)
+    return _f16(blk) * (q - 16).to(tl.float32)
+
+
+@triton.jit
+def _q5_1(blk, i):
+    # fp16 d, fp16 m, qh[4] (5th bits), qs[16]
+    q = _nibble(blk + 8, i) | (_fifth_bit(blk + 4, i) << 4)
+    return _f16(blk) * q.to(tl.float32) + _f16(blk + 2)
+
+
+@triton.jit
+def _iq4_nl(blk, table, i):
+    # fp16 d, qs[16] (nibble indices into the 16 int8 values of table)
+    return _f16(blk) * tl.load(table + _nibble(blk + 2, i)).to(tl.float32)
 
 
 @triton.jit
@@ -272,14 +347,31 @@ def dequant_tile(row, kt, K, table, QTYPE: tl.constexpr, TYPE_SIZE: tl.constexpr
     """Columns kt*BLOCK_K .. kt*BLOCK_K + BLOCK_K-1 of the rows starting at byte pointers `row`.
 
     Returns fp32 [BLOCK_N, BLOCK_K]; BLOCK_K is 32, 64, 128 or 256, so a tile never straddles
-    a 256-column super-block and always holds whole scale groups. Only Q8_0 rows may end
-    inside a tile (K % BLOCK_K != 0); columns past K then repeat the last block, which the
-    caller multiplies by zero activations.
+    a 256-column super-block and always holds whole scale groups. Rows of the float and
+    32-column block types (Q8_0, Q4_0, ...) may end inside a tile (K % BLOCK_K != 0); columns
+    past K then repeat the last element or block, which the caller multiplies by zero
+    activations.
     """
     tl.static_assert(BLOCK_K >= 32 and SUPER_BLOCK % BLOCK_K == 0, "BLOCK_K: 32, 64, 128 or 256")
     col0 = kt * BLOCK_K
-    if QTYPE == _Q8_0:
-        w = _q8_0(row, col0 // 32, BLOCK_K // 32, K // 32)
+    if QTYPE == _F32 or QTYPE == _F16 or QTYPE == _BF16:
+        w = _float(row, col0, K, QTYPE, TYPE_SIZE, BLOCK_K)
+    elif (QTYPE == _Q8_0 or QTYPE == _Q4_0 or QTYPE == _Q4_1 or QTYPE == _Q5_0 or QTYPE == _Q5_1
+          or QTYPE == _IQ4_NL):
+        blk = _block32(row, col0 // 32, BLOCK_K // 32, K // 32, TYPE_SIZE)
+        i = tl.arange(0, 32)[None, None, :]
+        if QTYPE == _Q8_0:
+            w = _q8_0(blk, i)
+        elif QTYPE == _Q4_0:
+            w = _q4_0(blk, i)
+        elif QTYPE == _Q4_1:
+            w = _q4_1(blk, i)
+        elif QTYPE == _Q5_0:
+            w = _q5_0(blk, i)
+        elif QTYPE == _Q5_1:
+            w = _q5_1(blk, i)
+        else:
+            w = _iq4_nl(blk, table, i)
     else:
         b = row[:, None, None] + (col0 // SUPER_BLOCK) * TYPE_SIZE
         first = col0 % SUPER_BLOCK  # column of the tile inside its super-block

@@ -45,12 +45,12 @@ def test_types_without_kernel_fall_back_with_one_notice(caplog) -> None:
     cuda = torch.device("cuda")
     with caplog.at_level(logging.WARNING, logger="moestream.kernels.dispatch"):
         assert use_triton(Q.Q4_K, cuda, "auto")
-        assert not use_triton(Q.Q5_1, cuda, "auto")
-        assert not use_triton(Q.Q5_1, cuda, "auto")
-    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["no Triton kernel for Q5_1"]
+        assert not use_triton(Q.IQ1_M, cuda, "auto")
+        assert not use_triton(Q.IQ1_M, cuda, "auto")
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["no Triton kernel for IQ1_M"]
     assert not use_triton(Q.Q4_K, cuda, "torch") and not use_triton(Q.Q4_K, torch.device("cpu"), "auto")
     with pytest.raises(UnsupportedQuantType, match="backend='auto'"):
-        use_triton(Q.Q5_1, cuda, "triton")
+        use_triton(Q.IQ1_M, cuda, "triton")
 
 
 def _args(**change):

@@ -1,0 +1,97 @@
+"""Tile configs of the Triton kernels per GPU compute capability, as data.
+
+One table keyed by (capability, kernel kind, row tile) holds the config every type uses,
+and a second one the few (capability, kind, row tile, type) entries whose decoders need
+their own. Every entry is compiled by ptxas for its capability in the test suite
+(tests/kernels/test_triton_compile.py, `python -m bench.kernels_compile`) and must show no
+spill stores or loads and no stack frame: a spilling tile reads local memory inside the
+decode loop. A capability not in the table takes the nearest one below it, with a logged
+warning (sm_75 for anything older). Tune with `python -m bench.kernels` on the target GPU.
+
+Why the entries differ: Turing (sm_75) has half the shared memory of sm_80+ and its
+ptxas keeps tensor-core tiles plus dequantized weights in registers, so its GEMM tiles are
+narrower (BLOCK_N x BLOCK_K of 64 x 32) than sm_80+'s first guesses, read from sm_90 builds.
+"""
+
+import logging
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Literal
+
+from gguf import GGMLQuantizationType as Q
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["gemv", "gemm", "grouped"]
+KINDS: tuple[Kind, ...] = ("gemv", "gemm", "grouped")
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_n: int  # weight rows per program (GEMV: at one activation row, halved per doubling)
+    block_k: int  # columns per step: 32, 64, 128 or 256
+    num_warps: int
+    num_stages: int = 2
+
+
+# Row tiles with their own entries: GEMV programs are sized at one activation row; GEMM
+# and grouped programs take 16 rows (decode batches) or 32-64 rows (prefill, full experts).
+ROW_TILES: dict[Kind, tuple[int, ...]] = {"gemv": (1,), "gemm": (16, 64), "grouped": (16, 64)}
+
+_GEMV = TileConfig(block_n=16, block_k=128, num_warps=4, num_stages=1)
+_SM80_PLUS = {
+    ("gemv", 1): _GEMV,
+    ("gemm", 16): TileConfig(block_n=64, block_k=64, num_warps=4),
+    ("gemm", 64): TileConfig(block_n=128, block_k=64, num_warps=8),
+    ("grouped", 16): TileConfig(block_n=64, block_k=64, num_warps=4),
+    ("grouped", 64): TileConfig(block_n=64, block_k=128, num_warps=8),
+}
+_SM75 = {
+    ("gemv", 1): _GEMV,
+    ("gemm", 16): TileConfig(block_n=64, block_k=32, num_warps=4),
+    ("gemm", 64): TileConfig(block_n=64, block_k=32, num_warps=8),
+    ("grouped", 16): TileConfig(block_n=64, block_k=32, num_warps=4),
+    ("grouped", 64): TileConfig(block_n=64, block_k=32, num_warps=8),
+}
+
+# (capability major*10 + minor, kind, row tile) -> the config of every type without an
+# entry in BY_TYPE.
+DEFAULT: dict[tuple[int, Kind, int], TileConfig] = {
+    (sm, kind, rows): config
+    for sm, table in ((75, _SM75), (80, _SM80_PLUS), (86, _SM80_PLUS), (89, _SM80_PLUS), (90, _SM80_PLUS))
+    for (kind, rows), config in table.items()
+}
+BY_TYPE: dict[tuple[int, Kind, int, Q], TileConfig] = {}
+CAPABILITIES: tuple[int, ...] = tuple(sorted({sm for sm, _, _ in DEFAULT}))
+
+
+def row_tile(kind: Kind, block_m: int) -> int:
+    """The row tile whose entry serves a program of `block_m` activation rows."""
+    if kind == "gemv":
+        return 1
+    return 16 if block_m <= 16 else 64
+
+
+def tile_config(capability: int, kind: Kind, block_m: int, qtype: Q) -> TileConfig:
+    """The checked config for `kind` with `block_m` rows of `qtype` on sm_`capability`."""
+    key = (table_capability(capability), kind, row_tile(kind, block_m))
+    return BY_TYPE.get((*key, qtype), DEFAULT[key])
+
+
+@lru_cache(maxsize=None)
+def table_capability(capability: int) -> int:
+    """`capability` if the table has it, else the nearest one below it (logged once)."""
+    if capability in CAPABILITIES:
+        return capability
+    chosen = max((sm for sm in CAPABILITIES if sm <= capability), default=CAPABILITIES[0])
+    log.warning(
+        "no Triton kernel configs checked for sm_%d; using sm_%d's (check them with "
+        "`python -m bench.kernels_compile --arch %d`)", capability, chosen, capability,
+    )
+    return chosen
+
+
+def device_capability(major_minor: tuple[int, int]) -> int:
+    """torch.cuda.get_device_capability's (major, minor) as the table's major*10 + minor."""
+    major, minor = major_minor
+    return 10 * major + minor
