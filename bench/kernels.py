@@ -25,6 +25,8 @@ from gguf import GGMLQuantizationType as Q
 SHAPES = [(1024, 2048), (2048, 1024), (768, 2048), (2048, 768), (14336, 4096), (4096, 14336), (4096, 4096)]
 ROWS = [1, 2, 4, 8, 16, 64, 512]
 SMOKE_SHAPES, SMOKE_ROWS = [(64, 512)], [1, 3, 17]
+# Expert types of common GGUF mixes; Q5_0 is Qwen1.5-MoE Q4_K_M's down projection in half its layers.
+MOE_TYPES = (Q.Q4_K, Q.Q6_K, Q.Q8_0, Q.Q5_0)
 REL_TOL = {torch.float16: 3e-3, torch.bfloat16: 2e-2, torch.float32: 1e-3}  # fp32 dots run in TF32
 
 
@@ -200,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {name}; device-to-device copy: {copy_rate:.0f} GB/s (read + write)")
     print(_format([HEADER], _WIDTHS))
     table = bench_matmuls(qtypes, shapes, rows, dtypes, device, copy_rate)
-    for qtype in qtypes[:1] if args.cpu_smoke else [q for q in (Q.Q4_K, Q.Q6_K, Q.Q8_0) if q in qtypes]:
+    for qtype in qtypes[:1] if args.cpu_smoke else [q for q in MOE_TYPES if q in qtypes]:
         table += bench_moe(qtype, moe_dims, moe_tokens, dtypes[0], device, copy_rate)
     failed = [r for r in table if not r.rel_err <= REL_TOL[getattr(torch, r.dtype)]]
     for r in failed:

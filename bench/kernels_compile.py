@@ -10,18 +10,20 @@ models.
 """
 
 import argparse
+import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 os.environ.pop("TRITON_INTERPRET", None)  # compile for real; must precede the kernel imports
 
 import triton  # noqa: E402
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from moestream.kernels.formats import block_format  # noqa: E402
@@ -31,7 +33,6 @@ from moestream.kernels.triton_gemm import _gemm_kernel  # noqa: E402
 from moestream.kernels.triton_gemv import _gemv_kernel, gemv_block_n  # noqa: E402
 from moestream.kernels.triton_moe import _grouped_kernel  # noqa: E402
 
-_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 _INDEX_POINTERS = ("slot_of_expert_ptr", "sorted_ids_ptr", "expert_ids_ptr", "num_post_pad_ptr")
 _ALIGNED_INTS = ("K", "row_bytes", "stride_xm", "stride_om", "stride_split", "slot_stride", "weight_offset")
 # Activation rows per build: GEMV at 1 and 4 rows (decode), GEMM and grouped at both row tiles.
@@ -92,12 +93,17 @@ def build(kind: str, qtype: Q, block_m: int, capability: int) -> Build:
 
 
 def ptxas_usage(ptx: str, capability: int) -> tuple[int, int, int, int]:
-    """(registers, stack frame, spill store, spill load bytes) from `ptxas -v` on `ptx`."""
+    """(registers, stack frame, spill store, spill load bytes) from `ptxas -v` on `ptx`, run
+    by the ptxas Triton picks for `capability` (its newer one from sm_90 on) for the PTX's
+    own target (sm_90a, not sm_90, where Triton uses Hopper-only instructions)."""
+    target = re.search(r"^\.target\s+(sm_\w+)", ptx, re.MULTILINE)
+    if target is None:
+        raise RuntimeError("Triton's PTX names no .target")
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "kernel.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        run = subprocess.run([os.path.join(_BIN, "ptxas"), "-v", f"--gpu-name=sm_{capability}", src,
+        run = subprocess.run([get_ptxas(capability).path, "-v", f"--gpu-name={target.group(1)}", src,
                               "-o", os.path.join(tmp, "kernel.cubin")], capture_output=True, text=True, check=True)
     log = run.stdout + run.stderr
     registers = re.search(r"Used (\d+) registers", log)
@@ -117,19 +123,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--types", help="comma-separated GGUF types (default: every Triton type)")
     parser.add_argument("--arch", default=",".join(map(str, CAPABILITIES)),
                         help="comma-separated compute capabilities x10 (default: every one in the table)")
+    parser.add_argument("--json", help="also write every build's figures to this file")
     args = parser.parse_args(argv)
     qtypes = [Q[name] for name in args.types.split(",")] if args.types else sorted(TRITON_QTYPES, key=int)
     print(f"triton {triton.__version__}")
     print(f"{'sm':>3} {'kernel':>14} {'type':>8} {'tile':>16} {'regs':>5} {'stack':>6} {'spill st':>9} {'spill ld':>9}")
-    spilled = []
+    builds = []
     for capability in (int(a) for a in args.arch.split(",")):
         for qtype in qtypes:
             for b in builds_for(qtype, capability):
+                builds.append(b)
                 print(f"{b.capability:>3} {b.kernel:>14} {b.qtype.name:>8} {b.block:>16} {b.registers:>5} "
                       f"{b.stack_bytes:>6} {b.spill_store_bytes:>9} {b.spill_load_bytes:>9}", flush=True)
-                if not b.fits:
-                    spilled.append(b)
+    spilled = [b for b in builds if not b.fits]
     print(f"{len(spilled)} builds spill registers or use a stack frame" if spilled else "all builds fit in registers")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(b) | {"qtype": b.qtype.name} for b in builds], f, indent=1)
     return 1 if spilled else 0
 
 

@@ -2,15 +2,16 @@
 
 One table keyed by (capability, kernel kind, row tile) holds the config every type uses,
 and a second one the few (capability, kind, row tile, type) entries whose decoders need
-their own. Every entry is compiled by ptxas for its capability in the test suite
-(tests/kernels/test_triton_compile.py, `python -m bench.kernels_compile`) and must show no
-spill stores or loads and no stack frame: a spilling tile reads local memory inside the
-decode loop. A capability not in the table takes the nearest one below it, with a logged
+their own. Every capability's selected configs are compiled by ptxas, with no spill stores
+or loads and no stack frame allowed (a spilling tile reads local memory inside the decode
+loop): for every type by `python -m bench.kernels_compile`, for the heaviest decoders by
+tests/kernels/test_triton_compile.py in the suite. A capability not in the table takes the nearest one below it, with a logged
 warning (sm_75 for anything older). Tune with `python -m bench.kernels` on the target GPU.
 
-Why the entries differ: Turing (sm_75) has half the shared memory of sm_80+ and its
-ptxas keeps tensor-core tiles plus dequantized weights in registers, so its GEMM tiles are
-narrower (BLOCK_N x BLOCK_K of 64 x 32) than sm_80+'s first guesses, read from sm_90 builds.
+Why the entries differ: sm_90's are the first guesses read from sm_90 builds. On Turing
+(sm_75) the same tensor-core tiles need about twice the registers (16 x 64 x 64 at 4 warps:
+255 registers and 424 bytes of stack, against 123 on sm_80), so its GEMM and grouped tiles
+hold 16 dequantized weights per thread (64 x 32 at 4 warps, 64 x 64 x 32 at 8).
 """
 
 import logging
@@ -39,13 +40,16 @@ class TileConfig:
 ROW_TILES: dict[Kind, tuple[int, ...]] = {"gemv": (1,), "gemm": (16, 64), "grouped": (16, 64)}
 
 _GEMV = TileConfig(block_n=16, block_k=128, num_warps=4, num_stages=1)
-_SM80_PLUS = {
+_SM90 = {
     ("gemv", 1): _GEMV,
     ("gemm", 16): TileConfig(block_n=64, block_k=64, num_warps=4),
     ("gemm", 64): TileConfig(block_n=128, block_k=64, num_warps=8),
     ("grouped", 16): TileConfig(block_n=64, block_k=64, num_warps=4),
     ("grouped", 64): TileConfig(block_n=64, block_k=128, num_warps=8),
 }
+# Ampere and Ada keep the tensor-core accumulators in registers too: sm_90's 64-row grouped
+# tile needs 244-253 of the 255 registers there (ptxas 12.9), so it takes half the columns.
+_SM80 = _SM90 | {("grouped", 64): TileConfig(block_n=64, block_k=64, num_warps=8)}
 _SM75 = {
     ("gemv", 1): _GEMV,
     ("gemm", 16): TileConfig(block_n=64, block_k=32, num_warps=4),
@@ -58,10 +62,14 @@ _SM75 = {
 # entry in BY_TYPE.
 DEFAULT: dict[tuple[int, Kind, int], TileConfig] = {
     (sm, kind, rows): config
-    for sm, table in ((75, _SM75), (80, _SM80_PLUS), (86, _SM80_PLUS), (89, _SM80_PLUS), (90, _SM80_PLUS))
+    for sm, table in ((75, _SM75), (80, _SM80), (86, _SM80), (89, _SM80), (90, _SM90))
     for (kind, rows), config in table.items()
 }
-BY_TYPE: dict[tuple[int, Kind, int, Q], TileConfig] = {}
+# F32 weights are assembled from four bytes per element: the 64 x 128 x 64 GEMM tile
+# spills on sm_80 (ptxas 12.9: 255 registers, 44 bytes of spill stores) unless K steps halve.
+BY_TYPE: dict[tuple[int, Kind, int, Q], TileConfig] = {
+    (sm, "gemm", 64, Q.F32): TileConfig(block_n=128, block_k=32, num_warps=8) for sm in (80, 86, 89)
+}
 CAPABILITIES: tuple[int, ...] = tuple(sorted({sm for sm, _, _ in DEFAULT}))
 
 
