@@ -129,16 +129,19 @@ def _k_scale_min(ptr, s):
 
 @triton.jit
 def _float(row, col0, K, QTYPE: tl.constexpr, TYPE_SIZE: tl.constexpr, BLOCK_K: tl.constexpr):
-    # One element per "block", assembled from its bytes like every other field. Columns past
-    # K are clamped to the last one; the kernels zero the matching activations.
-    col = tl.minimum(col0 + tl.arange(0, BLOCK_K), K - 1)
-    p = row[:, None] + col[None, :] * TYPE_SIZE
+    # The tile's bytes as one contiguous run per row (vector loads where the row is aligned),
+    # then each element's TYPE_SIZE bytes combined: their bit fields are disjoint, so the sum
+    # is their OR. Bytes past the row end read as zero; the kernels zero those activations.
+    i = col0 * TYPE_SIZE + tl.arange(0, BLOCK_K * TYPE_SIZE)
+    raw = tl.load(row[:, None] + i[None, :], mask=i[None, :] < K * TYPE_SIZE, other=0)
+    raw = tl.reshape(raw.to(tl.uint32), (row.shape[0], BLOCK_K, TYPE_SIZE))
+    word = tl.sum(raw << (8 * tl.arange(0, TYPE_SIZE))[None, None, :], axis=2)
     if QTYPE == _F32:
-        return _u32(p).to(tl.float32, bitcast=True)
+        return word.to(tl.float32, bitcast=True)
     elif QTYPE == _F16:
-        return _f16(p)
+        return word.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
     else:  # BF16: the top half of an fp32
-        return ((_u8(p) | (_u8(p + 1) << 8)).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+        return (word << 16).to(tl.float32, bitcast=True)
 
 
 @triton.jit

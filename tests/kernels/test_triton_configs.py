@@ -25,10 +25,12 @@ def test_every_capability_kind_and_row_tile_has_a_legal_entry() -> None:
                     assert c.block_n >= 2 and c.block_n & (c.block_n - 1) == 0, (sm, kind, c)
 
 
-def test_type_entries_override_the_default() -> None:
-    assert tc.tile_config(80, "gemm", 64, Q.F32) == tc.BY_TYPE[(80, "gemm", 64, Q.F32)]
+def test_type_entries_override_the_default(monkeypatch) -> None:
+    narrow = tc.TileConfig(block_n=128, block_k=32, num_warps=8)
+    monkeypatch.setitem(tc.BY_TYPE, (80, "gemm", 64, Q.F32), narrow)
+    assert tc.tile_config(80, "gemm", 64, Q.F32) == narrow != tc.DEFAULT[(80, "gemm", 64)]
     assert tc.tile_config(80, "gemm", 64, Q.Q4_K) == tc.DEFAULT[(80, "gemm", 64)]
-    assert tc.tile_config(80, "gemm", 64, Q.F32) != tc.tile_config(80, "gemm", 64, Q.Q4_K)
+    assert tc.tile_config(86, "gemm", 64, Q.F32) == tc.DEFAULT[(86, "gemm", 64)]
 
 
 @pytest.mark.parametrize("block_m, rows", [(16, 16), (32, 64), (64, 64)])
