@@ -58,7 +58,7 @@ class Build:
 
 def _signature(fn, qtype: Q, activation: str, constexprs: dict) -> tuple[dict, dict]:
     """Argument types as the launcher passes them; 16-byte divisibility for pointers and strides."""
-    table = "i8" if qtype in (Q.IQ4_XS, Q.IQ4_NL) else "u8"
+    table = "i8" if qtype in (Q.IQ4_XS, Q.IQ4_NL, Q.IQ1_S, Q.IQ1_M) else "u8"
     pointer = {"x_ptr": activation, "out_ptr": activation, "table_ptr": table, "topk_weights_ptr": "fp32"}
     pointer |= {name: "i32" for name in _INDEX_POINTERS}
     types, attrs = {}, {}

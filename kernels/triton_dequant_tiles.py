@@ -16,7 +16,7 @@ group is the span sharing one scale, so a scale is loaded once per group, not pe
 
 Layouts follow llama.cpp `ggml/src/ggml-common.h` (`block_<type>`) and the
 `dequantize_row_*` functions of `ggml-quants.c`; field offsets match kernels/formats.py.
-Lookup tables (IQ4_NL/IQ4_XS values, IQ2/IQ3 grids) come from the gguf package through
+Lookup tables (IQ4_NL/IQ4_XS values, IQ1/IQ2/IQ3 grids) come from the gguf package through
 `lookup_table` and are passed to the kernels as a pointer.
 """
 
@@ -52,13 +52,16 @@ _IQ2_XS: tl.constexpr = tl.constexpr(int(Q.IQ2_XS))
 _IQ2_S: tl.constexpr = tl.constexpr(int(Q.IQ2_S))
 _IQ3_XXS: tl.constexpr = tl.constexpr(int(Q.IQ3_XXS))
 _IQ3_S: tl.constexpr = tl.constexpr(int(Q.IQ3_S))
+_IQ1_S: tl.constexpr = tl.constexpr(int(Q.IQ1_S))
+_IQ1_M: tl.constexpr = tl.constexpr(int(Q.IQ1_M))
+IQ1_DELTA: tl.constexpr = tl.constexpr(0.125)  # llama.cpp's IQ1S_DELTA and IQ1M_DELTA
 
 # Types whose rows may end inside a tile: their blocks are 1 or 32 columns, not 256.
 _FLOAT_QTYPES = (Q.F32, Q.F16, Q.BF16)
 _BLOCK32_QTYPES = (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.IQ4_NL)
 TRITON_QTYPES: frozenset[Q] = frozenset(
     {*_FLOAT_QTYPES, *_BLOCK32_QTYPES, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_XS,
-     Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S}
+     Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S, Q.IQ1_S, Q.IQ1_M}
 )
 _GRID_TYPES = (Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S)
 
@@ -71,6 +74,9 @@ def _host_table(qtype: Q) -> torch.Tensor:
         quant = getattr(gguf.quants, qtype.name)
         quant.init_grid()
         return torch.from_numpy(quant.grid.reshape(-1).astype(np.uint8))
+    if qtype in (Q.IQ1_S, Q.IQ1_M):  # one grid of 2048 rows of 8 values in {-1, 0, 1}
+        gguf.quants.IQ1_S.init_grid()
+        return torch.from_numpy(gguf.quants.IQ1_S.grid.reshape(-1).astype(np.int8))
     return torch.zeros(1, dtype=torch.uint8)  # unused by types without a table
 
 
@@ -346,6 +352,35 @@ def _iq3_s(b, grid, g0, NG: tl.constexpr):
 
 
 @triton.jit
+def _iq1_s(b, grid, g0, NG: tl.constexpr):
+    # fp16 d, qs[32] @2 (low 8 grid-index bits per 8 elements), uint16 qh[8] @34 per 32
+    # elements: 4 x 3 high index bits, a 3-bit scale, the delta's sign in bit 15
+    g = (g0 + tl.arange(0, NG))[None, :, None]
+    j = tl.arange(0, 8)[None, None, :]
+    word = _u8(b + 34 + 2 * (g // 4)) | (_u8(b + 35 + 2 * (g // 4)) << 8)
+    index = _u8(b + 2 + g) | (((word >> (3 * (g % 4))) & 7) << 8)
+    dl = _f16(b) * (2 * ((word >> 12) & 7) + 1).to(tl.float32)
+    delta = tl.where((word & 0x8000) != 0, -IQ1_DELTA, IQ1_DELTA)
+    return dl * (tl.load(grid + index * 8 + j).to(tl.float32) + delta)
+
+
+@triton.jit
+def _iq1_m(b, grid, g0, NG: tl.constexpr):
+    # qs[32] (low 8 index bits), qh[16] @32 (per nibble: 3 high index bits, the delta's sign),
+    # uint16 scales[4] @48: 3-bit scales per 16 elements, the fp16 d in their top nibbles
+    g = (g0 + tl.arange(0, NG))[None, :, None]
+    j = tl.arange(0, 8)[None, None, :]
+    nibble = (_u8(b + 32 + g // 2) >> (4 * (g % 2))) & 15
+    index = _u8(b + g) | ((nibble & 7) << 8)
+    s = g // 2  # 3-bit scale s of 16: bits 3*(s%4).. of scales word s//4
+    scale = ((_u8(b + 48 + 2 * (s // 4)) | (_u8(b + 49 + 2 * (s // 4)) << 8)) >> (3 * (s % 4))) & 7
+    d_bits = ((_u8(b + 49) >> 4) | (_u8(b + 51) & 0xF0) | ((_u8(b + 53) >> 4) << 8) | ((_u8(b + 55) & 0xF0) << 8))
+    d = d_bits.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    delta = tl.where((nibble & 8) != 0, -IQ1_DELTA, IQ1_DELTA)
+    return d * (2 * scale + 1).to(tl.float32) * (tl.load(grid + index * 8 + j).to(tl.float32) + delta)
+
+
+@triton.jit
 def dequant_tile(row, kt, K, table, QTYPE: tl.constexpr, TYPE_SIZE: tl.constexpr, BLOCK_K: tl.constexpr):
     """Columns kt*BLOCK_K .. kt*BLOCK_K + BLOCK_K-1 of the rows starting at byte pointers `row`.
 
@@ -398,6 +433,10 @@ def dequant_tile(row, kt, K, table, QTYPE: tl.constexpr, TYPE_SIZE: tl.constexpr
             w = _iq2_s(b, table, first // 8, BLOCK_K // 8)
         elif QTYPE == _IQ3_XXS:
             w = _iq3_xxs(b, table, first // 8, BLOCK_K // 8)
+        elif QTYPE == _IQ1_S:
+            w = _iq1_s(b, table, first // 8, BLOCK_K // 8)
+        elif QTYPE == _IQ1_M:
+            w = _iq1_m(b, table, first // 8, BLOCK_K // 8)
         else:
             tl.static_assert(QTYPE == _IQ3_S, "dequant_tile: no Triton decoder for this type")
             w = _iq3_s(b, table, first // 8, BLOCK_K // 8)

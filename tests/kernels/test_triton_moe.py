@@ -63,6 +63,8 @@ GROUPED_CASES = [  # qtype, offset, tokens, top_k, experts, x per pair, routed w
     (Q.F16, 1, 4, 2, 4, False, True, torch.float16, 256, 200),
     (Q.BF16, 3, 4, 2, 4, True, False, torch.float32, 64, 200),
     (Q.F32, 6, 4, 2, 4, False, True, torch.float32, 128, 200),
+    (Q.IQ1_S, 50, 4, 2, 4, True, True, torch.float32, 128, 256),
+    (Q.IQ1_M, 1, 4, 2, 4, False, True, torch.float16, 64, 256),
 ]
 
 
