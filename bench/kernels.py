@@ -81,12 +81,23 @@ def weight_blocks(qtype: Q, n_blocks: int, gen: torch.Generator) -> torch.Tensor
     fp16 activations through a whole expert FFN stay finite."""
     from moestream.kernels.formats import block_format, random_blocks
 
+    fmt = block_format(qtype)
     blocks = random_blocks(qtype, n_blocks, gen)
-    for offset in block_format(qtype).fp16_fields:
-        scale = (torch.rand(n_blocks, generator=gen) + 0.5) * 2**-10
-        scale = torch.where(torch.rand(n_blocks, generator=gen) < 0.5, -scale, scale)
-        blocks[:, offset : offset + 2] = scale.half().view(torch.uint8).reshape(n_blocks, 2)
+    for offset in fmt.fp16_fields:
+        blocks[:, offset : offset + 2] = _small_scales(n_blocks, gen).view(torch.uint8).reshape(n_blocks, 2)
+    if fmt.nibble_fp16_scale_offset is not None:  # IQ1_M: the top nibbles of four uint16 words
+        bits = _small_scales(n_blocks, gen).view(torch.int16).int() & 0xFFFF
+        for word in range(4):
+            high_byte = fmt.nibble_fp16_scale_offset + 2 * word + 1
+            nibble = ((bits >> (4 * word)) & 0xF).to(torch.uint8)
+            blocks[:, high_byte] = (blocks[:, high_byte] & 0x0F) | (nibble << 4)
     return blocks
+
+
+def _small_scales(n: int, gen: torch.Generator) -> torch.Tensor:
+    """n fp16 values of magnitude 2**-10 .. 1.5 * 2**-10, either sign."""
+    scale = (torch.rand(n, generator=gen) + 0.5) * 2**-10
+    return torch.where(torch.rand(n, generator=gen) < 0.5, -scale, scale).half()
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
