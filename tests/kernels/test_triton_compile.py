@@ -4,10 +4,10 @@ the installed Triton).
 
 The interpreter runs the kernels as numpy and never compiles them, so this is where code the
 real compiler rejects, and tiles that spill on one GPU generation, show up on a machine
-without a GPU. To stay within minutes on two cores it builds the two heaviest decoders
-(ptxas 12.9, sm_80: the most registers per kernel): Q6_K (unaligned 210-byte blocks, six
-fields) and F32 (four byte loads per element); `python -m bench.kernels_compile` builds
-every type.
+without a GPU. To stay within minutes on two cores it builds the two decoders that need the
+most registers in the GEMM and grouped kernels (ptxas 12.9, sm_80 and sm_89): Q6_K
+(unaligned 210-byte blocks, four fields) and Q5_1 (scale, offset and 5th bits per 32
+columns); `python -m bench.kernels_compile` builds every type.
 """
 
 import json
@@ -23,7 +23,7 @@ from moestream.kernels.triton_configs import CAPABILITIES
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 PTXAS = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-TYPES = ("Q6_K", "F32")
+TYPES = ("Q6_K", "Q5_1")
 BUILDS_PER_TYPE = 6  # GEMV at 1 and 4 rows, GEMM and grouped at 16 and 64
 
 
