@@ -31,6 +31,7 @@ class GemvConfig:
     split_k: int  # programs sharing one row block along K
     block_k: int = 256  # columns per step: 32, 64, 128 or 256
     num_warps: int = 4
+    num_stages: int = 1
 
 
 def gemv_config(m: int, n: int, k: int, qtype: Q, device: torch.device) -> GemvConfig:
@@ -50,7 +51,7 @@ def gpu_gemv_config(m: int, n: int, k: int, qtype: Q, n_sm: int, capability: int
     row_programs = triton.cdiv(n, block_n)
     n_tiles = triton.cdiv(k, tile.block_k)
     split_k = min(n_tiles, max(1, triton.cdiv(_PROGRAMS_PER_SM * n_sm, row_programs)))
-    return GemvConfig(block_m, block_n, split_k, tile.block_k, tile.num_warps)
+    return GemvConfig(block_m, block_n, split_k, tile.block_k, tile.num_warps, tile.num_stages)
 
 
 def gemv_block_n(tile: TileConfig, block_m: int) -> int:
@@ -115,7 +116,7 @@ def triton_gemv(
         m, n, k, row_bytes(qtype, k), x.stride(0), partial.stride(0), partial.stride(1),
         tiles_per_split, QTYPE=int(qtype), TYPE_SIZE=block_format(qtype).type_size,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        num_warps=config.num_warps,
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if split_k > 1:
         out.copy_(partial.sum(0))
