@@ -47,8 +47,9 @@ _SM90 = {
     ("grouped", 16): TileConfig(block_n=64, block_k=64, num_warps=4),
     ("grouped", 64): TileConfig(block_n=64, block_k=128, num_warps=8),
 }
-# Ampere and Ada keep the tensor-core accumulators in registers too: sm_90's 64-row grouped
-# tile needs 244-253 of the 255 registers there (ptxas 12.9), so it takes half the columns.
+# Ampere, Ada and consumer Blackwell (sm_120, no Hopper wgmma) keep the tensor-core
+# accumulators in registers too: sm_90's 64-row grouped tile needs 244-253 of the 255
+# registers there (ptxas 12.9/13.4), so it takes half the K step.
 _SM80 = _SM90 | {("grouped", 64): TileConfig(block_n=64, block_k=64, num_warps=8)}
 _SM75 = {
     ("gemv", 1): _GEMV,
@@ -62,12 +63,15 @@ _SM75 = {
 # entry in BY_TYPE.
 DEFAULT: dict[tuple[int, Kind, int], TileConfig] = {
     (sm, kind, rows): config
-    for sm, table in ((75, _SM75), (80, _SM80), (86, _SM80), (89, _SM80), (90, _SM90))
+    for sm, table in ((75, _SM75), (80, _SM80), (86, _SM80), (89, _SM80), (90, _SM90), (120, _SM80))
     for (kind, rows), config in table.items()
 }
 # (capability, kind, row tile, type) -> a config for one decoder that the default does not
-# fit; none needed as of ptxas 12.9 (bench.kernels_compile lists every build).
-BY_TYPE: dict[tuple[int, Kind, int, Q], TileConfig] = {}
+# fit. On sm_120 ptxas 13.4 builds the IQ3 grid decoders' 16-row grouped kernel at 4 warps
+# in 128 registers plus 8-16 bytes of spills; at 8 warps they fit (102-122 registers).
+BY_TYPE: dict[tuple[int, Kind, int, Q], TileConfig] = {
+    (120, "grouped", 16, qtype): TileConfig(block_n=64, block_k=64, num_warps=8) for qtype in (Q.IQ3_S, Q.IQ3_XXS)
+}
 CAPABILITIES: tuple[int, ...] = tuple(sorted({sm for sm, _, _ in DEFAULT}))
 
 

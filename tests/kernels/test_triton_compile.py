@@ -4,11 +4,12 @@ the installed Triton).
 
 The interpreter runs the kernels as numpy and never compiles them, so this is where code the
 real compiler rejects, and tiles that spill on one GPU generation, show up on a machine
-without a GPU. To stay within a minute or two on two cores it builds the decoders that most
+without a GPU. To stay within a few minutes on two cores it builds the decoders that most
 often need the most registers (all 22 types, ptxas 12.9/13.4, 2026-11-30,
 docs/TRITON-KERNELS.md): Q3_K (unaligned 110-byte blocks, split 6-bit scales) and Q5_1
-(scale, offset and 5th bits per 32 columns) in the GEMM and grouped kernels, Q5_K in the
-GEMV; `python -m bench.kernels_compile` builds every type.
+(scale, offset and 5th bits per 32 columns) in the GEMM and grouped kernels, IQ3_S (grid
+lookups; the one that spilled on sm_120 before its own entry), Q5_K in the GEMV;
+`python -m bench.kernels_compile` builds every type.
 """
 
 import json
@@ -24,7 +25,7 @@ from moestream.kernels.triton_configs import CAPABILITIES
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 PTXAS = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-TYPES = ("Q3_K", "Q5_1", "Q5_K")
+TYPES = ("Q3_K", "Q5_1", "IQ3_S", "Q5_K")
 BUILDS_PER_TYPE = 6  # GEMV at 1 and 4 rows, GEMM and grouped at 16 and 64
 
 

@@ -11,7 +11,7 @@ from moestream.kernels.triton_gemm import gpu_gemm_config
 from moestream.kernels.triton_gemv import gpu_gemv_config
 from moestream.kernels.triton_moe import gpu_grouped_config
 
-CAPABILITIES = (75, 80, 86, 89, 90)  # T4/RTX 20xx, A100, RTX 30xx, RTX 40xx/L4, H100/H200
+CAPABILITIES = (75, 80, 86, 89, 90, 120)  # T4/RTX 20xx, A100, RTX 30xx, RTX 40xx/L4, H100/H200, RTX 50xx
 
 
 def test_every_capability_kind_and_row_tile_has_a_legal_entry() -> None:
@@ -53,7 +53,7 @@ def _fields(c: tc.TileConfig) -> tuple[int, int, int]:
     return c.block_n, c.block_k, c.num_warps
 
 
-@pytest.mark.parametrize("capability, used", [(120, 90), (100, 90), (87, 86), (70, 75), (61, 75)])
+@pytest.mark.parametrize("capability, used", [(121, 120), (100, 90), (87, 86), (70, 75), (61, 75)])
 def test_unknown_capability_takes_the_nearest_below_with_one_warning(capability, used, caplog) -> None:
     tc.table_capability.cache_clear()
     with caplog.at_level(logging.WARNING, logger="moestream.kernels.triton_configs"):
