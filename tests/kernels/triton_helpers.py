@@ -32,15 +32,15 @@ def activations(m: int, k: int, dtype: torch.dtype, generator: torch.Generator) 
     return (torch.randn(m, k, generator=generator) / 32).to(dtype)
 
 
-def poisoned(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+def poisoned(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
     """An output buffer full of NaN, so any element a kernel forgets to write fails the check."""
-    return torch.full(shape, float("nan"), dtype=dtype)
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
 
 def assert_matches(y: torch.Tensor, reference: np.ndarray, dtype: torch.dtype) -> None:
     """y is finite and within REL_TOL[dtype] * max|reference| of the reference everywhere."""
     assert y.dtype == dtype and tuple(y.shape) == reference.shape
-    got = y.double().numpy()
+    got = y.double().cpu().numpy()
     assert np.isfinite(got).all(), "output has NaN/inf: an element was not written"
     scale = max(np.abs(reference).max(), 1e-30)
     error = np.abs(got - reference).max() / scale
