@@ -12,10 +12,11 @@ through the Triton interpreter on the CPU to test this script itself (timings me
 """
 
 import argparse
+import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
@@ -179,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--types", help="comma-separated GGUF types (default: every Triton type)")
     parser.add_argument("--quick", action="store_true", help="one shape, M in {1, 16, 512}, fp16 only")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes under the Triton interpreter")
+    parser.add_argument("--json", metavar="PATH", help="also write the device, copy rate and every row here")
     args = parser.parse_args(argv)
     if args.cpu_smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of a kernel module
@@ -206,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     for r in failed:
         print(f"CHECK FAILED: {r.kernel} {r.qtype} {r.dtype} M={r.m} N={r.n} K={r.k}: error {r.rel_err:.2e}")
     print(f"{len(table) - len(failed)}/{len(table)} checks passed")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": name, "copy_gb_s": copy_rate, "checks_failed": len(failed),
+                       "rows": [asdict(r) for r in table]}, f, indent=1)
     return 1 if failed else 0
 
 
