@@ -62,17 +62,23 @@ class Mode:
     def device(self) -> str:
         return "cpu" if self.cpu else "cuda"
 
+    @property
+    def cpu_kernels(self) -> list[str]:
+        """On the CPU the torch reference path: the rehearsal checks this script, the CLI and the
+        server, not the C++ CPU kernels (a build of theirs can take minutes on a busy machine)."""
+        return ["--kernels", "torch"] if self.cpu else []
+
 
 GPU_MODE = Mode(False, 450, {"smoke": 100, "tests": 150, "kernels": 90, "offload": 140}, 45)
-CPU_MODE = Mode(True, 420, {"smoke": 120, "tests": 90, "kernels": 90, "offload": 120}, 30)
+CPU_MODE = Mode(True, 480, {"smoke": 180, "tests": 90, "kernels": 90, "offload": 150}, 30)
 
 
 class PhaseFailed(Exception):
-    """The phase ran and found something wrong; the message says what."""
+    """The phase ran and found something wrong: args (message, figures measured so far)."""
 
 
 class PhaseTimeout(Exception):
-    pass
+    """The phase ran out of time: args (message, figures measured so far)."""
 
 
 @dataclass
@@ -121,12 +127,20 @@ class Context:
         return text
 
 
-def _kill(proc: subprocess.Popen) -> None:
-    """End the process and everything it started (its own session)."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+def _kill(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
+    """End the process and everything it started (its own session): SIGINT first, so that Python
+    runs its `finally` blocks (torch's extension build removes its lock file there; a lock left
+    behind would hang every later build), then SIGKILL."""
+    for sig, wait_s in ((signal.SIGINT, grace_s), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(wait_s)
+            break
+        except subprocess.TimeoutExpired:
+            continue
     proc.wait()
 
 
@@ -142,7 +156,8 @@ def smoke(ctx: Context) -> dict:
     for temperature in (1.0, 0.0):
         start = time.monotonic()
         text = ctx.run(CLI + ["generate", "--model", model, "--device", ctx.mode.device, "--prompt", "The quick brown fox",
-                              "--max-tokens", "8", "--temperature", str(temperature), "--seed", "7"],
+                              "--max-tokens", "8", "--temperature", str(temperature), "--seed", "7",
+                              *ctx.mode.cpu_kernels],
                        f"generate at temperature {temperature}")
         figures[f"generate_t{temperature:g}"] = {"seconds": round(time.monotonic() - start, 2),
                                                  "text": text.strip()[-200:]}
@@ -160,7 +175,7 @@ def _serve_and_stream(ctx: Context, model: Path) -> dict:
         log.flush()
         proc = subprocess.Popen(list(map(str, CLI + ["serve", "--model", model, "--device", ctx.mode.device,
                                                      "--host", "127.0.0.1", "--port", str(port), "--ctx-size", "512",
-                                                     "--max-batch", "2"])),
+                                                     "--max-batch", "2", *ctx.mode.cpu_kernels])),
                                 cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         start = time.monotonic()
@@ -250,20 +265,20 @@ def kernels(ctx: Context) -> dict:
     table = ctx.work / "kernels.json"
     error = None
     try:
-        # the interpreter takes seconds per kernel launch: two types rehearse the script on the CPU
-        variant = ["--cpu-smoke", "--types", "Q4_K,Q8_0"] if ctx.mode.cpu else ["--quick"]
+        # the interpreter takes seconds per kernel launch: one type rehearses the script on the CPU
+        variant = ["--cpu-smoke", "--types", "Q4_K"] if ctx.mode.cpu else ["--quick"]
         ctx.run([PY, "-m", "bench.kernels", *variant, "--json", table], "bench.kernels")
-    except PhaseFailed as failed:
-        error = failed
+    except (PhaseFailed, PhaseTimeout) as stopped:
+        error = stopped
     if not table.exists():
         raise error or PhaseFailed("bench.kernels wrote no table")
     result = json.loads(table.read_text())
     rows = [{k: r[k] for k in ("kernel", "qtype", "dtype", "m", "n", "k", "gb_s", "pct_copy", "rel_err")}
             for r in result["rows"]]
     figures = {"device": result["device"], "copy_gb_s": round(result["copy_gb_s"], 1),
-               "checks_failed": result["checks_failed"], "rows": rows}
+               "finished": result["finished"], "checks_failed": result["checks_failed"], "rows": rows}
     if error is not None:
-        raise PhaseFailed(str(error), figures)
+        raise type(error)(error.args[0], figures)
     return figures
 
 
@@ -282,7 +297,7 @@ def offload(ctx: Context) -> dict:
     log = _routing_log()
     table = ctx.work / "offload.json"
     cmd = [PY, "-m", "bench.offload_sweep", "--model", model, "--budgets", "1GiB", "--json", table,
-           "--device", ctx.mode.device]
+           "--device", ctx.mode.device, *ctx.mode.cpu_kernels]
     if ctx.mode.cpu:  # auto alone (it both copies and computes misses on the CPU): each policy is a process
         cmd += ["--policies", "auto", "--prompt-tokens", "16", "--gen-tokens", "8", "--repeat", "1",
                 "--max-cached-experts", "32", "--simulate-link-gbps", "2"]  # 32 of 128 slots, a 2 GB/s link
@@ -290,7 +305,13 @@ def offload(ctx: Context) -> dict:
         cmd += ["--policies", "copy,cpu,auto", "--prompt-tokens", "64", "--gen-tokens", "32", "--repeat", "2"]
     if log is not None:
         cmd += ["--replay-routing", log]
-    ctx.run(cmd, "bench.offload_sweep")
+    error = None
+    try:
+        ctx.run(cmd, "bench.offload_sweep")
+    except (PhaseFailed, PhaseTimeout) as stopped:
+        error = stopped
+    if not table.exists():
+        raise error or PhaseFailed("bench.offload_sweep wrote no table")
     result = json.loads(table.read_text())
     keep = ("policy", "budget_bytes", "decode_tok_s", "prefill_tok_s", "expert_hit_rate", "cpu_miss_share",
             "h2d_gb_s", "peak_vram_bytes", "peak_reserved_vram_bytes")
@@ -302,6 +323,8 @@ def offload(ctx: Context) -> dict:
                "routing": f"replayed from {Path(log).name}" if log else "the model's router (no log found)",
                "pinned_h2d_gb_s": result["pinned_h2d_gb_s"], "simulated_link_gbps": result["simulated_link_gbps"],
                "rows": rows, "over_budget": over}
+    if error is not None:
+        raise type(error)(error.args[0], figures)
     if over:
         raise PhaseFailed(f"peak VRAM over the 1 GiB budget under {', '.join(over)}", figures)
     return figures
@@ -361,11 +384,10 @@ def run_phases(mode: Mode, out: Path, work: Path, only: list[str]) -> dict:
                 raise PhaseTimeout("no time left for this phase")
             phase.figures = run(ctx)
             phase.status = "ok"
-        except PhaseTimeout as timeout:
-            phase.status, phase.error = "timeout", str(timeout)
-        except PhaseFailed as failed:
-            phase.status, phase.error = "failed", str(failed.args[0])
-            phase.figures = failed.args[1] if len(failed.args) > 1 else {}
+        except (PhaseTimeout, PhaseFailed) as stopped:
+            phase.status = "timeout" if isinstance(stopped, PhaseTimeout) else "failed"
+            phase.error = str(stopped.args[0])
+            phase.figures = stopped.args[1] if len(stopped.args) > 1 else {}
         except Exception as error:  # a bug of this script must not cost the phases after it
             phase.status, phase.error = "failed", f"{type(error).__name__}: {error}"
         phase.seconds = round(time.monotonic() - began, 1)

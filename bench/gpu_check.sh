@@ -44,7 +44,8 @@ if ((!cpu)) && compgen -G ".gpu-check/wheels/*.whl" > /dev/null; then  # cp312 w
         echo "gpu_check: installing .gpu-check/wheels failed; phases needing them will fail" >&2
     fi
 fi
-export PYTHONPATH="$work/src:$site$repo${PYTHONPATH:+:$PYTHONPATH}"
+# (bench.* and tests.* come from the working directory, the repo root: python -m and pytest)
+export PYTHONPATH="$work/src:$site${PYTHONPATH:-}"
 export PYTHONUNBUFFERED=1
 if ((cpu)); then export TRITON_INTERPRET=1; else export TRITON_INTERPRET=0; fi
 "$py" bench/gpu_check.py --work "$work" "$@"

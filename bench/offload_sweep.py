@@ -78,10 +78,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"{_cell(s['expert_hit_rate']):>9} {_cell(s['cpu_miss_share']):>14} {_cell(s['h2d_gb_s'], 2):>9} "
                   f"{format_bytes(vram):>11} {format_bytes(reserved):>11} {fits:>5}", flush=True)
             rows.append({"budget": budget, "budget_bytes": parse_bytes(budget), "policy": policy, **s})
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"pinned_h2d_gb_s": peak, "simulated_link_gbps": args.simulate_link_gbps,
-                       "replay_routing": args.replay_routing, "rows": rows}, f, indent=1)
+            if args.json:  # after each row: a run stopped at a time limit keeps what it measured
+                with open(args.json, "w") as f:
+                    json.dump({"pinned_h2d_gb_s": peak, "simulated_link_gbps": args.simulate_link_gbps,
+                               "replay_routing": args.replay_routing, "rows": rows}, f, indent=1)
     return 0
 
 
