@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import importlib.util
 import json
 import os
 import signal
@@ -232,8 +233,6 @@ def _free_port() -> int:
 
 # -- phase 2: the device-aware tests -------------------------------------------------------
 def tests(ctx: Context) -> dict:
-    import importlib.util
-
     report = ctx.work / "tests.xml"
     cmd = [PY, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", f"--junitxml={report}"]
     if not ctx.mode.cpu and importlib.util.find_spec("xdist"):

@@ -21,7 +21,7 @@ def _run(qtype: Q, m: int, n: int, k: int, dtype: torch.dtype, config: GemvConfi
     raw, x = raw.to(device), x.to(device)
     y = triton_gemv(x, raw, qtype, (n, k), config=config, out=poisoned((m, n), dtype, device))
     assert_matches(y, expected, dtype)
-    assert_matches(y, qmatmul_reference(x, raw, qtype, (n, k)).double().numpy(), dtype)
+    assert_matches(y, qmatmul_reference(x, raw, qtype, (n, k)).double().cpu().numpy(), dtype)
 
 
 @pytest.mark.parametrize("qtype", TRITON_TYPES, ids=lambda q: q.name)
