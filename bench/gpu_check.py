@@ -156,7 +156,8 @@ def smoke(ctx: Context) -> dict:
     figures: dict = {"model": "synthetic tiny OLMoE Q4_K_M"}
     for temperature in (1.0, 0.0):
         start = time.monotonic()
-        text = ctx.run(CLI + ["generate", "--model", model, "--device", ctx.mode.device, "--prompt", "The quick brown fox",
+        text = ctx.run(CLI + ["generate", "--model", model, "--device", ctx.mode.device,
+                              "--prompt", "The quick brown fox",
                               "--max-tokens", "8", "--temperature", str(temperature), "--seed", "7",
                               *ctx.mode.cpu_kernels],
                        f"generate at temperature {temperature}")
@@ -430,7 +431,8 @@ def markdown(result: dict) -> str:
                       "(read + write).", "",
                   "| kernel | type | dtype | M | N | K | GB/s | % of copy | max rel err |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-        lines += [f"| {r['kernel'].replace('|', '/')} | {r['qtype']} | {r['dtype']} | {r['m']} | {r['n']} | {r['k']} | {r['gb_s']:.0f} "
+        lines += [f"| {r['kernel'].replace('|', '/')} | {r['qtype']} | {r['dtype']} | {r['m']} | {r['n']} | {r['k']} "
+                  f"| {r['gb_s']:.0f} "
                   f"| {r['pct_copy']:.0f}% | {r['rel_err']:.1e} |" for r in kernel_figures["rows"]]
     off = phases.get("offload", {}).get("figures") or {}
     if "rows" in off:
@@ -459,7 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu", action="store_true", help="rehearse every phase without a GPU")
     parser.add_argument("--out", default=os.environ.get("OUT") or "/tmp/gpu-check",
-                        help="folder for gpu_check.json, gpu_check.md and the logs (default: $OUT, else /tmp/gpu-check)")
+                        help="folder for gpu_check.json, gpu_check.md and the logs "
+                             "(default: $OUT, else /tmp/gpu-check)")
     parser.add_argument("--work", required=True, help="scratch folder (models, reports)")
     parser.add_argument("--phases", default=",".join(name for name, _ in PHASES),
                         help="comma-separated subset of the phases, in their order")

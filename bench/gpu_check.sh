@@ -6,9 +6,10 @@
 #   bash bench/gpu_check.sh [--out DIR] [--phases smoke,tests,kernels,offload]
 #   bash bench/gpu_check.sh --cpu        # rehearsal of every phase on a machine without a GPU
 #
-# Preparation, once, on the machine that sends the checkout (here, in the repo root):
+# Preparation, once, on the machine that sends the checkout, in its root with its venv active
+# (llama-cpp-python builds the quantized fixture):
 #
-#   bash bench/gpu_check_prepare.sh
+#   . .venv/bin/activate && bash bench/gpu_check_prepare.sh
 #
 # It fills the ignored folder .gpu-check/ (listed in .git/info/exclude): the wheels of
 # ../shared/gpu-wheels (gguf, fastapi, starlette, pydantic, pydantic-core, uvicorn, ...: what
