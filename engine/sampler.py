@@ -30,7 +30,14 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple[int, TokenLogprob | None]]:
-    """logits: [len(seqs), vocab] float32. Returns the chosen token (and logprobs) per sequence."""
+    """logits: [len(seqs), vocab] on any device. Returns the chosen token (and logprobs) per sequence.
+
+    Sampling runs on the host: each sequence's seeded generator is a CPU one (a draw on a
+    device tensor needs a generator of that device, and CUDA draws differ from CPU draws), so
+    the sampled rows cross once per step, one small copy, and a seed gives the same tokens
+    whatever device computed the logits.
+    """
+    logits = logits.to("cpu", torch.float32)
     chosen = []
     for row, seq in zip(logits, seqs):
         p = seq.params

@@ -15,7 +15,7 @@ N, K = 64, 256
 
 
 @pytest.mark.parametrize("leading, kernel", [((1,), "triton_gemv"), ((4, 16), "triton_gemm")])
-def test_triton_backend_picks_kernel_by_rows(leading, kernel, monkeypatch) -> None:
+def test_triton_backend_picks_kernel_by_rows(leading, kernel, monkeypatch, device) -> None:
     """x [..., K] of 1 row goes to the GEMV, 64 rows to the GEMM; leading dims are kept."""
     gen = torch.Generator().manual_seed(len(leading))
     raw, weight = random_weight(Q.Q5_K, N, K, gen)
@@ -23,7 +23,7 @@ def test_triton_backend_picks_kernel_by_rows(leading, kernel, monkeypatch) -> No
     calls: list[str] = []
     real = getattr(qm, kernel)
     monkeypatch.setattr(qm, kernel, lambda *a, **kw: calls.append(kernel) or real(*a, **kw))
-    y = qmatmul(x.reshape(*leading, K), raw.reshape(-1), Q.Q5_K, (N, K), backend="triton")
+    y = qmatmul(x.reshape(*leading, K).to(device), raw.reshape(-1).to(device), Q.Q5_K, (N, K), backend="triton")
     assert calls == [kernel] and y.shape == (*leading, N)
     assert_matches(y.reshape(-1, N), x.double().numpy() @ weight.T, torch.float16)
 

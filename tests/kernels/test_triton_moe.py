@@ -71,7 +71,7 @@ GROUPED_CASES = [  # qtype, offset, tokens, top_k, experts, x per pair, routed w
 @pytest.mark.parametrize("qtype, offset, n_tokens, top_k, n_experts, per_pair, weighted, dtype, block_k, k",
                          GROUPED_CASES, ids=lambda v: v.name if isinstance(v, Q) else None)
 def test_grouped_matches_per_expert(qtype, offset, n_tokens, top_k, n_experts, per_pair, weighted, dtype,
-                                    block_k, k) -> None:
+                                    block_k, k, device) -> None:
     gen = torch.Generator().manual_seed(offset + n_tokens)
     weight = SlotTensor(offset, qtype, (64, k))
     slots = _fill_slots([weight], n_experts, n_experts + 3, gen)
@@ -87,11 +87,14 @@ def test_grouped_matches_per_expert(qtype, offset, n_tokens, top_k, n_experts, p
             expected[t, j] = scale * (slots.weight(int(topk_ids[t, j]), weight) @ row)
 
     n_pairs = n_tokens * top_k
+    x, buffer, slot_of_expert, topk_ids = (t.to(device) for t in (x, slots.buffer, slots.slot_of_expert, topk_ids))
+    routed = None if routed is None else routed.to(device)
     alignment = moe_align_block_size(topk_ids, n_experts, moe_block_m(n_pairs, n_experts))
-    out = triton_grouped_qmatmul(x, slots.buffer, slots.slot_of_expert, weight, alignment, routed,
-                                 GroupedConfig(block_n=64, block_k=block_k), out=poisoned((n_pairs, 64), dtype))
+    out = triton_grouped_qmatmul(x, buffer, slot_of_expert, weight, alignment, routed,
+                                 GroupedConfig(block_n=64, block_k=block_k),
+                                 out=poisoned((n_pairs, 64), dtype, device))
     assert_matches(out.view(n_tokens, top_k, 64), expected, dtype)
-    args = (x, slots.buffer, slots.slot_of_expert, weight, topk_ids, routed)
+    args = (x, buffer, slot_of_expert, weight, topk_ids, routed)
     assert_matches(grouped_qmatmul(*args, backend="triton"), expected, dtype)
     assert_matches(grouped_qmatmul(*args, backend="torch"), expected, dtype)
 
@@ -113,7 +116,7 @@ def _layout(name: str) -> SlotLayout:
 
 
 @pytest.mark.parametrize("name", LAYOUTS)
-def test_moe_ffn_matches_numpy(name: str) -> None:
+def test_moe_ffn_matches_numpy(name: str, device) -> None:
     gen = torch.Generator().manual_seed(len(name))
     layout = _layout(name)
     assert (layout.fused_gate_up is not None) == (LAYOUTS[name][3] == 0)
@@ -131,8 +134,10 @@ def test_moe_ffn_matches_numpy(name: str) -> None:
             hidden = gate / (1 + np.exp(-gate)) * up
             expected[t] += topk_weights[t, j].item() * (slots.weight(e, layout.down) @ hidden)
 
+    on_device = (t.to(device) for t in (x, slots.buffer, slots.slot_of_expert, topk_ids, topk_weights))
+    x, buffer, slot_of_expert, topk_ids, topk_weights = on_device
     for backend in ("triton", "torch"):
-        y = moe_ffn(x, slots.buffer, slots.slot_of_expert, layout, topk_ids, topk_weights, backend=backend)
+        y = moe_ffn(x, buffer, slot_of_expert, layout, topk_ids, topk_weights, backend=backend)
         assert_matches(y, expected, torch.float32)
 
 
