@@ -12,7 +12,9 @@ import sys
 from pathlib import Path
 
 from moestream.kernels.errors import MoestreamError
-from moestream.server.options import KERNEL_CHOICES, KERNELS_HELP, MISS_POLICIES, MISS_POLICY_HELP, engine_options
+from moestream.server.options import (DENSE_WEIGHTS_HELP, KERNEL_CHOICES, KERNELS_HELP, KV_DTYPE_CHOICES,
+                                      KV_DTYPE_HELP, KV_TOKENS_HELP, MISS_POLICIES, MISS_POLICY_HELP,
+                                      add_memory_args, engine_options)
 
 EXIT_USAGE = 2
 
@@ -33,12 +35,18 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--miss-policy", default="auto", choices=MISS_POLICIES, help=MISS_POLICY_HELP)
     p.add_argument("--record-routing", default=None, metavar="FILE",
                    help="write each token's experts per layer to FILE (JSONL) for `moestream cache-sim`")
+    add_memory_args(p)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from moestream.server.inspect import describe
+    from moestream.server.inspect import describe, plan_for, plan_json
 
-    print(describe(Path(args.file), vram_budget=args.vram_budget, ctx_size=args.ctx_size))
+    path = Path(args.file)
+    plan = None
+    if args.vram_budget is not None or args.json:
+        plan = plan_for(path, args.plan_for, args.vram_budget, ctx_size=args.ctx_size, max_batch=args.max_batch,
+                        kv_tokens=args.kv_tokens, kv_dtype=args.kv_dtype, dense_weights=args.dense_weights)
+    print(plan_json(path, plan) if args.json else describe(path, plan))
     return 0
 
 
@@ -46,7 +54,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from moestream.engine import Engine, SamplingParams
     from moestream.engine.tokenizer import StreamDecoder
 
-    engine = Engine.from_gguf(args.model, **engine_options(args))
+    engine = Engine.from_gguf(args.model, **engine_options(args), max_batch=1)
     tok = engine.tokenizer
     if args.chat:
         prompt_ids = engine.chat_prompt_ids([{"role": "user", "content": args.prompt}])
@@ -109,6 +117,9 @@ def _add_serve_parser(sub) -> None:
     option("--ctx-size", "MOESTREAM_CTX_SIZE", "longest sequence in tokens (prompt + output)",
            type=int, default=4096)
     option("--max-batch", "MOESTREAM_MAX_BATCH", "sequences decoded together", type=int, default=8)
+    option("--kv-tokens", "MOESTREAM_KV_TOKENS", KV_TOKENS_HELP, type=int)
+    option("--kv-dtype", "MOESTREAM_KV_DTYPE", KV_DTYPE_HELP, choices=KV_DTYPE_CHOICES, default="f16")
+    option("--dense-weights", "MOESTREAM_DENSE_WEIGHTS", DENSE_WEIGHTS_HELP, action="store_true")
     option("--max-batched-tokens", "MOESTREAM_MAX_BATCHED_TOKENS", "prefill tokens per step",
            type=int, default=256)
     option("--max-waiting", "MOESTREAM_MAX_WAITING", "queued requests before new ones get 503 "
@@ -136,8 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="describe a GGUF model and where it would be placed")
     p.add_argument("file")
-    p.add_argument("--vram-budget", default=None)
-    p.add_argument("--ctx-size", type=int, default=4096)
+    p.add_argument("--vram-budget", default=None,
+                   help="plan for this device memory budget, e.g. 4GiB (default: no plan in the text form)")
+    p.add_argument("--ctx-size", type=int, default=4096, help="longest sequence in tokens; default 4096")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="sequences decoded together (serve's default; generate and bench use 1); default 8")
+    add_memory_args(p)
+    p.add_argument("--plan-for", default="cuda", choices=("cuda", "cpu"),
+                   help="the device to plan for, whatever this machine has; default cuda")
+    p.add_argument("--json", action="store_true",
+                   help="print the memory plan as JSON (from the header alone; fits=false when it does not fit)")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("generate", help="generate text from a prompt, streamed to stdout")

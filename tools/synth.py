@@ -363,13 +363,17 @@ def add_synth_args(parser: argparse.ArgumentParser) -> None:
                         help="llama.cpp file type whose per-tensor mix to reproduce")
     parser.add_argument("-o", "--output", required=True, help="path of the .gguf file to write")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-weights", action="store_true",
+                        help="write the exact header and leave the tensor data a sparse hole: the full "
+                             "file size on no disk, for `moestream inspect` plans (default: random weights)")
 
 
 def synth_main(args: argparse.Namespace) -> int:
     preset = get_preset(args.arch, args.preset)
-    tensors = write_synthetic(args.output, preset, args.quant, seed=args.seed)
+    tensors = write_synthetic(args.output, preset, args.quant, seed=args.seed, random_weights=not args.no_weights)
     size_gb = Path(args.output).stat().st_size / 1e9
-    print(f"wrote {args.output}: {preset.model}, {args.quant}, {len(tensors)} tensors, {size_gb:.2f} GB")
+    what = "header only (sparse data)" if args.no_weights else "random weights"
+    print(f"wrote {args.output}: {preset.model}, {args.quant}, {len(tensors)} tensors, {size_gb:.2f} GB, {what}")
     if preset.arch not in ARCHITECTURES:
         print(f"note: moestream cannot run {preset.arch} models yet; llama.cpp can")
     return 0
