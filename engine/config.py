@@ -71,11 +71,6 @@ class ModelConfig:
         assert 0 < self.n_experts_used <= self.n_experts
         assert self.rope_dims <= self.head_dim and self.rope_dims % 2 == 0
 
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """fp32 K and V for every layer (the CPU cache dtype)."""
-        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * 4
-
     @classmethod
     def from_metadata(cls, meta: dict[str, Any], vocab_size: int, source: str) -> ModelConfig:
         arch = meta.get("general.architecture")

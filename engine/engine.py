@@ -91,7 +91,8 @@ class Engine:
         if len(prompt_ids) >= self.max_model_len:
             raise MoestreamError(
                 f"the prompt has {len(prompt_ids)} tokens but the context holds {self.max_model_len}: "
-                "shorten the prompt or start the server with a larger --ctx-size")
+                "shorten the prompt or start the server with a larger --ctx-size (and --kv-tokens, "
+                "when that was set below it)")
         self._check_vocab(prompt_ids)
 
     def _check_vocab(self, token_ids: list[int]) -> None:
