@@ -8,6 +8,7 @@ from gguf import GGMLQuantizationType
 
 from moestream import kernels
 from moestream.kernels.dispatch import uses_cpu_kernel
+from moestream.kernels.triton_dequant_tiles import TRITON_QTYPES
 from moestream.engine.config import RopeStyle
 from moestream.engine.loader import RawTensor
 
@@ -31,9 +32,12 @@ def dequantize_tensor(t: RawTensor, dtype: torch.dtype, device: torch.device) ->
 
 def keeps_quantized(qtype: GGMLQuantizationType, device: torch.device, backend: str, dense: bool) -> bool:
     """Whether a block-quantized Linear weight stays as stored: on CUDA unless dense weights
-    were asked for (qmatmul reads the blocks), on the CPU where the compiled kernels read them."""
+    were asked for (qmatmul reads the blocks), on the CPU where the compiled kernels read them
+    or, with the triton backend, where the Triton interpreter runs CUDA's kernels on them."""
     if device.type == "cuda":
         return not dense
+    if backend == "triton":
+        return not dense and qtype in TRITON_QTYPES
     return uses_cpu_kernel(qtype, device, backend)
 
 

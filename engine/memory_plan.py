@@ -175,7 +175,7 @@ def _largest_dequant_transient(header: ModelHeader, device: torch.device, backen
     """fp32 bytes of the largest weight a matmul decodes whole per call: types without a
     kernel that reads blocks (Triton on CUDA, the compiled kernels on the CPU)."""
     def needs_decode(t: TensorInfo) -> bool:
-        if device.type == "cuda":
+        if device.type == "cuda" or backend == "triton":
             return t.qtype not in TRITON_QTYPES
         return backend == "torch" or not has_cpu_kernel(t.qtype)
 

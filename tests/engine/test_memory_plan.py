@@ -154,3 +154,14 @@ def test_workspace_counts_pairs_logits_cublas_and_slack_on_cuda():
     wider = workspace_parts(header, EngineConfig(device="cuda", ctx_size=128, max_batch=16),
                             torch.device("cuda"), 128, dense=False)
     assert wider["logits"] == 2 * cuda["logits"]
+
+
+def test_with_cudas_kernels_resident_matrices_stay_as_stored_and_match_the_plan():
+    """The triton backend (the interpreter on the CPU) takes CUDA's path: attention, shared
+    expert and lm_head keep their GGUF blocks for qmatmul, as the plan counts them."""
+    engine = Engine.from_gguf(get_fixture("qwen2moe", "Q4_K_M").gguf_path, ctx_size=64, kernel_backend="triton",
+                              vram_budget="64MiB", miss_policy="copy")
+    layer = engine.model.layers[0]
+    for linear in (layer.wq, layer.wo, *layer.shared, engine.model.lm_head):
+        assert linear.weight is None and linear.raw.dtype == torch.uint8
+    assert engine.model.resident_bytes == engine.plan.resident_bytes
