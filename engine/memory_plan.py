@@ -16,6 +16,7 @@ from moestream.engine.engine_config import EngineConfig, kv_dtype_bytes
 from moestream.engine.header import ModelHeader, TensorInfo
 from moestream.engine.layers import keeps_quantized
 from moestream.kernels.cpu import has_cpu_kernel
+from moestream.kernels.errors import MoestreamError
 from moestream.kernels.triton_dequant_tiles import TRITON_QTYPES
 from moestream.offload.planner import fit_slots, format_bytes, too_small_advice
 
@@ -195,6 +196,9 @@ def plan_memory(header: ModelHeader, config: EngineConfig, budget_bytes: int | N
     kv_bytes = kv_pool_bytes(header, kv_tokens, config.kv_dtype)
     routed = header.routed_expert_bytes
     slot_bytes = max(header.expert_bytes(i) for i in range(header.n_layers))
+    if slot_bytes == 0:
+        raise MoestreamError(f"this {header.arch} file has no routed experts (blk.N.ffn_*_exps): "
+                             "moestream plans and runs Mixture-of-Experts models")
     n_experts_total = header.n_moe_layers * header.n_experts
     pinned = routed if device.type == "cuda" and config.pin_memory else 0
 

@@ -39,14 +39,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from moestream.server.inspect import describe, plan_for, plan_json
+    from moestream.server.inspect import describe, plan_json
 
-    path = Path(args.file)
-    plan = None
-    if args.vram_budget is not None or args.json:
-        plan = plan_for(path, args.plan_for, args.vram_budget, ctx_size=args.ctx_size, max_batch=args.max_batch,
-                        kv_tokens=args.kv_tokens, kv_dtype=args.kv_dtype, dense_weights=args.dense_weights)
-    print(plan_json(path, plan) if args.json else describe(path, plan))
+    show = plan_json if args.json else describe
+    print(show(Path(args.file), args.plan_for, args.vram_budget, ctx_size=args.ctx_size, max_batch=args.max_batch,
+               kv_tokens=args.kv_tokens, kv_dtype=args.kv_dtype, dense_weights=args.dense_weights))
     return 0
 
 

@@ -38,8 +38,12 @@ def tensor_groups(file: GGUFModelFile) -> dict[str, tuple[set[str], int]]:
     return groups
 
 
-def describe(path: Path, plan: MemoryPlan | None = None) -> str:
+def describe(path: Path, plan_device: str = "cuda", vram_budget: str | None = None, **settings) -> str:
+    """The file's facts and, given a budget, its memory plan (the header is read once)."""
     file = open_gguf(path)
+    plan = None
+    if vram_budget is not None:
+        plan = plan_for(ModelHeader.from_reader(file.reader, str(path)), plan_device, vram_budget, **settings)
     cfg = file.config
     groups = tensor_groups(file)
     expert_bytes = groups.get("routed experts", (set(), 0))[1]
@@ -72,17 +76,17 @@ def describe(path: Path, plan: MemoryPlan | None = None) -> str:
     return "\n".join(lines)
 
 
-def plan_for(path: Path, plan_device: str, vram_budget: str | None, **settings) -> MemoryPlan:
+def plan_for(header: ModelHeader, plan_device: str, vram_budget: str | None, **settings) -> MemoryPlan:
     """The memory plan the engine would make on `plan_device` with these settings, from the
     file's header alone (no tensor data is read): the Engine calls the same plan_memory."""
-    header = ModelHeader.read(path)
-    if vram_budget is None and plan_device == "cuda":
-        raise MoestreamError("give --vram-budget to plan for cuda (serve's default budget is the free "
-                             "GPU memory at start minus a margin), or --plan-for cpu")
     config = EngineConfig(device=plan_device, vram_budget=vram_budget,
                           kernel_backend=default_kernels(plan_device, None), **settings)
     return plan_memory(header, config, None if vram_budget is None else parse_bytes(vram_budget))
 
 
-def plan_json(path: Path, plan: MemoryPlan) -> str:
+def plan_json(path: Path, plan_device: str, vram_budget: str | None, **settings) -> str:
+    if vram_budget is None and plan_device == "cuda":
+        raise MoestreamError("give --vram-budget to plan for cuda (serve's default budget is the free "
+                             "GPU memory at start minus a margin), or --plan-for cpu")
+    plan = plan_for(ModelHeader.read(path), plan_device, vram_budget, **settings)
     return json.dumps({"file": str(path), **plan.as_dict()}, indent=2)
