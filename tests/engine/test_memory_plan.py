@@ -165,3 +165,14 @@ def test_with_cudas_kernels_resident_matrices_stay_as_stored_and_match_the_plan(
     for linear in (layer.wq, layer.wo, *layer.shared, engine.model.lm_head):
         assert linear.weight is None and linear.raw.dtype == torch.uint8
     assert engine.model.resident_bytes == engine.plan.resident_bytes
+
+
+def test_a_file_without_routed_experts_is_refused_with_a_reason():
+    import dataclasses
+
+    from moestream.kernels.errors import MoestreamError
+
+    header = header_of("olmoe", "Q4_K_M")
+    dense = dataclasses.replace(header, tensors=tuple(t for t in header.tensors if not t.is_routed_expert))
+    with pytest.raises(MoestreamError, match="no routed experts"):
+        plan_memory(dense, EngineConfig(device="cuda"), 1 << 30)
