@@ -24,6 +24,7 @@ from moestream.engine.scheduler import Scheduler, SchedulerConfig, ScheduledSeq
 from moestream.engine.sequence import SamplingParams, Sequence, StepOutput
 from moestream.engine.chat_template import render_chat
 from moestream.engine.tokenizer import Tokenizer
+from moestream.engine.user_text import UserTextShield, split_rendered
 from moestream.kernels.errors import MoestreamError
 from moestream.engine.replay import RoutingReplay
 from moestream.offload.planner import BudgetTooSmall, format_bytes, slots_after_measurement
@@ -75,6 +76,7 @@ class Engine:
                                             self.config.n_layers, self.config.n_experts_used)
             self.model.routing_hook = self._record_routing
         self.chat_template = file.meta.get("tokenizer.chat_template")
+        self._user_text = UserTextShield(self.tokenizer.special_texts)
         self._steps_to_measure = _MEASURED_STEPS
         self.check_device_memory()
 
@@ -95,6 +97,16 @@ class Engine:
                 "when that was set below it)")
         self._check_vocab(prompt_ids)
 
+    def check_prompt_text(self, text: str) -> None:
+        """Refuse a text too long for the context before tokenizing it (which takes seconds
+        and holds memory for a text of megabytes): a cheap bound, not a token count."""
+        limit = (self.max_model_len - 1) * self.tokenizer.max_chars_per_token
+        if len(text) > limit:
+            raise MoestreamError(
+                f"the prompt has {len(text)} characters, more than the {self.max_model_len}-token "
+                f"context can hold (at most {limit}): shorten the prompt or start the server with a "
+                "larger --ctx-size (and --kv-tokens, when that was set below it)")
+
     def _check_vocab(self, token_ids: list[int]) -> None:
         bad = [t for t in token_ids if not 0 <= t < self.config.vocab_size]
         if bad:
@@ -103,7 +115,8 @@ class Engine:
     def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
         self.check_prompt(prompt_ids)
         if not self.scheduler.can_add():
-            raise QueueFull(f"{self.engine_config.max_waiting} requests are already waiting; retry later")
+            raise QueueFull(f"the batch is full and {self.engine_config.max_waiting} requests are "
+                            "already waiting; retry later")
         seq = Sequence(list(prompt_ids), params)
         self.sequences[seq.seq_id] = seq
         self.scheduler.add(seq)
@@ -126,11 +139,23 @@ class Engine:
         logits = self.model.forward(batch, self.kv)
         for item in scheduled:
             item.seq.num_computed += item.n_tokens
-        outputs = self._postprocess(sampling, sample(logits, sampling))
+        outputs = self._postprocess(sampling, self._sample_each(logits, sampling))
         if self._steps_to_measure:
             self._steps_to_measure -= 1
             self.check_device_memory()
         return outputs
+
+    def _sample_each(self, logits: torch.Tensor, seqs: list[Sequence]) -> list:
+        """Each sequence's (token, logprob), or the exception its sampling raised: one
+        request's failure ends that request alone, and the others' draws are untouched."""
+        chosen = []
+        for i, seq in enumerate(seqs):
+            try:
+                chosen.append(sample(logits[i:i + 1], [seq])[0])
+            except Exception as exc:
+                log.exception("sampling failed for sequence %d; ending it", seq.seq_id)
+                chosen.append(exc)
+        return chosen
 
     def _build_batch(self, scheduled: list[ScheduledSeq]) -> tuple[BatchInput, list[Sequence]]:
         tokens, positions, segments, logits_rows, sampling = [], [], [], [], []
@@ -164,7 +189,14 @@ class Engine:
 
     def _postprocess(self, seqs: list[Sequence], chosen: list) -> list[StepOutput]:
         outputs = []
-        for seq, (token, logprob) in zip(seqs, chosen):
+        for seq, choice in zip(seqs, chosen):
+            if isinstance(choice, Exception):
+                self.scheduler.finish(seq, "error")
+                self.sequences.pop(seq.seq_id, None)
+                error = f"{type(choice).__name__}: {choice}"
+                outputs.append(StepOutput(seq.seq_id, -1, True, "error", error=error))
+                continue
+            token, logprob = choice
             seq.output_ids.append(token)
             reason = self._finish_reason(seq, token)
             if reason is not None:
@@ -194,13 +226,18 @@ class Engine:
             self.abort(seq.seq_id)
 
     def chat_prompt_ids(self, messages: list[dict], **template_vars) -> list[int]:
-        """Render messages with the model's chat template and tokenize (special tokens parsed)."""
+        """Render messages with the model's chat template and tokenize: the template's markup
+        with special tokens parsed, control-token spellings inside the messages as plain text."""
         tok = self.tokenizer
-        text = render_chat(self.chat_template, messages, add_generation_prompt=True,
+        shielded, user_texts = self._user_text.shield(messages)
+        text = render_chat(self.chat_template, shielded, add_generation_prompt=True,
                            bos_token=tok.token_text(tok.bos_id) if tok.bos_id is not None else "",
                            eos_token=tok.token_text(tok.eos_id) if tok.eos_id is not None else "",
                            **template_vars)
-        ids = tok.encode(text, add_special=False, parse_special=True)
+        self.check_prompt_text(text)
+        ids = []
+        for piece, is_markup in split_rendered(text, user_texts):
+            ids += tok.encode(piece, add_special=False, parse_special=is_markup)
         if tok.add_bos and tok.bos_id is not None and ids[:1] != [tok.bos_id]:
             ids = [tok.bos_id] + ids
         return ids
