@@ -83,7 +83,8 @@ class MemoryPlan:
     def __str__(self) -> str:
         budget = "none (every expert in host memory)" if self.budget_bytes is None \
             else format_bytes(self.budget_bytes)
-        lines = [f"memory plan for {self.device}",
+        where = "on a CUDA device" if self.device == "cuda" else "on the CPU"
+        lines = [f"memory plan {where} (--plan-for {self.device})",
                  f"  {'budget':<18}{budget:>12}"]
         share = (f"{self.n_slots} of {self.n_experts_total} experts, "
                  f"{100 * self.n_slots / max(1, self.n_experts_total):.1f}%")

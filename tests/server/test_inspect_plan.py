@@ -67,7 +67,7 @@ def test_a_budget_too_small_still_prints_the_plan_with_the_minimum_and_the_flags
     plan = json.loads(result.stdout)
     assert plan["fits"] is False and plan["n_slots"] == 0 and plan["min_budget_bytes"] > 2**20
     text = moestream("inspect", str(path), "--vram-budget", "1MiB", "--plan-for", "cuda").stdout
-    assert "memory plan for cuda" in text and "DOES NOT FIT" in text
+    assert "memory plan on a CUDA device" in text and "DOES NOT FIT" in text
     assert str(plan["min_budget_bytes"]) in text and "--vram-budget" in text and "--kv-tokens" in text
 
 
