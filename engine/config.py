@@ -107,6 +107,13 @@ class LinearAttnConfig:
 LINEAR_ATTN_ARCHS = ("qwen35moe",)
 
 
+def linear_attn_config(meta: dict[str, Any], arch: str, source: str) -> LinearAttnConfig | None:
+    """The DeltaNet layers of a hybrid architecture (None for the others), from `{arch}.*` keys."""
+    if arch not in LINEAR_ATTN_ARCHS:
+        return None
+    return LinearAttnConfig.from_metadata(_MetadataKeys(meta, arch, source))
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     arch: str
@@ -134,11 +141,6 @@ class ModelConfig:
         assert self.n_heads % self.n_kv_heads == 0, "heads must be a multiple of KV heads"
         assert 0 < self.n_experts_used <= self.n_experts
         assert self.rope_dims <= self.head_dim and self.rope_dims % 2 == 0
-
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """fp32 K and V for every layer (the CPU cache dtype)."""
-        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * 4
 
     @classmethod
     def from_metadata(cls, meta: dict[str, Any], vocab_size: int, source: str) -> ModelConfig:
@@ -203,7 +205,7 @@ class ModelConfig:
             rope_scale=rope_scale,
             norm_topk=bool(meta.get(f"{arch}.expert_weights_norm", spec.norm_topk_default)),
             spec=spec,
-            linear=LinearAttnConfig.from_metadata(keys) if arch in LINEAR_ATTN_ARCHS else None,
+            linear=linear_attn_config(meta, arch, source),
         )
 
     @property

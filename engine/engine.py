@@ -12,12 +12,14 @@ from typing import Iterator
 
 import torch
 
-from moestream.engine.engine_config import EngineConfig
+from moestream.engine.engine_config import KV_DTYPES, EngineConfig
+from moestream.engine.header import ModelHeader
 from moestream.engine.kv_cache import KVCache
 from moestream.engine.loader import GGUFModelFile, open_gguf
+from moestream.engine.memory_plan import ACTIVATION_DTYPE, plan_memory
 from moestream.engine.model import BatchInput, Segment
 from moestream.engine.models import model_class
-from moestream.engine.placement import build_expert_source
+from moestream.engine.placement import build_expert_source, device_budget
 from moestream.engine.recurrent_state import RecurrentStatePool
 from moestream.engine.sampler import sample
 from moestream.engine.scheduler import Scheduler, SchedulerConfig, ScheduledSeq
@@ -27,9 +29,12 @@ from moestream.engine.tokenizer import Tokenizer
 from moestream.engine.user_text import UserTextShield, split_rendered
 from moestream.kernels.errors import MoestreamError
 from moestream.engine.replay import RoutingReplay
+from moestream.offload.planner import BudgetTooSmall, format_bytes, slots_after_measurement
 from moestream.offload.trace import RoutingRecorder, read_trace
 
 log = logging.getLogger(__name__)
+
+_MEASURED_STEPS = 4  # device memory is measured after load and after each of the first steps
 
 
 class Engine:
@@ -38,20 +43,31 @@ class Engine:
         self.config = file.config
         self.device = torch.device(config.device)
         self.tokenizer = Tokenizer.from_reader(file.reader)
-        self.max_model_len = min(config.ctx_size, self.config.context_length)
-        n_blocks = config.kv_tokens(self.config.context_length) // config.kv_block_size
-        # fp32 on the CPU (fast there, and exact against the references), fp16 on a GPU
-        dtype = torch.float32 if self.device.type == "cpu" else torch.float16
+        # One plan from the header before anything is allocated (a CUDA default budget reads
+        # free memory that nothing of ours holds yet); then exactly what it says is allocated.
+        self.memory = plan_memory(ModelHeader.from_reader(file.reader, str(file.path)), config,
+                                  device_budget(config))
+        if not self.memory.fits:
+            raise BudgetTooSmall(self.memory.advice())
+        if config.dense_weights and not self.memory.dense_weights:
+            log.warning("dense weights do not fit the budget: resident weights stay quantized")
+        self.plan = self.memory if self.memory.has_cache else None
+        if self.plan is not None:
+            log.info("%s", self.plan)
+        self.max_model_len = self.memory.max_model_len
+        log.info("allocating the KV cache: %d tokens, %s, %s", self.memory.kv_tokens, config.kv_dtype,
+                 format_bytes(self.memory.kv_bytes))
         self.kv = KVCache(self.config.n_kv_layers, self.config.n_kv_heads, self.config.head_dim,
-                          n_blocks, config.kv_block_size, dtype, self.device)
+                          self.memory.kv_tokens // config.kv_block_size, config.kv_block_size,
+                          KV_DTYPES[config.kv_dtype], self.device)
         # hybrid models: one DeltaNet state per sequence that can run at once
         self.states = (RecurrentStatePool(self.config.linear, config.max_batch, self.device)
                        if self.config.linear is not None else None)
-        state_bytes = self.states.nbytes if self.states is not None else 0
-        self.experts, self.plan = build_expert_source(file, config, self.kv.nbytes + state_bytes)
+        self.experts = build_expert_source(file, config, self.memory)
         self.model = model_class(self.config.arch)(
-            file, self.experts, self.device, dtype, config.kernel_backend,
-            prefetch=config.prefetch and self.plan is not None and not config.replay_routing)
+            file, self.experts, self.device, ACTIVATION_DTYPE, config.kernel_backend,
+            prefetch=config.prefetch and self.plan is not None and not config.replay_routing,
+            dense_weights=self.memory.dense_weights)
         if self.states is not None:
             self.model.states = self.states
         if config.replay_routing:
@@ -69,6 +85,8 @@ class Engine:
             self.model.routing_hook = self._record_routing
         self.chat_template = file.meta.get("tokenizer.chat_template")
         self._user_text = UserTextShield(self.tokenizer.special_texts)
+        self._steps_to_measure = _MEASURED_STEPS
+        self.check_device_memory()
 
     @classmethod
     def from_gguf(cls, path: str | Path, device: str = "cpu", vram_budget: str | int | None = None,
@@ -83,7 +101,8 @@ class Engine:
         if len(prompt_ids) >= self.max_model_len:
             raise MoestreamError(
                 f"the prompt has {len(prompt_ids)} tokens but the context holds {self.max_model_len}: "
-                "shorten the prompt or start the server with a larger --ctx-size")
+                "shorten the prompt or start the server with a larger --ctx-size (and --kv-tokens, "
+                "when that was set below it)")
         self._check_vocab(prompt_ids)
 
     def check_prompt_text(self, text: str) -> None:
@@ -94,7 +113,7 @@ class Engine:
             raise MoestreamError(
                 f"the prompt has {len(text)} characters, more than the {self.max_model_len}-token "
                 f"context can hold (at most {limit}): shorten the prompt or start the server with a "
-                "larger --ctx-size")
+                "larger --ctx-size (and --kv-tokens, when that was set below it)")
 
     def _check_vocab(self, token_ids: list[int]) -> None:
         bad = [t for t in token_ids if not 0 <= t < self.config.vocab_size]
@@ -128,7 +147,11 @@ class Engine:
         logits = self.model.forward(batch, self.kv)
         for item in scheduled:
             item.seq.num_computed += item.n_tokens
-        return self._postprocess(sampling, self._sample_each(logits, sampling))
+        outputs = self._postprocess(sampling, self._sample_each(logits, sampling))
+        if self._steps_to_measure:
+            self._steps_to_measure -= 1
+            self.check_device_memory()
+        return outputs
 
     def _sample_each(self, logits: torch.Tensor, seqs: list[Sequence]) -> list:
         """Each sequence's (token, logprob), or the exception its sampling raised: one
@@ -260,10 +283,37 @@ class Engine:
         if self.recorder is not None:
             self.recorder.close()
 
+    def check_device_memory(self) -> None:
+        """CUDA: measure the allocator's peak reservation and the device's free memory against
+        the plan; over budget is a warning and fewer expert slots, never an out-of-memory."""
+        if self.device.type != "cuda" or self.plan is None:
+            return
+        reserved = torch.cuda.max_memory_reserved(self.device)
+        free, _ = torch.cuda.mem_get_info(self.device)
+        n_slots = self.experts.n_slots
+        keep = slots_after_measurement(n_slots, self.plan.slot_bytes, reserved, self.plan.budget_bytes, free)
+        if keep < n_slots:
+            log.warning("measured %s reserved (budget %s, %s free on the device): the expert cache "
+                        "shrinks from %d to %d slots; a smaller --ctx-size or --kv-tokens leaves room "
+                        "for more", format_bytes(reserved), format_bytes(self.plan.budget_bytes),
+                        format_bytes(free), n_slots, keep)
+            self.experts.shrink(keep)
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def device_bytes_used(self) -> int:
+        """Measured device memory: the allocator's reservation on CUDA; on the CPU (a
+        simulated device) the bytes of the tensors the engine placed there."""
+        if self.device.type == "cuda":
+            return torch.cuda.memory_reserved(self.device)
+        cache = self.experts.buffer.nbytes if self.plan is not None else 0
+        return self.kv.nbytes + self.model.resident_bytes + cache
+
     def stats(self) -> dict:
         stats = dict(self.experts.stats())
         stats.update(kv_cache_usage=self.kv.usage, num_running=len(self.scheduler.running),
                      num_waiting=len(self.scheduler.waiting))
+        if self.plan is not None:
+            stats["vram_used_bytes"] = self.device_bytes_used()
         return stats
 
 

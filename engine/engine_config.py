@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import psutil
 import torch
 
+from moestream.kernels.errors import MoestreamError
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -24,13 +26,27 @@ class EngineConfig:
     miss_policy: str = "auto"  # expert cache misses: auto (cost model) | copy | cpu
     simulate_link_gbps: float | None = None  # CPU only: the cache's "device" behind a link this fast
     kv_block_size: int = 16
+    kv_tokens: int | None = None  # KV pool shared by the running sequences; None: one context
+    kv_dtype: str = "f16"  # KV element type (KV_DTYPES); attention computes in fp32
+    dense_weights: bool = False  # CUDA: resident Linear weights decoded to fp16 when they fit
     record_routing: str | None = None  # JSONL file of each token's experts per layer
     replay_routing: str | None = None  # benchmarks: route from this real log (engine/replay.py)
 
-    def kv_tokens(self, model_context_length: int) -> int:
-        """KV cache capacity in tokens: a full context for each of max_batch sequences."""
-        max_len = min(self.ctx_size, model_context_length)
-        return -(-max_len // self.kv_block_size) * self.kv_block_size * self.max_batch
+    def __post_init__(self) -> None:
+        if self.kv_dtype not in KV_DTYPES:
+            raise MoestreamError(f"KV dtype {self.kv_dtype!r} is not one of {', '.join(KV_DTYPES)}")
+        for name in ("ctx_size", "max_batch", "max_batched_tokens", "kv_block_size"):
+            if getattr(self, name) < 1:
+                raise MoestreamError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.kv_tokens is not None and self.kv_tokens < 1:
+            raise MoestreamError(f"--kv-tokens must be at least 1, got {self.kv_tokens}")
+
+
+KV_DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32}
+
+
+def kv_dtype_bytes(name: str) -> int:
+    return KV_DTYPES[name].itemsize
 
 
 def default_kernels(device: str, kernels: str | None) -> str:

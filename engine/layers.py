@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from gguf import GGMLQuantizationType
 
 from moestream import kernels
 from moestream.kernels.dispatch import uses_cpu_kernel
+from moestream.kernels.triton_dequant_tiles import TRITON_QTYPES
 from moestream.engine.config import RopeStyle
 from moestream.engine.loader import RawTensor
 
@@ -17,14 +19,26 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def dequantize_tensor(t: RawTensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A whole resident tensor as floats (norms, biases, attention, router, lm_head)."""
+    """A whole resident tensor as floats (norms, biases, router; Linear weights when dense).
+    Decoded on the host, so that no fp32 copy of a large weight passes through the device."""
     if t.data.dtype != torch.uint8:
         return t.data.reshape(t.dims).to(device=device, dtype=dtype)
     rows = 1
     for d in t.dims[:-1]:
         rows *= d
-    w = kernels.dequantize(t.data.to(device), t.qtype, (rows, t.dims[-1]), tensor_name=t.name)
-    return w.reshape(t.dims).to(dtype)
+    w = kernels.dequantize(t.data, t.qtype, (rows, t.dims[-1]), tensor_name=t.name)
+    return w.reshape(t.dims).to(dtype).to(device)
+
+
+def keeps_quantized(qtype: GGMLQuantizationType, device: torch.device, backend: str, dense: bool) -> bool:
+    """Whether a block-quantized Linear weight stays as stored: on CUDA unless dense weights
+    were asked for (qmatmul reads the blocks), on the CPU where the compiled kernels read them
+    or, with the triton backend, where the Triton interpreter runs CUDA's kernels on them."""
+    if device.type == "cuda":
+        return not dense
+    if backend == "triton":
+        return not dense and qtype in TRITON_QTYPES
+    return uses_cpu_kernel(qtype, device, backend)
 
 
 class Embedding:
@@ -80,21 +94,30 @@ class Rope:
 
 
 class Linear:
-    """y = x @ W^T (+ b). W is decoded to floats once, unless a kernel reads its blocks
-    directly (the compiled CPU kernels): then the bytes stay as stored."""
+    """y = x @ W^T (+ b). W stays as stored where a kernel reads its blocks (`keeps_quantized`:
+    qmatmul on CUDA, the compiled CPU kernels); else it is decoded once, to fp16 on CUDA
+    (x is cast for the matmul, y comes back in x's dtype) and to `dtype` on the CPU."""
 
     def __init__(self, t: RawTensor, bias: torch.Tensor | None, dtype: torch.dtype,
-                 device: torch.device, backend: str):
+                 device: torch.device, backend: str, dense: bool = False):
         self.bias, self.backend = bias, backend
         self.qtype, self.shape = t.qtype, t.rows_cols
         quantized = t.data.dtype == torch.uint8 and len(t.dims) == 2
-        if quantized and uses_cpu_kernel(t.qtype, device, backend):
-            self.raw, self.weight = t.data.reshape(-1), None
+        if quantized and keeps_quantized(t.qtype, device, backend, dense):
+            self.raw, self.weight = t.data.reshape(-1).to(device), None
         else:
-            self.raw, self.weight = None, dequantize_tensor(t, dtype, device)
+            dense_dtype = torch.float16 if device.type == "cuda" else dtype
+            self.raw, self.weight = None, dequantize_tensor(t, dense_dtype, device)
+
+    @property
+    def nbytes(self) -> int:
+        return (self.raw if self.weight is None else self.weight).nbytes
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight is not None:
+        if self.weight is not None and self.weight.dtype == x.dtype:
             return F.linear(x, self.weight, self.bias)
-        y = kernels.qmatmul(x, self.raw, self.qtype, self.shape, backend=self.backend)
+        if self.weight is not None:
+            y = F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
+        else:
+            y = kernels.qmatmul(x, self.raw, self.qtype, self.shape, backend=self.backend)
         return y if self.bias is None else y + self.bias

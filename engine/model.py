@@ -10,7 +10,7 @@ which the MoE layer asks for by id without knowing where they live.
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from time import perf_counter
 from typing import Callable
 
@@ -96,9 +96,10 @@ def _attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tens
 class MoEModel:
     def __init__(self, file: GGUFModelFile, experts: ExpertSource, device: torch.device,
                  dtype: torch.dtype = torch.float32, kernel_backend: str = "auto",
-                 prefetch: bool = False, progress: bool = True):
+                 prefetch: bool = False, progress: bool = True, dense_weights: bool = False):
         cfg = self.config = file.config
         self.experts, self.device, self.dtype = experts, device, dtype
+        self.dense_weights = dense_weights
         self.kernel_backend, self.prefetch = kernel_backend, prefetch
         self.routing_hook: RoutingHook | None = None
         self._cpu_pool: ThreadPoolExecutor | None = None  # the hybrid policy's CPU side
@@ -120,7 +121,22 @@ class MoEModel:
 
     def _linear(self, file: GGUFModelFile, name: str, bias: str | None = None) -> Linear:
         b = self._optional(file, bias) if bias else None
-        return Linear(file.tensor(name), b, self.dtype, self.device, self.kernel_backend)
+        return Linear(file.tensor(name), b, self.dtype, self.device, self.kernel_backend, self.dense_weights)
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes of the weights this model holds on its device (experts and embedding apart)."""
+        parts: list = [self.output_norm, self.lm_head]
+        for lw in self.layers:
+            parts += [getattr(lw, f.name) for f in fields(lw)]
+        total = 0
+        for part in parts:
+            for item in part if isinstance(part, tuple) else (part,):
+                if isinstance(item, Linear):
+                    total += item.nbytes + (item.bias.nbytes if item.bias is not None else 0)
+                elif item is not None:
+                    total += item.nbytes
+        return total
 
     def _layer(self, file: GGUFModelFile, i: int) -> LayerWeights:
         p = f"blk.{i}."
@@ -176,7 +192,8 @@ class MoEModel:
         for seg in batch.segments:
             rows = slice(seg.offset, seg.offset + seg.n_new)
             kv.write(i, seg.new_slots, k[rows], v[rows])
-            out[rows] = self._attend(q[rows], *kv.read(i, seg.context_slots))
+            k_ctx, v_ctx = kv.read(i, seg.context_slots)  # stored in the KV dtype, computed in q's
+            out[rows] = self._attend(q[rows], k_ctx.to(q.dtype), v_ctx.to(q.dtype))
         return lw.wo(out.view(T, -1))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -4,12 +4,10 @@ from moestream.offload.cache import ExpertCache
 from moestream.offload.layout import ExpertLayout, ExpertWeights, ProjLayout
 from moestream.offload.planner import (
     BudgetTooSmall,
-    PlacementPlan,
     default_budget,
+    fit_slots,
     format_bytes,
-    kv_cache_bytes,
     parse_bytes,
-    plan_placement,
 )
 from moestream.offload.source import ExpertSource
 from moestream.offload.stats import CacheCounters
@@ -24,14 +22,12 @@ __all__ = [
     "ExpertSource",
     "ExpertWeights",
     "HostExpertStore",
-    "PlacementPlan",
     "ProjLayout",
     "RoutingRecorder",
     "RoutingTrace",
     "default_budget",
+    "fit_slots",
     "format_bytes",
-    "kv_cache_bytes",
     "parse_bytes",
-    "plan_placement",
     "read_trace",
 ]

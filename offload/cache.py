@@ -63,6 +63,27 @@ class ExpertCache:
         for key in keys[:self.n_slots]:
             self._fill(key, self._free.pop())  # counted in bytes_to_device and copy_s like any copy
 
+    def shrink(self, n_slots: int) -> None:
+        """Keep `n_slots` slots (between steps: a measurement found the device over budget).
+        The old buffer is freed before the smaller one is allocated, so the cache starts
+        cold; the fixed-set policies fill it again."""
+        if not 1 <= n_slots <= self.n_slots:
+            raise ValueError(f"shrink to 1..{self.n_slots} slots, got {n_slots}")
+        if self._is_loading:
+            raise RuntimeError("ExpertCache: shrink between steps, not during a load")
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # no copy may still write the old buffer
+        self.buffer = torch.empty(0, dtype=torch.uint8, device=self.device)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # hand the freed bytes back to the device
+        self.n_slots = n_slots
+        self.buffer = torch.empty((n_slots, self.slot_bytes), dtype=torch.uint8, device=self.device)
+        self._slots.clear()
+        self._prefetched.clear()
+        self._free = list(range(n_slots - 1, -1, -1))
+        if self.policy is not MissPolicy.COPY:
+            self._fill_fixed_set()
+
     def cached(self) -> list[Key]:
         """Keys on the device, least recently used first."""
         return list(self._slots)

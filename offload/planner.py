@@ -3,8 +3,6 @@
 import logging
 import math
 import re
-from dataclasses import dataclass
-
 import torch
 
 from moestream.kernels.errors import MoestreamError
@@ -53,70 +51,28 @@ class BudgetTooSmall(MoestreamError):
     """The VRAM budget does not hold the resident weights, the KV cache and one expert slot."""
 
 
-@dataclass(frozen=True)
-class PlacementPlan:
-    budget_bytes: int
-    resident_bytes: int  # attention, router, norms, embeddings, lm_head, shared experts
-    kv_bytes: int
-    workspace_bytes: int  # activations and kernel scratch at the largest batch
-    slot_bytes: int  # one expert: gate + up + down, quantized
-    n_slots: int
-    n_experts_total: int  # routed experts over all MoE layers
-    min_budget_bytes: int  # everything fixed plus one slot
-
-    @property
-    def cache_bytes(self) -> int:
-        return self.n_slots * self.slot_bytes
-
-    @property
-    def used_bytes(self) -> int:
-        return self.resident_bytes + self.kv_bytes + self.workspace_bytes + self.cache_bytes
-
-    @property
-    def is_all_resident(self) -> bool:
-        return self.n_slots == self.n_experts_total
-
-    def __str__(self) -> str:
-        share = f"{self.n_slots} of {self.n_experts_total} experts, " \
-                f"{100 * self.n_slots / self.n_experts_total:.1f}%"
-        rows = [
-            ("VRAM budget", self.budget_bytes, ""),
-            ("resident weights", self.resident_bytes, "attention, router, norms, shared experts"),
-            ("KV cache", self.kv_bytes, ""),
-            ("workspace", self.workspace_bytes, ""),
-            ("expert cache", self.cache_bytes,
-             f"{self.n_slots} slots x {format_bytes(self.slot_bytes)} ({share})"),
-            ("unused", self.budget_bytes - self.used_bytes, ""),
-            ("minimum budget", self.min_budget_bytes, "fixed parts + one expert slot"),
-        ]
-        lines = ["placement plan"]
-        lines += [f"  {name:<18}{format_bytes(n):>12}  {note}".rstrip() for name, n, note in rows]
-        return "\n".join(lines)
-
-
-def plan_placement(budget_bytes: int, resident_bytes: int, kv_bytes: int, workspace_bytes: int,
-                   slot_bytes: int, n_experts_total: int,
-                   max_cached_experts: int | None = None) -> PlacementPlan:
-    """As many expert slots as fit after the fixed parts, capped by the expert count and
-    `max_cached_experts`; raises BudgetTooSmall when not even one slot fits."""
-    if max_cached_experts is not None and max_cached_experts < 1:
-        raise MoestreamError(f"max cached experts must be at least 1, got {max_cached_experts}")
-    fixed = resident_bytes + kv_bytes + workspace_bytes
-    min_budget = fixed + slot_bytes
-    if budget_bytes < min_budget:
-        raise BudgetTooSmall(
-            f"VRAM budget {format_bytes(budget_bytes)} is too small: resident weights "
+def too_small_advice(budget_bytes: int, resident_bytes: int, kv_bytes: int, workspace_bytes: int,
+                     slot_bytes: int) -> str:
+    """Why a budget does not hold the fixed parts and one slot, and which flags change that."""
+    min_budget = resident_bytes + kv_bytes + workspace_bytes + slot_bytes
+    return (f"VRAM budget {format_bytes(budget_bytes)} is too small: resident weights "
             f"{format_bytes(resident_bytes)} + KV cache {format_bytes(kv_bytes)} + workspace "
             f"{format_bytes(workspace_bytes)} + one expert slot {format_bytes(slot_bytes)} need "
             f"at least {format_bytes(min_budget)} ({min_budget} bytes). Raise --vram-budget to "
-            f"at least that, or shrink the KV cache: a smaller --ctx-size, a smaller --max-batch "
-            f"or a smaller KV cache type."
-        )
-    n_slots = min(n_experts_total, (budget_bytes - fixed) // slot_bytes)
+            f"at least that, or shrink the KV cache: fewer tokens with --kv-tokens or --ctx-size, "
+            f"or 2-byte elements with --kv-dtype f16.")
+
+
+def fit_slots(budget_bytes: int, fixed_bytes: int, slot_bytes: int, n_experts_total: int,
+              max_cached_experts: int | None = None) -> int:
+    """Expert slots that fit after the fixed parts, capped by the expert count and
+    `max_cached_experts`; 0 when not even one fits."""
+    if max_cached_experts is not None and max_cached_experts < 1:
+        raise MoestreamError(f"max cached experts must be at least 1, got {max_cached_experts}")
+    n_slots = min(n_experts_total, max(0, budget_bytes - fixed_bytes) // slot_bytes)
     if max_cached_experts is not None:
         n_slots = min(n_slots, max_cached_experts)
-    return PlacementPlan(budget_bytes, resident_bytes, kv_bytes, workspace_bytes, slot_bytes,
-                         n_slots, n_experts_total, min_budget)
+    return n_slots
 
 
 def default_budget(device: torch.device | str) -> int | None:
@@ -131,7 +87,15 @@ def default_budget(device: torch.device | str) -> int | None:
     return max(0, free - margin)
 
 
-def kv_cache_bytes(n_layers: int, n_kv_heads: int, head_dim: int, n_tokens: int,
-                   dtype_bytes: float) -> int:
-    """K and V for `n_tokens` positions; dtype_bytes may be fractional (q8_0: 34/32)."""
-    return math.ceil(2 * n_layers * n_kv_heads * head_dim * n_tokens * dtype_bytes)
+# Free device memory to keep after a measurement: below this, the next longer prompt's
+# activations would meet an out-of-memory error instead of a smaller cache.
+MIN_FREE_BYTES = 64 * 2**20
+
+
+def slots_after_measurement(n_slots: int, slot_bytes: int, reserved_bytes: int, budget_bytes: int,
+                            free_bytes: int) -> int:
+    """Slots to keep once the allocator's peak reservation and the device's free memory are
+    measured: every slot whose bytes the process is over budget by (or short of
+    MIN_FREE_BYTES free) goes, down to one slot."""
+    shortage = max(reserved_bytes - budget_bytes, MIN_FREE_BYTES - free_bytes, 0)
+    return max(1, n_slots - math.ceil(shortage / slot_bytes))

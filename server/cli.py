@@ -15,9 +15,10 @@ from pathlib import Path
 
 from moestream.kernels.errors import MoestreamError
 from moestream.server.limits import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_REQUEST_TIMEOUT_S
-from moestream.server.options import (DEVICE_HELP, KERNEL_CHOICES, KERNELS_HELP, MISS_POLICIES, MISS_POLICY_HELP,
-                                      add_threads_arg, apply_threads, device_arg, engine_options, one_of, port_arg,
-                                      positive_int, size_arg)
+from moestream.server.options import (DENSE_WEIGHTS_HELP, DEVICE_HELP, KERNEL_CHOICES, KERNELS_HELP,
+                                      KV_DTYPE_CHOICES, KV_DTYPE_HELP, KV_TOKENS_HELP, MISS_POLICIES,
+                                      MISS_POLICY_HELP, add_memory_args, add_threads_arg, apply_threads,
+                                      device_arg, engine_options, one_of, port_arg, positive_int, size_arg)
 
 EXIT_USAGE = 2
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -69,13 +70,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    choices=MISS_POLICIES, help=MISS_POLICY_HELP)
     p.add_argument("--record-routing", default=None, metavar="FILE",
                    help="write each token's experts per layer to FILE (JSONL) for `moestream cache-sim`")
+    add_memory_args(p)
     add_threads_arg(p)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from moestream.server.inspect import describe
+    from moestream.server.inspect import describe, plan_json
 
-    print(describe(Path(args.file), vram_budget=args.vram_budget, ctx_size=args.ctx_size))
+    show = plan_json if args.json else describe
+    print(show(Path(args.file), args.plan_for, args.vram_budget, ctx_size=args.ctx_size, max_batch=args.max_batch,
+               kv_tokens=args.kv_tokens, kv_dtype=args.kv_dtype, dense_weights=args.dense_weights))
     return 0
 
 
@@ -89,7 +93,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     apply_threads(args.threads)
     log.info("loading %s on %s", args.model, options["device"])
     load_start_s = time.perf_counter()
-    engine = Engine.from_gguf(args.model, **options)
+    engine = Engine.from_gguf(args.model, **options, max_batch=1)
     load_s = time.perf_counter() - load_start_s
     log.info("loaded in %.1f s", load_s)
     check_startup_forward(engine)
@@ -166,6 +170,10 @@ def _add_serve_parser(sub, common: argparse.ArgumentParser) -> None:
     option("--ctx-size", "MOESTREAM_CTX_SIZE", "longest sequence in tokens (prompt + output; capped by "
            "the model's trained context)", type=positive_int, default=4096)
     option("--max-batch", "MOESTREAM_MAX_BATCH", "sequences decoded together", type=positive_int, default=8)
+    option("--kv-tokens", "MOESTREAM_KV_TOKENS", KV_TOKENS_HELP, type=positive_int)
+    option("--kv-dtype", "MOESTREAM_KV_DTYPE", KV_DTYPE_HELP, type=one_of(KV_DTYPE_CHOICES, "KV dtype"),
+           choices=KV_DTYPE_CHOICES, default="f16")
+    option("--dense-weights", "MOESTREAM_DENSE_WEIGHTS", DENSE_WEIGHTS_HELP, action="store_true")
     option("--max-batched-tokens", "MOESTREAM_MAX_BATCHED_TOKENS", "prefill tokens per step",
            type=positive_int, default=256)
     option("--max-waiting", "MOESTREAM_MAX_WAITING", "queued requests before new ones get 503 "
@@ -214,9 +222,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("inspect", "describe a GGUF model and where its bytes would be placed")
     p.add_argument("file", help="the .gguf file")
     p.add_argument("--vram-budget", default=None, type=size_arg,
-                   help="also print the placement plan for this budget on a CUDA device, e.g. 6GiB")
+                   help="also print the memory plan for this device budget, e.g. 4GiB (default: no plan "
+                        "in the text form)")
     p.add_argument("--ctx-size", type=positive_int, default=4096,
-                   help="longest sequence in tokens, for the KV cache")
+                   help="longest sequence in tokens (capped by the model's trained context)")
+    p.add_argument("--max-batch", type=positive_int, default=8,
+                   help="sequences decoded together (serve's default; generate and bench use 1)")
+    add_memory_args(p)
+    p.add_argument("--plan-for", default="cuda", type=one_of(("cuda", "cpu"), "device to plan for"),
+                   choices=("cuda", "cpu"), help="the device to plan for, whatever this machine has")
+    p.add_argument("--json", action="store_true",
+                   help="print the memory plan as JSON, from the header alone (fits=false when it does not fit)")
     p.set_defaults(func=cmd_inspect)
 
     p = command("generate", "generate text from a prompt, streamed to stdout; timings on stderr")

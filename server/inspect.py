@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from pathlib import Path
 
+from moestream.engine.engine_config import EngineConfig, default_kernels
+from moestream.engine.header import ModelHeader
 from moestream.engine.loader import GGUFModelFile, open_gguf
-from moestream.offload.planner import format_bytes
+from moestream.engine.memory_plan import MemoryPlan, plan_memory
+from moestream.kernels.errors import MoestreamError
+from moestream.offload.planner import format_bytes, parse_bytes
 
 _GROUPS = (
     ("routed experts", lambda n: n.endswith("_exps.weight")),
@@ -33,8 +38,12 @@ def tensor_groups(file: GGUFModelFile) -> dict[str, tuple[set[str], int]]:
     return groups
 
 
-def describe(path: Path, vram_budget: str | None = None, ctx_size: int = 4096) -> str:
+def describe(path: Path, plan_device: str = "cuda", vram_budget: str | None = None, **settings) -> str:
+    """The file's facts and, given a budget, its memory plan (the header is read once)."""
     file = open_gguf(path)
+    plan = None
+    if vram_budget is not None:
+        plan = plan_for(ModelHeader.from_reader(file.reader, str(path)), plan_device, vram_budget, **settings)
     cfg = file.config
     groups = tensor_groups(file)
     expert_bytes = groups.get("routed experts", (set(), 0))[1]
@@ -62,21 +71,22 @@ def describe(path: Path, vram_budget: str | None = None, ctx_size: int = 4096) -
     lines.append(f"{'total':<42}{format_bytes(total):>14}")
     lines.append(f"experts are {expert_bytes / max(total, 1):.1%} of the file; the rest is "
                  f"{format_bytes(total - expert_bytes)}")
-    if vram_budget is not None:
-        lines += ["", "on a CUDA device (fp16 weights and KV cache; on the CPU, serve and generate keep every "
-                  "expert in host memory unless --max-cached-experts is given):",
-                  str(plan_for(file, vram_budget, ctx_size))]
+    if plan is not None:
+        lines += ["", str(plan)]
     return "\n".join(lines)
 
 
-def plan_for(file: GGUFModelFile, vram_budget: str, ctx_size: int):
-    """The placement plan the engine would make on a GPU with this budget."""
-    from moestream.engine.engine_config import EngineConfig
-    from moestream.engine.placement import make_plan
-    from moestream.offload.planner import kv_cache_bytes
+def plan_for(header: ModelHeader, plan_device: str, vram_budget: str | None, **settings) -> MemoryPlan:
+    """The memory plan the engine would make on `plan_device` with these settings, from the
+    file's header alone (no tensor data is read): the Engine calls the same plan_memory."""
+    config = EngineConfig(device=plan_device, vram_budget=vram_budget,
+                          kernel_backend=default_kernels(plan_device, None), **settings)
+    return plan_memory(header, config, None if vram_budget is None else parse_bytes(vram_budget))
 
-    cfg = file.config
-    config = EngineConfig(device="cuda", ctx_size=ctx_size, vram_budget=vram_budget)
-    n_tokens = config.kv_tokens(cfg.context_length)
-    kv_bytes = kv_cache_bytes(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, n_tokens, 2)
-    return make_plan(file, config, kv_bytes, vram_budget)
+
+def plan_json(path: Path, plan_device: str, vram_budget: str | None, **settings) -> str:
+    if vram_budget is None and plan_device == "cuda":
+        raise MoestreamError("give --vram-budget to plan for cuda (serve's default budget is the free "
+                             "GPU memory at start minus a margin), or --plan-for cpu")
+    plan = plan_for(ModelHeader.read(path), plan_device, vram_budget, **settings)
+    return json.dumps({"file": str(path), **plan.as_dict()}, indent=2)

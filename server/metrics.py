@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from moestream.offload.planner import PlacementPlan
+from moestream.engine.memory_plan import MemoryPlan
 
 PREFIX = "moestream:"
 # vLLM's buckets, so its Grafana panels read ours unchanged.
@@ -75,7 +75,7 @@ class EngineView:
     """What the collector reads: the latest engine stats and fixed facts of the model."""
 
     stats: Callable[[], dict]
-    plan: PlacementPlan | None
+    plan: MemoryPlan | None
     info: dict[str, str]
 
 
@@ -156,7 +156,7 @@ class _EngineCollector(Collector):
         if view is None:
             return
         yield from _engine_counters(stats, name)
-        yield from _model_gauges(view, name)
+        yield from _model_gauges(view, stats, name)
 
 
 def _gauge(suffix: str, doc: str, model_name: str, value: float) -> GaugeMetricFamily:
@@ -178,7 +178,7 @@ def _engine_counters(stats: dict, model_name: str) -> Iterator[Metric]:
         yield family
 
 
-def _model_gauges(view: EngineView, model_name: str) -> Iterator[Metric]:
+def _model_gauges(view: EngineView, stats: dict, model_name: str) -> Iterator[Metric]:
     info = GaugeMetricFamily(PREFIX + "model_info", "The served model (value 1).",
                              labels=["model_name", *view.info])
     info.add_metric([model_name, *view.info.values()], 1)
@@ -188,7 +188,7 @@ def _model_gauges(view: EngineView, model_name: str) -> Iterator[Metric]:
     plan = view.plan
     yield _gauge("vram_budget_bytes", "Device memory budget of the placement plan.", model_name,
                  plan.budget_bytes)
-    yield _gauge("vram_used_bytes", "Device memory the placement plan uses.", model_name,
-                 plan.used_bytes)
+    yield _gauge("vram_used_bytes", "Device memory measured in use (CUDA: the allocator's "
+                 "reservation), not the plan's figure.", model_name, stats.get("vram_used_bytes", 0))
     yield _gauge("expert_cache_slots", "Expert slots in the device expert cache.", model_name,
-                 plan.n_slots)
+                 stats.get("n_slots", plan.n_slots))

@@ -8,7 +8,7 @@ blocks instead of trained weights: the right tensor names, shapes and per-tensor
 knowledge, so a multi-GB model can be made without a download.
 
 Weights are streamed to disk in chunks (bounded RAM). Quantized blocks have random quant bits
-and random finite fp16 scales rescaled so that a dequantized weight has a standard deviation
+(numpy's bulk random bytes) and random finite fp16 scales rescaled so that a dequantized weight has a standard deviation
 of about 1/sqrt(row length): activations keep their size through the layers and logits stay
 finite in fp16 (random bytes as scales would overflow).
 """
@@ -32,7 +32,7 @@ from moestream.engine.config import ARCHITECTURES
 from moestream.tools.gguf_write import CHATML_TEMPLATE, add_tokenizer, byte_level_bpe_vocab
 from moestream.tools.quant_mix import FILE_TYPES, ModelFacts, TensorShape, file_type, tensor_types
 from moestream.kernels.errors import MoestreamError
-from moestream.kernels.formats import block_format, random_blocks
+from moestream.kernels.formats import block_format
 
 CHUNK_BYTES = 32 << 20  # generate and write at most this much of a tensor at once
 
@@ -273,43 +273,56 @@ def _add_mla_metadata(w: gguf.GGUFWriter, m: MLA) -> None:
 
 
 # -- weights ------------------------------------------------------------------------------
-@functools.cache
-def _unit_std(qtype: Q) -> float:
-    """Standard deviation of the values `random_blocks` of this type decode to."""
-    blocks = random_blocks(qtype, 512, torch.Generator().manual_seed(0)).numpy()
-    return float(np.std(gguf.quants.dequantize(blocks, qtype)))
-
-
-def _scale_floats(blocks: torch.Tensor, qtype: Q, factor: float) -> None:
-    """Multiply every floating-point field (scales, mins, plain values) of `blocks` in place."""
+# Quant bits are numpy's fast random bytes (several hundred MB/s on one core); every float
+# field (scales, mins) is +-2**u, u uniform in [-8, 0], as kernels.formats.random_blocks
+# makes them, then rescaled so that a decoded weight has the standard deviation wanted.
+def _random_blocks(qtype: Q, n_blocks: int, rng: np.random.Generator, factor: float) -> np.ndarray:
+    """[n_blocks, type_size] uint8 blocks whose float fields are finite: random_blocks'
+    distribution with every float field multiplied by `factor`."""
     fmt = block_format(qtype)
     if fmt.nibble_fp16_scale_offset is not None:
         raise MoestreamError(f"synthetic {qtype.name} weights are not supported; pick another --quant")
+    blocks = np.frombuffer(rng.bytes(n_blocks * fmt.type_size), dtype=np.uint8).reshape(n_blocks, fmt.type_size)
+    blocks = blocks.copy()  # frombuffer views immutable bytes
     for f in fmt.fields:
         if f.dtype.is_floating_point:
-            values = (fmt.read(blocks, f.name).float() * factor).to(f.dtype)
-            blocks[:, f.offset : f.end] = values.view(torch.uint8).reshape(len(blocks), f.size)
+            count = f.size // f.dtype.itemsize
+            values = _moderate_floats((n_blocks, count), rng) * np.float32(factor)
+            raw = torch.from_numpy(values).to(f.dtype).view(torch.uint8).numpy()
+            blocks[:, f.offset : f.end] = raw.reshape(n_blocks, f.size)
+    return blocks
 
 
-def _f32_values(t: PlannedTensor, n: int, gen: torch.Generator) -> torch.Tensor:
+def _moderate_floats(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    magnitude = np.exp2(-8 * rng.random(shape, dtype=np.float32))
+    return np.where(rng.integers(0, 2, shape, dtype=np.uint8), magnitude, -magnitude)
+
+
+@functools.cache
+def _unit_std(qtype: Q) -> float:
+    """Standard deviation of the values `_random_blocks` of this type decode to (factor 1)."""
+    blocks = _random_blocks(qtype, 512, np.random.default_rng(0), 1.0)
+    return float(np.std(gguf.quants.dequantize(blocks, qtype)))
+
+
+def _f32_values(t: PlannedTensor, n: int, rng: np.random.Generator) -> np.ndarray:
     """F32 tensors: norms near 1, routers and biases small random values."""
-    noise = torch.randn(n, generator=gen)
+    noise = rng.standard_normal(n, dtype=np.float32)
     if t.name.endswith("norm.weight"):
         return 1.0 + 0.1 * noise
-    return noise / math.sqrt(t.shape[-1])
+    return noise / np.float32(math.sqrt(t.shape[-1]))
 
 
-def _chunks(t: PlannedTensor, gen: torch.Generator) -> Iterator[bytes]:
+def _chunks(t: PlannedTensor, rng: np.random.Generator) -> Iterator[bytes]:
     rows_per_chunk = max(1, CHUNK_BYTES // t.row_bytes)
+    factor = 1.0 / (math.sqrt(t.shape[-1]) * _unit_std(t.qtype)) if t.qtype != Q.F32 else 1.0
     for start in range(0, t.n_rows, rows_per_chunk):
         n_rows = min(rows_per_chunk, t.n_rows - start)
         if t.qtype == Q.F32:
-            yield _f32_values(t, n_rows * t.shape[-1], gen).numpy().tobytes()
+            yield _f32_values(t, n_rows * t.shape[-1], rng).tobytes()
             continue
         n_blocks = n_rows * t.row_bytes // GGML_QUANT_SIZES[t.qtype][1]
-        blocks = random_blocks(t.qtype, n_blocks, gen)
-        _scale_floats(blocks, t.qtype, 1.0 / (math.sqrt(t.shape[-1]) * _unit_std(t.qtype)))
-        yield blocks.numpy().tobytes()
+        yield _random_blocks(t.qtype, n_blocks, rng, factor).tobytes()
 
 
 # -- the file -----------------------------------------------------------------------------
@@ -350,12 +363,12 @@ def _pad(n: int, alignment: int) -> int:
 
 def _write_data(f, tensors: list[PlannedTensor], offset: int, alignment: int, seed: int,
                 progress: bool) -> None:
-    gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
     with tqdm(total=sum(t.nbytes for t in tensors), unit="B", unit_scale=True, disable=not progress,
               desc="writing weights") as bar:
         for t in tensors:
             f.seek(offset)
-            for chunk in _chunks(t, gen):
+            for chunk in _chunks(t, rng):
                 f.write(chunk)
                 bar.update(len(chunk))
             offset += _pad(t.nbytes, alignment)
@@ -372,13 +385,17 @@ def add_synth_args(parser: argparse.ArgumentParser) -> None:
                         help="llama.cpp file type whose per-tensor mix to reproduce")
     parser.add_argument("-o", "--output", required=True, help="path of the .gguf file to write")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    parser.add_argument("--no-weights", action="store_true",
+                        help="write the exact header and leave the tensor data a sparse hole: the full "
+                             "file size on no disk, for `moestream inspect` plans (default: random weights)")
 
 
 def synth_main(args: argparse.Namespace) -> int:
     preset = get_preset(args.arch, args.preset)
-    tensors = write_synthetic(args.output, preset, args.quant, seed=args.seed)
+    tensors = write_synthetic(args.output, preset, args.quant, seed=args.seed, random_weights=not args.no_weights)
     size_gb = Path(args.output).stat().st_size / 1e9
-    print(f"wrote {args.output}: {preset.model}, {args.quant}, {len(tensors)} tensors, {size_gb:.2f} GB")
+    what = "header only (sparse data)" if args.no_weights else "random weights"
+    print(f"wrote {args.output}: {preset.model}, {args.quant}, {len(tensors)} tensors, {size_gb:.2f} GB, {what}")
     if preset.arch not in ARCHITECTURES:
         print(f"note: moestream cannot run {preset.arch} models yet; llama.cpp can")
     return 0

@@ -43,7 +43,7 @@ def run_all(engine, prompts, params):
 
 @pytest.mark.parametrize("options", [
     dict(max_batch=3, max_batched_tokens=16),  # chunked prefill, requests wait for a place
-    dict(max_batch=2, ctx_size=48),  # KV for 96 tokens: decodes preempt and recompute
+    dict(max_batch=2, ctx_size=48),  # one 48-token KV pool for two: decodes preempt and recompute
 ], ids=["chunked", "preempting"])
 def test_continuous_batching_matches_requests_alone(engine_for, options):
     fixture = get_fixture("olmoe")

@@ -196,3 +196,25 @@ def test_grouped_loads_match_per_expert_loads_under_pressure(layers, store):
         merged = {e: b for g in consume_groups(grouped, layer, ids) for e, b in g.items()}
         assert merged == consume(single, layer, ids) == {e: expected_bytes(layers, layer, e) for e in ids}
     assert grouped.cached() == single.cached()  # same LRU order either way
+
+
+def test_shrink_frees_the_buffer_and_the_smaller_cache_still_serves_exact_bytes(store, layers):
+    """A measurement over budget shrinks the cache between steps: the buffer holds the new
+    slot count, lookups miss and copy again, and every expert still reads its own bytes."""
+    cache = ExpertCache(store, 6, "cpu")
+    consume(cache, 1, [0, 1, 2])
+    cache.shrink(2)
+    assert cache.n_slots == 2 and cache.buffer.shape == (2, cache.slot_bytes) and cache.cached() == []
+    for layer, ids in ((1, [0, 1, 2, 3]), (3, [5, 1])):
+        got = consume(cache, layer, ids)
+        assert got == {e: expected_bytes(layers, layer, e) for e in ids}
+    assert cache.stats()["n_slots"] == 2
+    with pytest.raises(ValueError):
+        cache.shrink(3)
+
+
+def test_shrink_refills_the_fixed_set_of_the_cpu_policy(store):
+    cache = ExpertCache(store, 6, "cpu", policy="cpu")
+    cache.shrink(2)
+    last = max(store.layers)
+    assert cache.cached() == [(last, 0), (last, 1)]

@@ -1,10 +1,12 @@
 import random
+import re
 
 import pytest
 import torch
 
 from moestream.kernels.errors import MoestreamError
-from moestream.offload import BudgetTooSmall, default_budget, kv_cache_bytes, parse_bytes, plan_placement
+from moestream.offload import default_budget, fit_slots, parse_bytes
+from moestream.offload.planner import MIN_FREE_BYTES, slots_after_measurement, too_small_advice
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -33,65 +35,55 @@ def test_parse_bytes_refuses_with_the_accepted_forms(text):
         parse_bytes(text)
 
 
-def test_plan_never_exceeds_the_budget_and_takes_every_slot_that_fits():
+def test_slots_never_exceed_the_budget_and_take_every_slot_that_fits():
     rng = random.Random(3)
     for _ in range(2000):
-        resident, kv, work = (rng.randint(0, 4 << 30) for _ in range(3))
+        fixed = sum(rng.randint(0, 4 << 30) for _ in range(3))
         slot = rng.randint(1 << 20, 64 << 20)
         n_total = rng.randint(8, 4096)
         cap = rng.choice([None, rng.randint(1, 5000)])
         budget = rng.randint(0, 12 << 30)
-        fixed = resident + kv + work
+        n_slots = fit_slots(budget, fixed, slot, n_total, cap)
         if budget < fixed + slot:
-            with pytest.raises(BudgetTooSmall):
-                plan_placement(budget, resident, kv, work, slot, n_total, cap)
+            assert n_slots == 0
             continue
-        plan = plan_placement(budget, resident, kv, work, slot, n_total, cap)
-        assert fixed + plan.n_slots * slot <= budget
-        assert 1 <= plan.n_slots <= n_total and (cap is None or plan.n_slots <= cap)
-        one_more_fits = fixed + (plan.n_slots + 1) * slot <= budget
-        assert not one_more_fits or plan.n_slots in (n_total, cap)
-        assert plan.used_bytes == fixed + plan.cache_bytes
+        assert fixed + n_slots * slot <= budget
+        assert 1 <= n_slots <= n_total and (cap is None or n_slots <= cap)
+        one_more_fits = fixed + (n_slots + 1) * slot <= budget
+        assert not one_more_fits or n_slots in (n_total, cap)
 
 
-def test_budget_too_small_names_the_minimum_and_the_knobs():
+def test_budget_too_small_names_the_minimum_and_only_flags_that_exist():
+    from moestream.server.cli import build_parser
+
     resident, kv, work, slot = 900 << 20, 3 << 30, 256 << 20, 13_000_000
     minimum = resident + kv + work + slot
-    with pytest.raises(BudgetTooSmall) as err:
-        plan_placement(minimum - 1, resident, kv, work, slot, 1024)
-    message = str(err.value)
+    message = too_small_advice(minimum - 1, resident, kv, work, slot)
     assert str(minimum) in message
-    assert "--ctx-size" in message and "--max-batch" in message and "KV cache type" in message
-    assert isinstance(err.value, MoestreamError)
-    plan = plan_placement(minimum, resident, kv, work, slot, 1024)
-    assert plan.n_slots == 1 and plan.min_budget_bytes == minimum
-
-
-def test_plan_table_is_readable():
-    plan = plan_placement(6 << 30, 1 << 30, 512 << 20, 256 << 20, 12 << 20, 1024)
-    text = str(plan)
-    assert plan.n_slots == (6 * 1024 - 1024 - 512 - 256) // 12
-    assert f"{plan.n_slots} slots x 12.00 MiB" in text and "6.00 GiB" in text
-    assert len(text.splitlines()) == 8
-
-
-def test_everything_resident_when_the_budget_allows():
-    plan = plan_placement(80 << 30, 1 << 30, 1 << 30, 1 << 30, 10 << 20, 1024)
-    assert plan.n_slots == 1024 and plan.is_all_resident
+    flags = set(re.findall(r"--[a-z][a-z-]+", message))
+    assert {"--vram-budget", "--kv-tokens", "--ctx-size", "--kv-dtype"} <= flags
+    sub = build_parser()._subparsers._group_actions[0].choices
+    for command in ("inspect", "generate", "serve"):
+        known = {o for a in sub[command]._actions for o in a.option_strings}
+        assert flags <= known, (command, flags - known)
 
 
 def test_max_cached_experts_caps_slots():
-    assert plan_placement(80 << 30, 0, 0, 0, 10 << 20, 1024, max_cached_experts=100).n_slots == 100
+    assert fit_slots(80 << 30, 0, 10 << 20, 1024, max_cached_experts=100) == 100
+    assert fit_slots(80 << 30, 0, 10 << 20, 1024) == 1024
     with pytest.raises(MoestreamError):
-        plan_placement(80 << 30, 0, 0, 0, 10 << 20, 1024, max_cached_experts=0)
+        fit_slots(80 << 30, 0, 10 << 20, 1024, max_cached_experts=0)
 
 
-def test_kv_cache_bytes_matches_the_tensors_it_sizes():
-    n_layers, n_kv_heads, head_dim, n_tokens = 16, 8, 128, 4096
-    k = torch.empty((n_layers, n_tokens, n_kv_heads, head_dim), dtype=torch.float16, device="meta")
-    shape = (n_layers, n_kv_heads, head_dim, n_tokens)
-    assert kv_cache_bytes(*shape, 2) == 2 * k.numel() * k.element_size()
-    assert kv_cache_bytes(*shape, 34 / 32) == 2 * k.numel() // 32 * 34  # q8_0: 34 B per 32
+@pytest.mark.parametrize("reserved, free, expected", [
+    (4 << 30, 2 << 30, 100),  # at the budget, room on the device: nothing changes
+    ((4 << 30) + 1, 2 << 30, 99),  # one byte over: one slot goes
+    ((4 << 30) + (25 << 20), 2 << 30, 97),  # 25 MiB over, 10 MiB slots: three go
+    (4 << 30, MIN_FREE_BYTES - (15 << 20), 98),  # the device is short of free memory: two go
+    (80 << 30, 0, 1),  # far over: down to one slot, never zero
+])
+def test_a_measurement_over_budget_means_fewer_slots(reserved, free, expected):
+    assert slots_after_measurement(100, 10 << 20, reserved, 4 << 30, free) == expected
 
 
 def test_default_budget_on_cpu_means_everything_resident():
