@@ -10,7 +10,7 @@ which the MoE layer asks for by id without knowing where they live.
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, is_dataclass
 from time import perf_counter
 from typing import Callable
 
@@ -80,6 +80,19 @@ def expert_ffn(x: torch.Tensor, w: ExpertWeights, backend: str) -> torch.Tensor:
     return qmatmul(F.silu(gate) * up, w.down, lay.down.qtype, lay.down.shape, backend=backend)
 
 
+def _weight_bytes(item) -> int:
+    """Bytes of the weights in `item`: a tensor, a Linear, or tuples and layer records of them."""
+    if isinstance(item, Linear):
+        return item.nbytes + (item.bias.nbytes if item.bias is not None else 0)
+    if isinstance(item, torch.Tensor):
+        return item.nbytes
+    if isinstance(item, tuple):
+        return sum(_weight_bytes(x) for x in item)
+    if is_dataclass(item):
+        return sum(_weight_bytes(getattr(item, f.name)) for f in fields(item))
+    return 0  # None, counts and flags
+
+
 def _attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Attention of one new token (decode) as two batched matmuls over the KV heads. On the
     CPU they read the cache's strided views in place; scaled_dot_product_attention's general
@@ -126,17 +139,7 @@ class MoEModel:
     @property
     def resident_bytes(self) -> int:
         """Bytes of the weights this model holds on its device (experts and embedding apart)."""
-        parts: list = [self.output_norm, self.lm_head]
-        for lw in self.layers:
-            parts += [getattr(lw, f.name) for f in fields(lw)]
-        total = 0
-        for part in parts:
-            for item in part if isinstance(part, tuple) else (part,):
-                if isinstance(item, Linear):
-                    total += item.nbytes + (item.bias.nbytes if item.bias is not None else 0)
-                elif item is not None:
-                    total += item.nbytes
-        return total
+        return _weight_bytes((self.output_norm, self.lm_head, *self.layers))
 
     def _layer(self, file: GGUFModelFile, i: int) -> LayerWeights:
         p = f"blk.{i}."
@@ -192,12 +195,13 @@ class MoEModel:
         for seg in batch.segments:
             rows = slice(seg.offset, seg.offset + seg.n_new)
             kv.write(i, seg.new_slots, k[rows], v[rows])
-            k_ctx, v_ctx = kv.read(i, seg.context_slots)  # stored in the KV dtype, computed in q's
-            out[rows] = self._attend(q[rows], k_ctx.to(q.dtype), v_ctx.to(q.dtype))
+            out[rows] = self._attend(q[rows], *kv.read(i, seg.context_slots))
         return lw.wo(out.view(T, -1))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        # q: [n, H, hd] (the last n positions); k, v: [ctx, KV, hd]
+        # q: [n, H, hd] (the last n positions); k, v: [ctx, KV, hd], stored in the KV dtype,
+        # computed in q's
+        k, v = k.to(q.dtype), v.to(q.dtype)
         n, ctx = q.shape[0], k.shape[0]
         if n == 1:
             return _attend_one(q, k, v)

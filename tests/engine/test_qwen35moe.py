@@ -205,3 +205,16 @@ def test_a_header_that_disagrees_with_its_tensors_is_refused(tmp_path, key, entr
     with pytest.raises(MoestreamError) as err:
         open_gguf(bad)
     assert needle in str(err.value), str(err.value)
+
+
+def test_memory_plan_holds_kv_for_attention_layers_only_and_the_recurrent_state():
+    """The plan (made from the header before allocating) and what the engine allocates agree:
+    K/V for the gated-attention layers alone, one DeltaNet state per batch slot."""
+    from moestream.engine import Engine
+
+    engine = Engine.from_gguf(get_fixture(ARCH).gguf_path, ctx_size=64, max_batch=3)
+    cfg = engine.config
+    assert 0 < cfg.n_kv_layers < cfg.n_layers
+    assert engine.kv.nbytes == engine.memory.kv_bytes
+    assert engine.states.nbytes == engine.memory.state_bytes == 3 * cfg.linear.state_bytes_per_seq
+    assert engine.memory.fixed_bytes >= engine.memory.resident_bytes + engine.kv.nbytes + engine.states.nbytes
