@@ -51,6 +51,9 @@ def corruptions(path: Path) -> list[tuple[str, int, int]]:
         for entry in entries:
             index = entry % len(reader.fields[key].data)
             cases += [(f"{key}[{index}]^{xor:#x}", value_offset(reader, key, index), xor) for xor in (0x01, 0x80)]
+    for entry in (5, 300):  # NORMAL (1) -> BYTE (6): a byte token not written <0xNN>
+        offset = value_offset(reader, "tokenizer.ggml.token_type", entry)
+        cases.append((f"tokenizer.ggml.token_type[{entry}]^0x07", offset, 0x07))
     template = value_offset(reader, "tokenizer.chat_template")
     cases += [(f"tokenizer.chat_template[+{at}]^0x80", template + at, 0x80) for at in (10, 100)]
     for name in TENSORS:
