@@ -22,7 +22,7 @@ from prometheus_client import generate_latest
 
 from moestream.engine import Engine
 from moestream.engine.loader import open_gguf
-from moestream.engine.startup_check import check_startup_forward
+from moestream.engine.startup_check import check_startup
 from moestream.kernels.errors import MoestreamError
 from moestream.server.errors import install_error_handlers
 from moestream.server.metrics import ServerMetrics
@@ -119,7 +119,7 @@ def load_engine(source: ModelSource, options: dict) -> Engine:
     path = source.resolve()
     log.info("loading %s (%s)", path, ", ".join(f"{k}={v}" for k, v in options.items()))
     engine = Engine.from_gguf(path, **options)
-    check_startup_forward(engine)
+    check_startup(engine)
     cfg = engine.config
     log.info("model %s: %s, %d layers, %d experts (%d used per token), context %d",
              cfg.name, cfg.arch, cfg.n_layers, cfg.n_experts, cfg.n_experts_used, engine.max_model_len)

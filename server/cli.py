@@ -44,11 +44,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from moestream.engine import Engine, SamplingParams
-    from moestream.engine.startup_check import check_startup_forward
+    from moestream.engine.startup_check import check_startup
     from moestream.engine.tokenizer import StreamDecoder
 
     engine = Engine.from_gguf(args.model, **engine_options(args))
-    check_startup_forward(engine)
+    check_startup(engine)
     tok = engine.tokenizer
     if args.chat:
         prompt_ids = engine.chat_prompt_ids([{"role": "user", "content": args.prompt}])

@@ -56,6 +56,7 @@ def corruptions(path: Path) -> list[tuple[str, int, int]]:
         cases.append((f"tokenizer.ggml.token_type[{entry}]^0x07", offset, 0x07))
     template = value_offset(reader, "tokenizer.chat_template")
     cases += [(f"tokenizer.chat_template[+{at}]^0x80", template + at, 0x80) for at in (10, 100)]
+    cases.append(("tokenizer.chat_template[+1]^0x01", template + 1, 0x01))  # "{% for" -> "{$ for"
     for name in TENSORS:
         for part in TENSOR_PARTS:
             cases.append((f"{name} {part}^0x01", tensor_offset(reader, name, part), 0x01))
