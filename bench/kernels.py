@@ -25,6 +25,8 @@ from gguf import GGMLQuantizationType as Q
 SHAPES = [(1024, 2048), (2048, 1024), (768, 2048), (2048, 768), (14336, 4096), (4096, 14336), (4096, 4096)]
 ROWS = [1, 2, 4, 8, 16, 64, 512]
 SMOKE_SHAPES, SMOKE_ROWS = [(64, 512)], [1, 3, 17]
+# Expert types of common GGUF mixes; Q5_0 is Qwen1.5-MoE Q4_K_M's down projection in half its layers.
+MOE_TYPES = (Q.Q4_K, Q.Q6_K, Q.Q8_0, Q.Q5_0)
 REL_TOL = {torch.float16: 3e-3, torch.bfloat16: 2e-2, torch.float32: 1e-3}  # fp32 dots run in TF32
 
 
@@ -79,12 +81,23 @@ def weight_blocks(qtype: Q, n_blocks: int, gen: torch.Generator) -> torch.Tensor
     fp16 activations through a whole expert FFN stay finite."""
     from moestream.kernels.formats import block_format, random_blocks
 
+    fmt = block_format(qtype)
     blocks = random_blocks(qtype, n_blocks, gen)
-    for offset in block_format(qtype).fp16_fields:
-        scale = (torch.rand(n_blocks, generator=gen) + 0.5) * 2**-10
-        scale = torch.where(torch.rand(n_blocks, generator=gen) < 0.5, -scale, scale)
-        blocks[:, offset : offset + 2] = scale.half().view(torch.uint8).reshape(n_blocks, 2)
+    for offset in fmt.fp16_fields:
+        blocks[:, offset : offset + 2] = _small_scales(n_blocks, gen).view(torch.uint8).reshape(n_blocks, 2)
+    if fmt.nibble_fp16_scale_offset is not None:  # IQ1_M: the top nibbles of four uint16 words
+        bits = _small_scales(n_blocks, gen).view(torch.int16).int() & 0xFFFF
+        for word in range(4):
+            high_byte = fmt.nibble_fp16_scale_offset + 2 * word + 1
+            nibble = ((bits >> (4 * word)) & 0xF).to(torch.uint8)
+            blocks[:, high_byte] = (blocks[:, high_byte] & 0x0F) | (nibble << 4)
     return blocks
+
+
+def _small_scales(n: int, gen: torch.Generator) -> torch.Tensor:
+    """n fp16 values of magnitude 2**-10 .. 1.5 * 2**-10, either sign."""
+    scale = (torch.rand(n, generator=gen) + 0.5) * 2**-10
+    return torch.where(torch.rand(n, generator=gen) < 0.5, -scale, scale).half()
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -200,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {name}; device-to-device copy: {copy_rate:.0f} GB/s (read + write)")
     print(_format([HEADER], _WIDTHS))
     table = bench_matmuls(qtypes, shapes, rows, dtypes, device, copy_rate)
-    for qtype in qtypes[:1] if args.cpu_smoke else [q for q in (Q.Q4_K, Q.Q6_K, Q.Q8_0) if q in qtypes]:
+    for qtype in qtypes[:1] if args.cpu_smoke else [q for q in MOE_TYPES if q in qtypes]:
         table += bench_moe(qtype, moe_dims, moe_tokens, dtypes[0], device, copy_rate)
     failed = [r for r in table if not r.rel_err <= REL_TOL[getattr(torch, r.dtype)]]
     for r in failed:

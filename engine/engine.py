@@ -15,13 +15,16 @@ import torch
 from moestream.engine.engine_config import EngineConfig
 from moestream.engine.kv_cache import KVCache
 from moestream.engine.loader import GGUFModelFile, open_gguf
-from moestream.engine.model import BatchInput, MoEModel, Segment
+from moestream.engine.model import BatchInput, Segment
+from moestream.engine.models import model_class
 from moestream.engine.placement import build_expert_source
+from moestream.engine.recurrent_state import RecurrentStatePool
 from moestream.engine.sampler import sample
 from moestream.engine.scheduler import Scheduler, SchedulerConfig, ScheduledSeq
 from moestream.engine.sequence import SamplingParams, Sequence, StepOutput
 from moestream.engine.chat_template import render_chat
 from moestream.engine.tokenizer import Tokenizer
+from moestream.engine.user_text import UserTextShield, split_rendered
 from moestream.kernels.errors import MoestreamError
 from moestream.engine.replay import RoutingReplay
 from moestream.offload.trace import RoutingRecorder, read_trace
@@ -39,16 +42,23 @@ class Engine:
         n_blocks = config.kv_tokens(self.config.context_length) // config.kv_block_size
         # fp32 on the CPU (fast there, and exact against the references), fp16 on a GPU
         dtype = torch.float32 if self.device.type == "cpu" else torch.float16
-        self.kv = KVCache(self.config.n_layers, self.config.n_kv_heads, self.config.head_dim,
+        self.kv = KVCache(self.config.n_kv_layers, self.config.n_kv_heads, self.config.head_dim,
                           n_blocks, config.kv_block_size, dtype, self.device)
-        self.experts, self.plan = build_expert_source(file, config, self.kv.nbytes)
-        self.model = MoEModel(file, self.experts, self.device, dtype, config.kernel_backend,
-                              prefetch=config.prefetch and self.plan is not None and not config.replay_routing)
+        # hybrid models: one DeltaNet state per sequence that can run at once
+        self.states = (RecurrentStatePool(self.config.linear, config.max_batch, self.device)
+                       if self.config.linear is not None else None)
+        state_bytes = self.states.nbytes if self.states is not None else 0
+        self.experts, self.plan = build_expert_source(file, config, self.kv.nbytes + state_bytes)
+        self.model = model_class(self.config.arch)(
+            file, self.experts, self.device, dtype, config.kernel_backend,
+            prefetch=config.prefetch and self.plan is not None and not config.replay_routing)
+        if self.states is not None:
+            self.model.states = self.states
         if config.replay_routing:
             self.model.replay = RoutingReplay(read_trace(config.replay_routing), self.config.n_experts,
                                               self.config.n_experts_used, self.config.n_layers)
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_batch, config.max_batched_tokens, config.max_waiting), self.kv
+            SchedulerConfig(config.max_batch, config.max_batched_tokens, config.max_waiting), self.kv, self.states
         )
         self.sequences: dict[int, Sequence] = {}
         self._batch_rows: tuple[list[int], list[int]] = ([], [])  # (seq id, position) per row
@@ -58,6 +68,7 @@ class Engine:
                                             self.config.n_layers, self.config.n_experts_used)
             self.model.routing_hook = self._record_routing
         self.chat_template = file.meta.get("tokenizer.chat_template")
+        self._user_text = UserTextShield(self.tokenizer.special_texts)
 
     @classmethod
     def from_gguf(cls, path: str | Path, device: str = "cpu", vram_budget: str | int | None = None,
@@ -75,6 +86,16 @@ class Engine:
                 "shorten the prompt or start the server with a larger --ctx-size")
         self._check_vocab(prompt_ids)
 
+    def check_prompt_text(self, text: str) -> None:
+        """Refuse a text too long for the context before tokenizing it (which takes seconds
+        and holds memory for a text of megabytes): a cheap bound, not a token count."""
+        limit = (self.max_model_len - 1) * self.tokenizer.max_chars_per_token
+        if len(text) > limit:
+            raise MoestreamError(
+                f"the prompt has {len(text)} characters, more than the {self.max_model_len}-token "
+                f"context can hold (at most {limit}): shorten the prompt or start the server with a "
+                "larger --ctx-size")
+
     def _check_vocab(self, token_ids: list[int]) -> None:
         bad = [t for t in token_ids if not 0 <= t < self.config.vocab_size]
         if bad:
@@ -83,7 +104,8 @@ class Engine:
     def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
         self.check_prompt(prompt_ids)
         if not self.scheduler.can_add():
-            raise QueueFull(f"{self.engine_config.max_waiting} requests are already waiting; retry later")
+            raise QueueFull(f"the batch is full and {self.engine_config.max_waiting} requests are "
+                            "already waiting; retry later")
         seq = Sequence(list(prompt_ids), params)
         self.sequences[seq.seq_id] = seq
         self.scheduler.add(seq)
@@ -106,7 +128,19 @@ class Engine:
         logits = self.model.forward(batch, self.kv)
         for item in scheduled:
             item.seq.num_computed += item.n_tokens
-        return self._postprocess(sampling, sample(logits, sampling))
+        return self._postprocess(sampling, self._sample_each(logits, sampling))
+
+    def _sample_each(self, logits: torch.Tensor, seqs: list[Sequence]) -> list:
+        """Each sequence's (token, logprob), or the exception its sampling raised: one
+        request's failure ends that request alone, and the others' draws are untouched."""
+        chosen = []
+        for i, seq in enumerate(seqs):
+            try:
+                chosen.append(sample(logits[i:i + 1], [seq])[0])
+            except Exception as exc:
+                log.exception("sampling failed for sequence %d; ending it", seq.seq_id)
+                chosen.append(exc)
+        return chosen
 
     def _build_batch(self, scheduled: list[ScheduledSeq]) -> tuple[BatchInput, list[Sequence]]:
         tokens, positions, segments, logits_rows, sampling = [], [], [], [], []
@@ -119,7 +153,7 @@ class Engine:
             positions += range(start, end)
             row_seqs += [seq.seq_id] * item.n_tokens
             segments.append(Segment(offset, item.n_tokens, self.kv.index(seq.block_table, start, end),
-                                    self.kv.index(seq.block_table, 0, end)))
+                                    self.kv.index(seq.block_table, 0, end), seq.state_slot))
             offset += item.n_tokens
             if end == seq.num_tokens:  # the chunk reaches the sequence's last token: sample
                 logits_rows.append(offset - 1)
@@ -140,7 +174,14 @@ class Engine:
 
     def _postprocess(self, seqs: list[Sequence], chosen: list) -> list[StepOutput]:
         outputs = []
-        for seq, (token, logprob) in zip(seqs, chosen):
+        for seq, choice in zip(seqs, chosen):
+            if isinstance(choice, Exception):
+                self.scheduler.finish(seq, "error")
+                self.sequences.pop(seq.seq_id, None)
+                error = f"{type(choice).__name__}: {choice}"
+                outputs.append(StepOutput(seq.seq_id, -1, True, "error", error=error))
+                continue
+            token, logprob = choice
             seq.output_ids.append(token)
             reason = self._finish_reason(seq, token)
             if reason is not None:
@@ -170,13 +211,18 @@ class Engine:
             self.abort(seq.seq_id)
 
     def chat_prompt_ids(self, messages: list[dict], **template_vars) -> list[int]:
-        """Render messages with the model's chat template and tokenize (special tokens parsed)."""
+        """Render messages with the model's chat template and tokenize: the template's markup
+        with special tokens parsed, control-token spellings inside the messages as plain text."""
         tok = self.tokenizer
-        text = render_chat(self.chat_template, messages, add_generation_prompt=True,
+        shielded, user_texts = self._user_text.shield(messages)
+        text = render_chat(self.chat_template, shielded, add_generation_prompt=True,
                            bos_token=tok.token_text(tok.bos_id) if tok.bos_id is not None else "",
                            eos_token=tok.token_text(tok.eos_id) if tok.eos_id is not None else "",
                            **template_vars)
-        ids = tok.encode(text, add_special=False, parse_special=True)
+        self.check_prompt_text(text)
+        ids = []
+        for piece, is_markup in split_rendered(text, user_texts):
+            ids += tok.encode(piece, add_special=False, parse_special=is_markup)
         if tok.add_bos and tok.bos_id is not None and ids[:1] != [tok.bos_id]:
             ids = [tok.bos_id] + ids
         return ids
@@ -188,22 +234,26 @@ class Engine:
             raise MoestreamError(f"score takes 1 to {self.max_model_len} tokens, got {len(token_ids)}")
         self._check_vocab(token_ids)
         table: list[int] = []
-        if not self.kv.can_allocate(table, len(token_ids)):
+        if not self.kv.can_allocate(table, len(token_ids)) or (
+                self.states is not None and not self.states.can_allocate()):
             raise MoestreamError("not enough free KV cache to score this sequence now; retry when idle")
         self.kv.allocate(table, len(token_ids))
+        state_slot = self.states.allocate() if self.states is not None else None
         try:
             n = len(token_ids)
             slots = self.kv.index(table, 0, n)
             batch = BatchInput(
                 token_ids=torch.tensor(token_ids, dtype=torch.long),
                 positions=torch.arange(n, device=self.device),
-                segments=[Segment(0, n, slots, slots)],
+                segments=[Segment(0, n, slots, slots, state_slot)],
                 logits_rows=torch.arange(n, device=self.device),
             )
             self._batch_rows = ([], [])
             return self.model.forward(batch, self.kv).cpu()
         finally:
             self.kv.free(table)
+            if self.states is not None:
+                self.states.free(state_slot)
 
     def close(self) -> None:
         """Flush and close what the engine writes (the routing trace)."""

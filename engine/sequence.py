@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from dataclasses import dataclass, field
 from enum import Enum
@@ -10,6 +11,11 @@ from enum import Enum
 import torch
 
 from moestream.kernels.errors import MoestreamError
+
+# Below this a temperature or top_p means greedy (vLLM's _SAMPLING_EPS; llama.cpp treats
+# temperatures <= 0 the same way): dividing logits by a temperature of 1e-38 overflows.
+SAMPLING_EPS = 1e-5
+SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.Generator.manual_seed takes
 
 
 @dataclass(frozen=True)
@@ -26,7 +32,10 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; 0: the chosen token's; n: plus the top n
 
     def __post_init__(self) -> None:
+        finite = all(math.isfinite(v) for v in (self.temperature, self.top_p, self.presence_penalty,
+                                                self.frequency_penalty))
         checks = [
+            (finite, "temperature, top_p and the penalties must be finite numbers"),
             (self.max_tokens >= 1, "max_tokens must be at least 1"),
             (self.temperature >= 0, "temperature must be >= 0"),
             (self.top_k >= 0, "top_k must be >= 0 (0 disables it)"),
@@ -34,6 +43,8 @@ class SamplingParams:
             (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "top_logprobs must be in [0, 20]"),
+            (self.seed is None or SEED_RANGE[0] <= self.seed <= SEED_RANGE[1],
+             f"seed must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]"),
         ]
         for ok, message in checks:
             if not ok:
@@ -41,7 +52,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < SAMPLING_EPS or self.top_p < SAMPLING_EPS or self.top_k == 1
 
 
 class SequenceStatus(Enum):
@@ -67,6 +78,7 @@ class Sequence:
     seq_id: int = field(default_factory=lambda: next(_ids))
     output_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
+    state_slot: int | None = None  # hybrid models: its RecurrentStatePool slot while admitted
     num_computed: int = 0  # tokens whose K/V are in the cache
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
@@ -97,5 +109,6 @@ class StepOutput:
     seq_id: int
     token_id: int
     finished: bool
-    finish_reason: str | None
+    finish_reason: str | None  # "stop" | "length" | "error"
     logprob: TokenLogprob | None = None
+    error: str | None = None  # why this sequence alone failed (finish_reason "error")

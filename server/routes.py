@@ -82,8 +82,13 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     model = state.check_model(body.model)
     prompt_ids = body.prompt
     if isinstance(prompt_ids, str):
-        encode = state.engine.engine.tokenizer.encode
-        prompt_ids = await asyncio.to_thread(encode, prompt_ids, add_special=True, parse_special=True)
+        engine = state.engine.engine
+        try:
+            engine.check_prompt_text(prompt_ids)
+        except MoestreamError as exc:
+            raise APIError(str(exc), param="prompt") from None
+        prompt_ids = await asyncio.to_thread(engine.tokenizer.encode, prompt_ids, add_special=True,
+                                             parse_special=True)
     gen = await state.start(prompt_ids, lambda n: body.sampling_params(n, body.logprobs),
                             body.max_tokens, body.stop_strings, arrival_s, "prompt")
     envelope = Envelope.new("text_completion", model, "cmpl")
@@ -115,14 +120,17 @@ async def _respond_unless_gone(request: Request, respond: Callable) -> Response:
     while True:
         done, _ = await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
         if done:
-            return JSONResponse(task.result())
+            try:
+                return JSONResponse(task.result())
+            except EngineFailed as exc:
+                return APIError(str(exc), exc.error_type).response()
         if await request.is_disconnected():
             task.cancel()
             return Response(status_code=499)
 
 
-def _error_event(exc: Exception) -> str:
-    return sse(APIError(str(exc), "server_error").body())
+def _error_event(exc: EngineFailed) -> str:
+    return sse(APIError(str(exc), exc.error_type).body())
 
 
 @dataclass

@@ -1,17 +1,34 @@
 """OpenAI request bodies (pydantic). Unknown fields are ignored; bad values are a 400
-naming the field. `ignore_eos` is vLLM's extension, handy for benchmarks."""
+naming the field. Types are strict, as OpenAI's own API is: "4" is not a number and
+"yes" is not true. `ignore_eos` is vLLM's extension, handy for benchmarks."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from moestream.engine import SamplingParams
+from moestream.engine.sequence import SEED_RANGE
+
+
+def _valid_unicode(text: str) -> str:
+    # JSON's "\ud800" escape decodes to a lone surrogate, which no UTF-8 text can hold.
+    # isascii() first: it takes microseconds where a scan of megabytes takes a tenth of a second.
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            raise ValueError("the text holds a lone UTF-16 surrogate (\\ud800-\\udfff); "
+                             "send valid Unicode") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class StreamOptions(_Request):
@@ -20,13 +37,13 @@ class StreamOptions(_Request):
 
 class TextPart(_Request):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Request):
-    role: str
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    role: Text
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None
 
     def as_template_input(self) -> dict:
         content = self.content
@@ -41,15 +58,15 @@ class ChatMessage(_Request):
 class _Sampling(_Request):
     """The sampling fields chat and completions share."""
 
-    model: str | None = None
+    model: Text | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=-1)  # -1 (vLLM's "off") or 0 disables
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    stop: Text | list[Text] | None = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     ignore_eos: bool = False
@@ -103,7 +120,7 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: Text | list[int] | list[Text] | list[list[int]]
     max_tokens: int = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False

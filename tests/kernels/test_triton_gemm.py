@@ -7,7 +7,7 @@ from gguf import GGMLQuantizationType as Q
 from moestream.kernels.reference import qmatmul_reference
 from moestream.kernels.triton_gemm import GemmConfig, triton_gemm
 from tests.kernels.triton_helpers import (
-    TRITON_TYPES, activations, assert_matches, poisoned, random_weight,
+    RAGGED_K_TYPES, TRITON_TYPES, activations, assert_matches, poisoned, random_weight,
 )
 
 
@@ -33,8 +33,9 @@ def test_gemm_32_column_tiles(qtype: Q) -> None:
     _run(qtype, 5, 64, 512, torch.float32, GemmConfig(block_m=16, block_n=64, block_k=32), seed=int(qtype))
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q8_0], ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", [Q.Q4_K, *RAGGED_K_TYPES], ids=lambda q: q.name)
 def test_gemm_ragged_tiles(qtype: Q) -> None:
-    """M = 37 and N = 80 end inside their tiles; Q8_0 also ends K (= 288) inside a tile."""
-    k = 288 if qtype == Q.Q8_0 else 256
+    """M = 37 and N = 80 end inside their tiles; 32-block and float types also end K
+    (= 288) inside a tile."""
+    k = 288 if qtype in RAGGED_K_TYPES else 256
     _run(qtype, 37, 80, k, torch.float16, GemmConfig(block_m=32, block_n=64, block_k=128), seed=37)

@@ -7,7 +7,7 @@ from gguf import GGMLQuantizationType as Q
 from moestream.kernels.reference import qmatmul_reference
 from moestream.kernels.triton_gemv import GemvConfig, triton_gemv
 from tests.kernels.triton_helpers import (
-    TRITON_TYPES, activations, assert_matches, poisoned, random_weight,
+    RAGGED_K_TYPES, TRITON_TYPES, activations, assert_matches, poisoned, random_weight,
 )
 
 
@@ -43,6 +43,7 @@ def test_gemv_64_column_tiles(qtype: Q) -> None:
     _run(qtype, 1, 32, 512, torch.float16, GemvConfig(block_m=1, block_n=32, split_k=1, block_k=64), seed=64)
 
 
-def test_gemv_q8_0_row_ending_inside_a_chunk() -> None:
-    """Q8_0 rows of 320 = 256 + 64 columns: the last 256-column tile holds only two blocks."""
-    _run(Q.Q8_0, 3, 24, 320, torch.float16, GemvConfig(block_m=4, block_n=8, split_k=2), seed=320)
+@pytest.mark.parametrize("qtype", RAGGED_K_TYPES, ids=lambda q: q.name)
+def test_gemv_row_ending_inside_a_chunk(qtype: Q) -> None:
+    """Rows of 320 = 256 + 64 columns: the last 256-column tile holds only two 32-blocks."""
+    _run(qtype, 3, 24, 320, torch.float16, GemvConfig(block_m=4, block_n=8, split_k=2), seed=320)
