@@ -81,6 +81,7 @@ def test_single_byte_corruptions_work_or_fail_in_one_line(demo, tmp_path, capsys
             lines = err.strip().splitlines()
             assert code == 2 and len(lines) == 1 and lines[0].startswith("moestream: error: "), (label, err)
             outcomes["refused"] += 1
+    print(f"single-byte corruptions of the demo model: {outcomes}")  # docs/RELIABILITY.md, with -s
     assert outcomes["refused"] >= 40 and outcomes["works"] >= 8, outcomes  # both kinds were tried
 
 
