@@ -94,6 +94,13 @@ def _compile(template: str | None) -> jinja2.Template:
         raise MoestreamError(f"the model's chat template does not parse: {e}") from e
 
 
+def check_chat_template(template: str | None) -> None:
+    """Raise a MoestreamError now if the template does not parse, rather than in every chat
+    request (a corrupt file, or a template that is not Jinja). None or empty is ChatML."""
+    if template:
+        _compile(template)
+
+
 def render_chat(template: str | None, messages: list[dict], add_generation_prompt: bool = True,
                 bos_token: str = "", eos_token: str = "", **extra: Any) -> str:
     """The prompt text for `messages`; `template` None or empty means ChatML.
@@ -109,3 +116,7 @@ def render_chat(template: str | None, messages: list[dict], add_generation_promp
         )
     except jinja2.TemplateError as e:
         raise MoestreamError(f"chat template error: {e}") from e
+    except MoestreamError:
+        raise
+    except Exception as e:  # the template is code from the file: its bugs are its own errors
+        raise MoestreamError(f"chat template error: {type(e).__name__}: {e}") from e

@@ -31,28 +31,32 @@ def field_value(field: ReaderField, source: str = "") -> Any:
     try:
         return field.contents()
     except UnicodeDecodeError:
-        prefix = f"{source}: " if source else ""
-        is_array = field.types[0] == GGUFValueType.ARRAY
-        for entry, part in enumerate(field.data):
-            raw = field.parts[part].tobytes()
-            try:
-                raw.decode("utf-8")
-            except UnicodeDecodeError:
-                where = f" (entry {entry}: {raw[:40]!r})" if is_array else f" ({raw[:40]!r})"
-                raise MoestreamError(f"{prefix}metadata {field.name} is not valid UTF-8{where}; "
-                                     f"{_RECONVERT}") from None
-        raise
+        raise _utf8_error(field, source) from None
 
 
 def check_strings(path: Path, reader: GGUFReader) -> None:
     """Every string in the metadata (tokens, merges, chat template, names) is UTF-8."""
     for field in reader.fields.values():
-        if field.types and field.types[-1] == GGUFValueType.STRING:
-            for part in field.data:
-                try:
-                    field.parts[part].tobytes().decode("utf-8")
-                except UnicodeDecodeError:
-                    field_value(field, str(path))  # raises, naming the key and the entry
+        if field.types and field.types[-1] == GGUFValueType.STRING and _first_invalid_utf8(field):
+            raise _utf8_error(field, str(path))
+
+
+def _first_invalid_utf8(field: ReaderField) -> tuple[int, bytes] | None:
+    """(entry, bytes) of the field's first string that is not UTF-8, if any."""
+    for entry, part in enumerate(field.data):
+        raw = field.parts[part].tobytes()
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return entry, raw
+    return None
+
+
+def _utf8_error(field: ReaderField, source: str) -> MoestreamError:
+    entry, raw = _first_invalid_utf8(field)
+    where = f"entry {entry}: {raw[:40]!r}" if field.types[0] == GGUFValueType.ARRAY else repr(raw[:40])
+    prefix = f"{source}: " if source else ""
+    return MoestreamError(f"{prefix}metadata {field.name} is not valid UTF-8 ({where}); {_RECONVERT}")
 
 
 def check_layout(path: Path, reader: GGUFReader, file_bytes: int) -> None:

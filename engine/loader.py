@@ -17,7 +17,7 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader
 
 from moestream.engine.config import ModelConfig
-from moestream.engine.file_check import check_layout, check_strings, check_tensors, field_value
+from moestream.engine.file_check import check_layout, check_strings, check_tensors
 from moestream.kernels.errors import MoestreamError
 from moestream.kernels.formats import block_format
 
@@ -63,12 +63,12 @@ class GGUFModelFile:
         return name in self.tensors
 
 
-def read_metadata(reader: GGUFReader, source: str = "") -> dict[str, Any]:
+def read_metadata(reader: GGUFReader) -> dict[str, Any]:
     meta: dict[str, Any] = {}
     for name, field in reader.fields.items():
         if name in _BIG_ARRAYS or name.startswith("GGUF."):
             continue
-        meta[name] = field_value(field, source)
+        meta[name] = field.contents()
     return meta
 
 
@@ -95,8 +95,8 @@ def open_gguf(path: str | Path) -> GGUFModelFile:
     except Exception as exc:  # the reader raises many types on bad bytes
         raise MoestreamError(f"{path}: not a readable GGUF file ({type(exc).__name__}: {exc}); "
                              "the file is truncated or corrupt, or not GGUF: download it again") from None
-    check_strings(path, reader)
-    meta = read_metadata(reader, str(path))
+    check_strings(path, reader)  # before any string is decoded
+    meta = read_metadata(reader)
     tensors = {t.name: _raw_tensor(path, t) for t in reader.tensors}
     if "token_embd.weight" not in tensors:
         raise MoestreamError(f"{path}: tensor 'token_embd.weight' is missing; this is a vocab-only "

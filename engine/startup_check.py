@@ -1,8 +1,9 @@
-"""One forward of a few tokens before a model is declared ready, which must be finite.
+"""What the header checks cannot see, checked once before a model is declared ready: the
+chat template parses, and one forward of a few tokens gives finite logits.
 
-The header checks (file_check.py) cannot see the weights themselves: a block whose scale
-decodes to NaN or inf passes them and would poison every request. The commands that load
-a model (serve, generate, bench, perplexity) call this once after loading, so such a file
+The header checks (file_check.py) do not read the weights: a block whose scale decodes to
+NaN or inf passes them and would poison every request. The commands that load a model
+(serve, generate, bench, perplexity) call check_startup once after loading, so such a file
 fails at start with one line instead of in every completion.
 """
 
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from moestream.engine.chat_template import check_chat_template
 from moestream.kernels.errors import MoestreamError
 
 if TYPE_CHECKING:
@@ -26,6 +28,12 @@ def probe_token_ids(engine: Engine) -> list[int]:
     model wants one); token 0 where the text encodes to nothing."""
     ids = engine.tokenizer.encode(PROBE_TEXT, add_special=True)[:MAX_PROBE_TOKENS] or [0]
     return ids[: engine.max_model_len]
+
+
+def check_startup(engine: Engine) -> None:
+    """Raise a MoestreamError, saying what to do, if the loaded model cannot serve."""
+    check_chat_template(engine.chat_template)
+    check_startup_forward(engine)
 
 
 def check_startup_forward(engine: Engine) -> None:

@@ -12,6 +12,7 @@ token_to_piece gives them, so streamed text and byte-level pieces agree with lla
 from __future__ import annotations
 
 import codecs
+import re
 import threading
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from tokenizers import AddedToken, Regex, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from moestream.engine.tokenizer_vocab import GGUFVocab, TokenType, read_vocab
+from moestream.kernels.errors import MoestreamError
 
 SPACE_MARK = "\u2581"  # SentencePiece's visible space
 _SPECIAL_TYPES = (TokenType.CONTROL, TokenType.UNKNOWN)
@@ -38,6 +40,7 @@ def byte_to_unicode() -> dict[int, str]:
 
 # str.translate table from the byte alphabet back to code points 0-255, i.e. latin-1 bytes
 _BYTE_ALPHABET = {ord(c): b for b, c in byte_to_unicode().items()}
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # how a vocab spells a BYTE token
 
 
 def _spm_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
@@ -132,6 +135,10 @@ class Tokenizer:
         if kind in _SPECIAL_TYPES or kind == TokenType.USER_DEFINED:
             return text.encode()
         if kind == TokenType.BYTE:
+            if not _BYTE_TOKEN.fullmatch(text):
+                raise MoestreamError(f"token {text!r} has type BYTE in tokenizer.ggml.token_type but is not "
+                                     "written <0xNN>; the file is corrupt or was converted wrongly: "
+                                     "download or re-convert it")
             return bytes([int(text[3:5], 16)])  # "<0xAB>"
         if kind != TokenType.NORMAL:
             return b""

@@ -26,7 +26,7 @@ from prometheus_client import generate_latest
 
 from moestream.engine import Engine
 from moestream.engine.loader import open_gguf
-from moestream.engine.startup_check import check_startup_forward
+from moestream.engine.startup_check import check_startup
 from moestream.kernels.errors import MoestreamError
 from moestream.server.errors import CatchAll, install_error_handlers
 from moestream.server.limits import BodyGuard, timed_h11_protocol
@@ -186,7 +186,7 @@ def load_engine(source: ModelSource, options: dict) -> Engine:
     start_s = time.perf_counter()
     engine = Engine.from_gguf(path, **options)
     log.info("loaded in %.1f s", time.perf_counter() - start_s)
-    check_startup_forward(engine)
+    check_startup(engine)
     cfg = engine.config
     log.info("model %s: %s, %d layers, %d experts (%d used per token), context %d",
              cfg.name, cfg.arch, cfg.n_layers, cfg.n_experts, cfg.n_experts_used, engine.max_model_len)

@@ -85,7 +85,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from moestream.engine import Engine, SamplingParams
-    from moestream.engine.startup_check import check_startup_forward
+    from moestream.engine.startup_check import check_startup
     from moestream.engine.tokenizer import StreamDecoder
     from moestream.server.timings import GenerationTimings
 
@@ -96,7 +96,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     engine = Engine.from_gguf(args.model, **options, max_batch=1)
     load_s = time.perf_counter() - load_start_s
     log.info("loaded in %.1f s", load_s)
-    check_startup_forward(engine)
+    check_startup(engine)
     tok = engine.tokenizer
     if args.chat:
         prompt_ids = engine.chat_prompt_ids([{"role": "user", "content": args.prompt}])

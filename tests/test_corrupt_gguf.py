@@ -45,14 +45,18 @@ def corruptions(path: Path) -> list[tuple[str, int, int]]:
             continue
         cases.append((f"{key}^0x80", value_offset(reader, key), 0x80))
         if field.types == [gguf.GGUFValueType.UINT32]:
-            cases.append((f"{key}^0x01", value_offset(reader, key), 0x01))
             cases.append((f"{key} type^0x02", value_offset(reader, key) - 4, 0x02))  # UINT32 -> FLOAT32
     for key, entries in STRING_ENTRIES.items():
         for entry in entries:
             index = entry % len(reader.fields[key].data)
-            cases += [(f"{key}[{index}]^{xor:#x}", value_offset(reader, key, index), xor) for xor in (0x01, 0x80)]
+            cases.append((f"{key}[{index}]^0x80", value_offset(reader, key, index), 0x80))
+        cases.append((f"{key}[{entries[1]}]^0x01", value_offset(reader, key, entries[1]), 0x01))
+    for entry in (5, 300):  # NORMAL (1) -> BYTE (6): a byte token not written <0xNN>
+        offset = value_offset(reader, "tokenizer.ggml.token_type", entry)
+        cases.append((f"tokenizer.ggml.token_type[{entry}]^0x07", offset, 0x07))
     template = value_offset(reader, "tokenizer.chat_template")
     cases += [(f"tokenizer.chat_template[+{at}]^0x80", template + at, 0x80) for at in (10, 100)]
+    cases.append(("tokenizer.chat_template[+1]^0x01", template + 1, 0x01))  # "{% for" -> "{$ for"
     for name in TENSORS:
         for part in TENSOR_PARTS:
             cases.append((f"{name} {part}^0x01", tensor_offset(reader, name, part), 0x01))
@@ -77,7 +81,8 @@ def test_single_byte_corruptions_work_or_fail_in_one_line(demo, tmp_path, capsys
             lines = err.strip().splitlines()
             assert code == 2 and len(lines) == 1 and lines[0].startswith("moestream: error: "), (label, err)
             outcomes["refused"] += 1
-    assert outcomes["refused"] >= 40 and outcomes["works"] >= 10, outcomes  # both kinds were tried
+    print(f"single-byte corruptions of the demo model: {outcomes}")  # docs/RELIABILITY.md, with -s
+    assert outcomes["refused"] >= 40 and outcomes["works"] >= 8, outcomes  # both kinds were tried
 
 
 def moestream(*args: str) -> subprocess.CompletedProcess:

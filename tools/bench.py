@@ -38,7 +38,7 @@ class MoestreamRunner:
         import torch
 
         from moestream.engine import Engine
-        from moestream.engine.startup_check import check_startup_forward
+        from moestream.engine.startup_check import check_startup
 
         torch.set_num_threads(config.threads)
         self.torch, self.config = torch, config
@@ -49,7 +49,7 @@ class MoestreamRunner:
             max_batched_tokens=max(config.prompt_tokens, WARMUP_PROMPT_TOKENS),
             kernel_backend=config.kernels, miss_policy=config.miss_policy,
             simulate_link_gbps=config.simulate_link_gbps, replay_routing=config.replay_routing)
-        check_startup_forward(self.engine)
+        check_startup(self.engine)
 
     def run(self, prompt_ids: list[int], gen_tokens: int) -> RunMetrics:
         from moestream.engine import SamplingParams

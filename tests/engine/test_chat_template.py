@@ -113,6 +113,7 @@ def test_raise_exception_becomes_moestream_error(hf_tokenizer, messages, message
     "{% for m in messages %}{{ m['content'] }",  # does not parse
     "{{ ''.__class__.__mro__ }}",  # reaches for Python internals: the sandbox refuses
     "{% set ns = namespace() %}{% set ns._x = 1 %}",
+    "{% for m in messages %}{{ '<|im_start|>' * m['role'] }}{% endfor %}",  # TypeError inside it
 ])
 def test_bad_templates_are_moestream_errors(template):
     with pytest.raises(MoestreamError):

@@ -89,6 +89,13 @@ def test_the_tokenizer_reports_invalid_utf8_by_key(demo, reader, tmp_path):
         Tokenizer.from_gguf(bad)
 
 
+def test_a_byte_token_that_is_no_byte(demo, reader, tmp_path):
+    # token 300 ("Ġ" + a letter) relabelled BYTE (6): llama.cpp would read its text as "<0xNN>"
+    bad = set_byte(demo, tmp_path / "type.gguf", value_offset(reader, "tokenizer.ggml.token_type", 300), 6)
+    with pytest.raises(MoestreamError, match="has type BYTE in tokenizer.ggml.token_type but is not written"):
+        Tokenizer.from_gguf(bad)
+
+
 @pytest.mark.parametrize("tensor, xor, needles", [
     ("blk.0.attn_norm.weight", 0x01, ("[257]", "olmoe.embedding_length = 256")),
     ("output_norm.weight", 0x80, ("[384]", "olmoe.embedding_length = 256")),

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from moestream.engine import Engine
-from moestream.engine.startup_check import check_startup_forward, probe_token_ids
+from moestream.engine.startup_check import check_startup, check_startup_forward, probe_token_ids
 from moestream.kernels.errors import MoestreamError
 from moestream.server.demo import demo_model_path
+from tests.gguf_bytes import flip_byte, value_offset
 
 BACKENDS = ("auto", "q8")
 
@@ -58,3 +59,11 @@ def test_an_infinite_block_scale_fails_at_start(demo, tmp_path):
     bad = with_data(demo, tmp_path / "inf.gguf", "blk.0.attn_q.weight", np.array([np.inf], np.float16))
     with pytest.raises(MoestreamError, match="NaN or inf"):
         check_startup_forward(Engine.from_gguf(bad, kernel_backend="auto"))
+
+
+def test_a_chat_template_that_does_not_parse_fails_at_start(demo, tmp_path):
+    # "{% for" -> "{$ for": still UTF-8, but its "{% endfor %}" now closes nothing
+    at = value_offset(gguf.GGUFReader(demo), "tokenizer.chat_template") + 1
+    bad = flip_byte(demo, tmp_path / "template.gguf", at, 0x01)
+    with pytest.raises(MoestreamError, match="chat template does not parse"):
+        check_startup(Engine.from_gguf(bad))
