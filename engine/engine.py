@@ -12,6 +12,7 @@ from typing import Iterator
 
 import torch
 
+from moestream.engine.constraints import GrammarCompiler
 from moestream.engine.engine_config import EngineConfig
 from moestream.engine.kv_cache import KVCache
 from moestream.engine.loader import GGUFModelFile, open_gguf
@@ -58,6 +59,7 @@ class Engine:
                                             self.config.n_layers, self.config.n_experts_used)
             self.model.routing_hook = self._record_routing
         self.chat_template = file.meta.get("tokenizer.chat_template")
+        self.grammars = GrammarCompiler(self.tokenizer, self.config.vocab_size)
 
     @classmethod
     def from_gguf(cls, path: str | Path, device: str = "cpu", vram_budget: str | int | None = None,
@@ -85,6 +87,8 @@ class Engine:
         if not self.scheduler.can_add():
             raise QueueFull(f"{self.engine_config.max_waiting} requests are already waiting; retry later")
         seq = Sequence(list(prompt_ids), params)
+        if params.grammar is not None:
+            seq.constraint = self.grammars.start(params.grammar)
         self.sequences[seq.seq_id] = seq
         self.scheduler.add(seq)
         return seq
@@ -142,6 +146,8 @@ class Engine:
         outputs = []
         for seq, (token, logprob) in zip(seqs, chosen):
             seq.output_ids.append(token)
+            if seq.constraint is not None and not seq.constraint.accept(token):
+                log.warning("sequence %d: the grammar refused the sampled token %d", seq.seq_id, token)
             reason = self._finish_reason(seq, token)
             if reason is not None:
                 self.scheduler.finish(seq, reason)
@@ -153,6 +159,8 @@ class Engine:
         p = seq.params
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.tokenizer.eos_ids):
             return "stop"
+        if seq.constraint is not None and seq.constraint.is_finished:
+            return "stop"  # the grammar is complete and allows nothing more
         if len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             return "length"
         return None

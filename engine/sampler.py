@@ -1,9 +1,10 @@
-"""Next-token choice per sequence: penalties, temperature, top-k, top-p, seeded draws."""
+"""Next-token choice per sequence: grammar masks, penalties, temperature, top-k, top-p, seeded draws."""
 
 from __future__ import annotations
 
 import torch
 
+from moestream.engine.constraints import allowed_tokens
 from moestream.engine.sequence import Sequence, TokenLogprob
 
 
@@ -31,10 +32,11 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
 
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple[int, TokenLogprob | None]]:
     """logits: [len(seqs), vocab] float32. Returns the chosen token (and logprobs) per sequence."""
+    masked = grammar_masked(logits, seqs)
     chosen = []
-    for row, seq in zip(logits, seqs):
+    for i, (row, seq) in enumerate(zip(logits, seqs)):
         p = seq.params
-        scores = apply_penalties(row, seq)
+        scores = apply_penalties(masked[i] if masked is not None else row, seq)
         if p.greedy:
             token = int(scores.argmax())
         else:
@@ -43,6 +45,17 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple[int, TokenL
             token = int(torch.multinomial(probs, 1, generator=seq.generator))
         chosen.append((token, _logprobs(row, token, p.logprobs)))
     return chosen
+
+
+def grammar_masked(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor | None:
+    """The logits with each constrained row's disallowed tokens at -inf (None: no grammar)."""
+    rows = [i for i, seq in enumerate(seqs) if seq.constraint is not None]
+    if not rows:
+        return None
+    allowed = allowed_tokens([seqs[i].constraint for i in rows], logits.shape[-1]).to(logits.device)
+    masked = logits.clone()
+    masked[rows] = masked[rows].masked_fill(~allowed, float("-inf"))
+    return masked
 
 
 def _logprobs(row: torch.Tensor, token: int, n_top: int | None) -> TokenLogprob | None:

@@ -9,6 +9,7 @@ from enum import Enum
 
 import torch
 
+from moestream.engine.constraints import Constraint, Grammar
 from moestream.kernels.errors import MoestreamError
 
 
@@ -24,6 +25,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; 0: the chosen token's; n: plus the top n
+    grammar: Grammar | None = None  # the output must match it (masked each step)
 
     def __post_init__(self) -> None:
         checks = [
@@ -73,6 +75,7 @@ class Sequence:
     arrival_s: float = field(default_factory=time.monotonic)
     first_scheduled_s: float | None = None
     generator: torch.Generator = field(init=False)
+    constraint: Constraint | None = None  # where the output stands in params.grammar
 
     def __post_init__(self) -> None:
         self.generator = torch.Generator()
