@@ -19,6 +19,7 @@ from moestream.server.generation import Delta, Generation
 from moestream.server.responses import Envelope, chat_logprobs, completion_logprobs, sse
 from moestream.server.schemas import ChatCompletionRequest, CompletionRequest
 from moestream.server.state import ServerState
+from moestream.server.structured import check_grammar
 
 router = APIRouter()
 _DISCONNECT_POLL_S = 0.5
@@ -66,7 +67,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     except MoestreamError as exc:
         raise APIError(str(exc), param="messages") from None
     logprobs = body.num_logprobs
-    gen = await state.start(prompt_ids, lambda n: body.sampling_params(n, logprobs),
+    grammar = body.grammar
+    await check_grammar(state.engine.engine.grammars, grammar, "response_format")
+    gen = await state.start(prompt_ids, lambda n: body.sampling_params(n, logprobs, grammar),
                             body.requested_max_tokens, body.stop_strings, arrival_s, "messages")
     envelope = Envelope.new("chat.completion", model, "chatcmpl")
     fmt = ChatFormat(gen, envelope, logprobs is not None)
@@ -84,7 +87,9 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     if isinstance(prompt_ids, str):
         encode = state.engine.engine.tokenizer.encode
         prompt_ids = await asyncio.to_thread(encode, prompt_ids, add_special=True, parse_special=True)
-    gen = await state.start(prompt_ids, lambda n: body.sampling_params(n, body.logprobs),
+    grammar = body.grammar
+    await check_grammar(state.engine.engine.grammars, grammar, "response_format")
+    gen = await state.start(prompt_ids, lambda n: body.sampling_params(n, body.logprobs, grammar),
                             body.max_tokens, body.stop_strings, arrival_s, "prompt")
     envelope = Envelope.new("text_completion", model, "cmpl")
     fmt = CompletionFormat(gen, envelope, body.logprobs is not None)

@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from moestream.engine import SamplingParams
+from moestream.engine.constraints import Grammar
+from moestream.server.structured import ResponseFormat
 
 
 class _Request(BaseModel):
@@ -53,6 +55,7 @@ class _Sampling(_Request):
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     ignore_eos: bool = False
+    response_format: ResponseFormat | None = None
 
     @field_validator("n")
     @classmethod
@@ -70,11 +73,18 @@ class _Sampling(_Request):
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return [s for s in stops if s]
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    @property
+    def grammar(self) -> Grammar | None:
+        """What the output must match (response_format); None: free text."""
+        return self.response_format.grammar() if self.response_format is not None else None
+
+    def sampling_params(self, max_tokens: int, logprobs: int | None,
+                        grammar: Grammar | None = None) -> SamplingParams:
         return SamplingParams(
             max_tokens=max_tokens, temperature=self.temperature, top_k=max(self.top_k, 0),
             top_p=self.top_p, seed=self.seed, presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty, ignore_eos=self.ignore_eos, logprobs=logprobs)
+            frequency_penalty=self.frequency_penalty, ignore_eos=self.ignore_eos, logprobs=logprobs,
+            grammar=grammar)
 
 
 class ChatCompletionRequest(_Sampling):
