@@ -30,8 +30,9 @@ from moestream.kernels.errors import MoestreamError
 
 SPECIAL_MARK = b"\xff"  # llguidance's prefix for tokens that text can't produce
 # JSON as OpenAI's structured outputs write it: no free whitespace (a model could otherwise
-# pad with blanks forever), ", " and ": " between items.
-_JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# pad with blanks forever), ", " and ": " between items. A Lark grammar's `%json {...}` takes
+# them as the schema's "x-guidance" key.
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 _MATCHER_CACHE_SIZE = 64
 
 
@@ -53,7 +54,7 @@ class Grammar:
     def to_llguidance(self) -> str:
         if self.kind == "json_schema":
             try:
-                return llguidance.LLMatcher.grammar_from_json_schema(self.source, defaults=_JSON_OPTIONS)
+                return llguidance.LLMatcher.grammar_from_json_schema(self.source, defaults=JSON_OPTIONS)
             except ValueError as e:
                 raise GrammarError(f"the JSON schema is not a JSON object or boolean: {e}") from None
         if self.kind == "lark":

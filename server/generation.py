@@ -39,6 +39,10 @@ class Generation:
         self._decoder = StreamDecoder(self.tokenizer)
         self._matcher = StopMatcher(self.stops)
 
+    def show_special_tokens(self) -> None:
+        """Keep control tokens in the text (call before reading deltas)."""
+        self._decoder = StreamDecoder(self.tokenizer, skip_special=False)
+
     @property
     def usage(self) -> dict:
         prompt, completion = self.stream.num_prompt_tokens, self.record.num_generated

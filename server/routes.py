@@ -7,7 +7,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -20,6 +20,8 @@ from moestream.server.responses import Envelope, chat_logprobs, completion_logpr
 from moestream.server.schemas import ChatCompletionRequest, CompletionRequest
 from moestream.server.state import ServerState
 from moestream.server.structured import check_grammar
+from moestream.server.tool_calls import ToolCallStream, ToolDialect, opener_is_control
+from moestream.server.tools import plan_tools
 
 router = APIRouter()
 _DISCONNECT_POLL_S = 0.5
@@ -61,18 +63,22 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     arrival_s = time.monotonic()
     state = _state(request)
     model = state.check_model(body.model)
-    messages = [m.as_template_input() for m in body.messages]
+    engine = state.engine.engine
+    messages, tools = plan_tools(engine.chat_template, [m.as_template_input() for m in body.messages],
+                                 body.tools, body.tool_choice, body.parallel_tool_calls, engine.tokenizer)
     try:
-        prompt_ids = await asyncio.to_thread(state.engine.engine.chat_prompt_ids, messages)
+        prompt_ids = await asyncio.to_thread(engine.chat_prompt_ids, messages, **tools.template_vars)
     except MoestreamError as exc:
         raise APIError(str(exc), param="messages") from None
     logprobs = body.num_logprobs
-    grammar = body.grammar
-    await check_grammar(state.engine.engine.grammars, grammar, "response_format")
+    grammar = tools.grammar or body.grammar
+    await check_grammar(engine.grammars, grammar, "tools" if tools.grammar else "response_format")
     gen = await state.start(prompt_ids, lambda n: body.sampling_params(n, logprobs, grammar),
                             body.requested_max_tokens, body.stop_strings, arrival_s, "messages")
+    if tools.dialect is not None and opener_is_control(tools.dialect, engine.tokenizer):
+        gen.show_special_tokens()  # the calls start with a control token: keep it in the text
     envelope = Envelope.new("chat.completion", model, "chatcmpl")
-    fmt = ChatFormat(gen, envelope, logprobs is not None)
+    fmt = ChatFormat(gen, envelope, logprobs is not None, tools.dialect)
     if body.stream:
         return _event_stream(fmt.events(body.include_usage))
     return await _respond_unless_gone(request, fmt.response)
@@ -172,24 +178,48 @@ class _Format(ABC):
         """The whole (non-streaming) response body."""
 
 
+@dataclass
 class ChatFormat(_Format):
+    dialect: ToolDialect | None = None  # the markup of tool calls, when the request has tools
+    _calls: ToolCallStream | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        if self.dialect is not None:
+            self._calls = ToolCallStream(self.dialect)
+
     def opening(self) -> list[dict]:
         return [{"index": 0, "delta": {"role": "assistant"}, "logprobs": None, "finish_reason": None}]
 
     def chunk_choices(self, delta: Delta) -> list[dict]:
         choices = []
-        if delta.text or delta.logprobs:
-            choices.append({"index": 0, "delta": {"content": delta.text},
+        text, call_deltas = delta.text, []
+        if self._calls is not None:
+            text, call_deltas = self._calls.push(delta.text)
+            if delta.finish_reason is not None:
+                rest, more = self._calls.finish()
+                text, call_deltas = text + rest, call_deltas + more
+        if text or delta.logprobs:
+            choices.append({"index": 0, "delta": {"content": text},
                             "logprobs": self._logprobs(delta.logprobs), "finish_reason": None})
+        choices += [{"index": 0, "delta": {"tool_calls": [d]}, "logprobs": None, "finish_reason": None}
+                    for d in call_deltas]
         if delta.finish_reason is not None:
-            choices.append({"index": 0, "delta": {}, "logprobs": None,
-                            "finish_reason": delta.finish_reason})
+            made_calls = self._calls is not None and self._calls.calls
+            reason = "tool_calls" if made_calls and delta.finish_reason == "stop" else delta.finish_reason
+            choices.append({"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason})
         return choices
 
     async def response(self) -> dict:
         text, records, finish_reason = await self.collect()
-        choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                  "logprobs": self._logprobs(records), "finish_reason": finish_reason}
+        message = {"role": "assistant", "content": text}
+        if self.dialect is not None:
+            content, calls = self.dialect.parse(text)
+            if calls:
+                message = {"role": "assistant", "content": content,
+                           "tool_calls": [c.as_dict() for c in calls]}
+                finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
+        choice = {"index": 0, "message": message, "logprobs": self._logprobs(records),
+                  "finish_reason": finish_reason}
         return self.envelope.body([choice], usage=self.gen.usage)
 
     def _logprobs(self, records: list) -> dict | None:

@@ -3,13 +3,15 @@ naming the field. `ignore_eos` is vLLM's extension, handy for benchmarks."""
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from moestream.engine import SamplingParams
 from moestream.engine.constraints import Grammar
 from moestream.server.structured import ResponseFormat
+from moestream.server.tools import NamedToolChoice, ToolChoice, ToolDef
 
 
 class _Request(BaseModel):
@@ -25,10 +27,31 @@ class TextPart(_Request):
     text: str
 
 
+class CalledFunction(_Request):
+    name: str
+    arguments: str
+
+
+class AssistantToolCall(_Request):
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+    def as_template_input(self) -> dict:
+        """As chat templates read calls: the arguments as an object, not JSON text."""
+        try:
+            arguments: Any = json.loads(self.function.arguments)
+        except json.JSONDecodeError:
+            arguments = self.function.arguments
+        return {"id": self.id, "type": "function", "function": {"name": self.function.name, "arguments": arguments}}
+
+
 class ChatMessage(_Request):
     role: str
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[AssistantToolCall] | None = None
+    tool_call_id: str | None = None
 
     def as_template_input(self) -> dict:
         content = self.content
@@ -37,6 +60,10 @@ class ChatMessage(_Request):
         message = {"role": self.role, "content": content or ""}
         if self.name is not None:
             message["name"] = self.name
+        if self.tool_calls:
+            message["tool_calls"] = [c.as_template_input() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
         return message
 
 
@@ -93,12 +120,37 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[ToolDef] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     @model_validator(mode="after")
     def _top_logprobs_needs_logprobs(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs=true")
         return self
+
+    @field_validator("tools")
+    @classmethod
+    def _distinct_names(cls, tools: list[ToolDef] | None) -> list[ToolDef] | None:
+        names = [t.function.name for t in tools or []]
+        if len(set(names)) != len(names):
+            raise ValueError("two functions have the same name")
+        return tools
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice_needs_its_tool(cls, choice: ToolChoice | None, info: ValidationInfo) -> ToolChoice | None:
+        names = [t.function.name for t in info.data.get("tools") or []]
+        forced = choice == "required" or isinstance(choice, NamedToolChoice)
+        if forced and not names:
+            raise ValueError("forcing a tool call needs tools: send the functions in `tools`")
+        response_format = info.data.get("response_format")
+        if forced and response_format is not None and response_format.type != "text":
+            raise ValueError("a forced tool call cannot be combined with response_format")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"the function {choice.function.name!r} is not in tools ({', '.join(names)})")
+        return choice
 
     @property
     def requested_max_tokens(self) -> int | None:

@@ -95,3 +95,93 @@ def test_invalid_response_format_is_a_400(demo, response_format, message):
     with pytest.raises(openai.BadRequestError):
         demo.client().chat.completions.create(model=MODEL, messages=HI, response_format=response_format)
     assert httpx.get(f"{demo.url}/health").status_code == 200
+
+
+# -- tool calling ----------------------------------------------------------------------
+WEATHER_ARGS = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 15},
+                                                 "unit": {"enum": ["c", "f"]}},
+                "required": ["city", "unit"]}
+ADD_ARGS = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
+                                             "b": {"type": "integer", "minimum": 0, "maximum": 99}},
+            "required": ["a", "b"]}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER_ARGS}},
+         {"type": "function", "function": {"name": "add", "description": "a + b", "parameters": ADD_ARGS}}]
+ARGS = {"get_weather": WEATHER_ARGS, "add": ADD_ARGS}
+ASK = [{"role": "user", "content": "Weather in Oslo?"}]
+
+
+def check_calls(calls) -> None:
+    for call in calls:
+        assert call.type == "function" and call.id
+        jsonschema.validate(json.loads(call.function.arguments), ARGS[call.function.name])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_required_tool_choice_returns_calls_that_validate(demo, seed):
+    out = demo.client().chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required",
+                                                parallel_tool_calls=False, max_tokens=200, seed=seed)
+    choice = out.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    assert len(choice.message.tool_calls) == 1
+    check_calls(choice.message.tool_calls)
+
+
+def test_parallel_required_calls_all_validate(demo):
+    out = demo.client().chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required",
+                                                max_tokens=200, seed=4)
+    calls = out.choices[0].message.tool_calls
+    assert calls and len({c.id for c in calls}) == len(calls)
+    check_calls(calls)
+
+
+def test_named_function_is_the_one_called(demo):
+    out = demo.client().chat.completions.create(
+        model=MODEL, messages=ASK, tools=TOOLS, max_tokens=200, seed=3,
+        tool_choice={"type": "function", "function": {"name": "add"}})
+    calls = out.choices[0].message.tool_calls
+    assert [c.function.name for c in calls] == ["add"] and out.choices[0].finish_reason == "tool_calls"
+    check_calls(calls)
+
+
+def test_streamed_tool_calls_arrive_as_deltas(demo):
+    stream = demo.client().chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required",
+                                                   parallel_tool_calls=False, max_tokens=200, seed=6, stream=True)
+    chunks = [c for c in stream if c.choices]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    deltas = [d for c in chunks for d in c.choices[0].delta.tool_calls or []]
+    first = deltas[0]
+    assert first.index == 0 and first.id and first.type == "function" and first.function.name in ARGS
+    assert all(d.index == 0 and d.id is None for d in deltas[1:])
+    arguments = "".join(d.function.arguments or "" for d in deltas)
+    jsonschema.validate(json.loads(arguments), ARGS[first.function.name])
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert not any(c.choices[0].delta.content for c in chunks)
+
+
+def test_tool_history_renders_and_none_turns_tools_off(demo):
+    history = ASK + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather",
+                                                              "arguments": '{"city": "Oslo", "unit": "c"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "7 C, rain"}]
+    client = demo.client()
+    with_tools = client.chat.completions.create(model=MODEL, messages=history, tools=TOOLS, max_tokens=2, seed=1)
+    without = client.chat.completions.create(model=MODEL, messages=history, tools=TOOLS, tool_choice="none",
+                                             max_tokens=2, seed=1)
+    # The tools' system message is in the first prompt only; the history is in both.
+    assert with_tools.usage.prompt_tokens > without.usage.prompt_tokens > 30
+    assert without.choices[0].message.tool_calls is None
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"tool_choice": {"type": "function", "function": {"name": "nope"}}, "tools": TOOLS}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tool_choice": "sometimes", "tools": TOOLS}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools"),
+    ({"tools": TOOLS, "tool_choice": "required",
+      "response_format": {"type": "json_object"}}, "tool_choice"),
+])
+def test_bad_tool_requests_are_400s(demo, extra, param):
+    r = demo.post("/v1/chat/completions", json={"model": MODEL, "messages": ASK, "max_tokens": 2, **extra})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
