@@ -172,10 +172,13 @@ class ToolCallStream:
     """Splits streamed text into content and tool-call deltas.
 
     Content passes through until the dialect's opener appears (text that could still become
-    the opener is held back); from there the text is tool calls. A Hermes call is sent as
-    soon as its block closes, other dialects' calls at the end: first a delta with index, id,
-    type and name, then the arguments.
+    the opener is held back); from there the text is tool calls. A Hermes call streams as
+    it is written: a delta with index, id, type and name once its name is read, then the
+    argument text in fragments (closing braces held back until the block ends). Other
+    dialects' calls are sent at the end, name first, then the arguments.
     """
+
+    _hermes_head = re.compile(r'\s*<tool_call>\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
 
     def __init__(self, dialect: ToolDialect):
         self.dialect = dialect
@@ -183,6 +186,8 @@ class ToolCallStream:
         self.in_calls = False
         self.calls: list[ToolCall] = []
         self._is_llama = isinstance(dialect, Llama3)
+        self._open: ToolCall | None = None  # the Hermes call whose arguments are streaming
+        self._args_at = 0  # where its arguments start in `held`
 
     def push(self, text: str) -> tuple[str, list[dict]]:
         """(content to send now, tool-call deltas to send now)."""
@@ -198,36 +203,60 @@ class ToolCallStream:
                 return content, []
             content, self.held = self.held[:at], self.held[at:]
             self.in_calls = True
-            return content, self._complete_blocks()
-        return "", self._complete_blocks()
+            return content, self._hermes_progress()
+        return "", self._hermes_progress()
 
     def finish(self) -> tuple[str, list[dict]]:
         """At the end of the output: what is left."""
         if not self.in_calls:
             content, self.held = self.held, ""
             return content, []
+        if self._open is not None:  # cut before its block closed: its arguments stay partial
+            self.held = ""
+            return "", []
         content, calls = self.dialect.parse(self.held)
         self.held = ""
-        return (content or "") if not calls else "", self._deltas(calls)
+        deltas = []
+        for call in calls:
+            deltas += self._header(call)
+            deltas.append({"index": len(self.calls) - 1, "function": {"arguments": call.arguments}})
+        return (content or "") if not calls else "", deltas
 
-    def _complete_blocks(self) -> list[dict]:
+    def _header(self, call: ToolCall) -> list[dict]:
+        self.calls.append(call)
+        return [{"index": len(self.calls) - 1, "id": call.id, "type": "function",
+                 "function": {"name": call.name, "arguments": ""}}]
+
+    def _hermes_progress(self) -> list[dict]:
         if not isinstance(self.dialect, Hermes):
             return []
         deltas = []
-        while (end := self.held.find(Hermes.closer)) >= 0:
-            block, self.held = self.held[:end + len(Hermes.closer)], self.held[end + len(Hermes.closer):]
-            deltas += self._deltas(self.dialect.parse(block)[1])
-        return deltas
+        while True:
+            if self._open is None:
+                head = self._hermes_head.match(self.held)
+                if head is None:
+                    return deltas
+                self._open = ToolCall(json.loads(f'"{head.group(1)}"'), "", _call_id(self.dialect.id_length))
+                self._args_at = head.end()
+                deltas += self._header(self._open)
+            args = self.held[self._args_at:]
+            end = args.find(Hermes.closer)
+            if end < 0:  # send what cannot be the end of the block
+                safe = args[:len(args) - _partial_suffix(args, Hermes.closer)].rstrip(" \t\r\n}")
+                deltas += self._send_args(safe)
+                return deltas
+            # the block is complete: its arguments are the text before the outer "}"
+            body = args[:end].rstrip()
+            final = body[:-1].rstrip() if body.endswith("}") else body
+            deltas += self._send_args(final)
+            self.held, self._open = args[end + len(Hermes.closer):], None
 
-    def _deltas(self, calls: list[ToolCall]) -> list[dict]:
-        deltas = []
-        for call in calls:
-            index = len(self.calls)
-            self.calls.append(call)
-            deltas.append({"index": index, "id": call.id, "type": "function",
-                           "function": {"name": call.name, "arguments": ""}})
-            deltas.append({"index": index, "function": {"arguments": call.arguments}})
-        return deltas
+    def _send_args(self, text: str) -> list[dict]:
+        call = self._open
+        if len(text) <= len(call.arguments) or not text.startswith(call.arguments):
+            return []
+        fragment, call.arguments = text[len(call.arguments):], text
+        return [{"index": len(self.calls) - 1, "function": {"arguments": fragment}}]
 
 
 def _partial_suffix(text: str, marker: str) -> int:

@@ -77,8 +77,20 @@ def test_stream_splits_content_and_calls_across_any_cut():
         content, deltas = content + c, deltas + d
         assert content == "Let me check. "
         assert deltas[0]["index"] == 0 and deltas[0]["function"]["name"] == "get_weather" and deltas[0]["id"]
-        arguments = "".join(d["function"]["arguments"] for d in deltas)
-        assert json.loads(arguments) == {"city": "Oslo", "unit": "c"}
+        fragments = [d["function"]["arguments"] for d in deltas[1:]]
+        assert len(fragments) > 3, "the arguments stream in fragments as they are written"
+        assert json.loads("".join(fragments)) == {"city": "Oslo", "unit": "c"}
+
+
+def test_parallel_streamed_calls_take_their_own_index():
+    call = '<tool_call>\n{"name": "add", "arguments": {"a": %d}}\n</tool_call>'
+    text = call % 1 + "\n" + call % 2
+    stream = ToolCallStream(Hermes())
+    deltas = [d for i in range(0, len(text), 3) for d in stream.push(text[i:i + 3])[1]] + stream.finish()[1]
+    for index in (0, 1):
+        mine = [d for d in deltas if d["index"] == index]
+        assert mine[0]["function"]["name"] == "add"
+        assert json.loads("".join(d["function"]["arguments"] for d in mine)) == {"a": index + 1}
 
 
 def test_stream_without_calls_is_all_content():
