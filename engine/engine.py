@@ -84,6 +84,7 @@ class Engine:
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
         self.check_prompt(prompt_ids)
+        self._check_vocab([t for t, _ in params.logit_bias])
         if not self.scheduler.can_add():
             raise QueueFull(f"{self.engine_config.max_waiting} requests are already waiting; retry later")
         seq = Sequence(list(prompt_ids), params)

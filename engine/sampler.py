@@ -16,6 +16,13 @@ def apply_penalties(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
     return logits - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).to(logits)
 
 
+def apply_logit_bias(logits: torch.Tensor, bias: tuple[tuple[int, float], ...]) -> torch.Tensor:
+    """Add each token's bias to its logit (after the grammar mask: a bias never unmasks)."""
+    ids, values = zip(*bias)
+    return logits.index_add(0, torch.tensor(ids, device=logits.device),
+                            torch.tensor(values, dtype=logits.dtype, device=logits.device))
+
+
 def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     if 0 < top_k < logits.shape[-1]:
         kth = logits.topk(top_k).values[-1]
@@ -36,7 +43,10 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple[int, TokenL
     chosen = []
     for i, (row, seq) in enumerate(zip(logits, seqs)):
         p = seq.params
-        scores = apply_penalties(masked[i] if masked is not None else row, seq)
+        scores = masked[i] if masked is not None else row
+        if p.logit_bias:
+            scores = apply_logit_bias(scores, p.logit_bias)
+        scores = apply_penalties(scores, seq)
         if p.greedy:
             token = int(scores.argmax())
         else:

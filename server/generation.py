@@ -46,7 +46,8 @@ class Generation:
     @property
     def usage(self) -> dict:
         prompt, completion = self.stream.num_prompt_tokens, self.record.num_generated
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": 0}}  # no prefix cache yet
 
     async def deltas(self) -> AsyncIterator[Delta]:
         try:

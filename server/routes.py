@@ -70,6 +70,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         prompt_ids = await asyncio.to_thread(engine.chat_prompt_ids, messages, **tools.template_vars)
     except MoestreamError as exc:
         raise APIError(str(exc), param="messages") from None
+    _check_logit_bias(body.logit_bias, engine.config.vocab_size)
     logprobs = body.num_logprobs
     grammar = tools.grammar or body.grammar
     await check_grammar(engine.grammars, grammar, "tools" if tools.grammar else "response_format")
@@ -77,7 +78,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
                             body.requested_max_tokens, body.stop_strings, arrival_s, "messages")
     if tools.dialect is not None and opener_is_control(tools.dialect, engine.tokenizer):
         gen.show_special_tokens()  # the calls start with a control token: keep it in the text
-    envelope = Envelope.new("chat.completion", model, "chatcmpl")
+    envelope = Envelope.new("chat.completion.chunk" if body.stream else "chat.completion", model, "chatcmpl")
     fmt = ChatFormat(gen, envelope, logprobs is not None, tools.dialect)
     if body.stream:
         return _event_stream(fmt.events(body.include_usage))
@@ -93,6 +94,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     if isinstance(prompt_ids, str):
         encode = state.engine.engine.tokenizer.encode
         prompt_ids = await asyncio.to_thread(encode, prompt_ids, add_special=True, parse_special=True)
+    _check_logit_bias(body.logit_bias, state.engine.engine.config.vocab_size)
     grammar = body.grammar
     await check_grammar(state.engine.engine.grammars, grammar, "response_format")
     gen = await state.start(prompt_ids, lambda n: body.sampling_params(n, body.logprobs, grammar),
@@ -102,6 +104,13 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     if body.stream:
         return _event_stream(fmt.events(body.include_usage))
     return await _respond_unless_gone(request, fmt.response)
+
+
+def _check_logit_bias(bias: dict[int, float] | None, vocab_size: int) -> None:
+    bad = [t for t in bias or {} if not 0 <= t < vocab_size]
+    if bad:
+        raise APIError(f"logit_bias names token {bad[0]}, outside the vocabulary (0..{vocab_size - 1})",
+                       param="logit_bias")
 
 
 class _EventStream(StreamingResponse):
@@ -188,7 +197,7 @@ class ChatFormat(_Format):
             self._calls = ToolCallStream(self.dialect)
 
     def opening(self) -> list[dict]:
-        return [{"index": 0, "delta": {"role": "assistant"}, "logprobs": None, "finish_reason": None}]
+        return [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
 
     def chunk_choices(self, delta: Delta) -> list[dict]:
         choices = []

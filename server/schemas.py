@@ -83,6 +83,22 @@ class _Sampling(_Request):
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     ignore_eos: bool = False
     response_format: ResponseFormat | None = None
+    logit_bias: dict[int, float] | None = None  # JSON keys are token ids as text
+
+    @field_validator("stream_options")
+    @classmethod
+    def _options_need_a_stream(cls, options: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if options is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed with stream: true")
+        return options
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_range(cls, bias: dict[int, float] | None) -> dict[int, float] | None:
+        for token, value in (bias or {}).items():
+            if not -100 <= value <= 100:
+                raise ValueError(f"the bias of token {token} is {value}; biases must be in [-100, 100]")
+        return bias
 
     @field_validator("n")
     @classmethod
@@ -111,7 +127,7 @@ class _Sampling(_Request):
             max_tokens=max_tokens, temperature=self.temperature, top_k=max(self.top_k, 0),
             top_p=self.top_p, seed=self.seed, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, ignore_eos=self.ignore_eos, logprobs=logprobs,
-            grammar=grammar)
+            grammar=grammar, logit_bias=tuple((self.logit_bias or {}).items()))
 
 
 class ChatCompletionRequest(_Sampling):

@@ -11,9 +11,8 @@ import jsonschema
 import openai
 import pytest
 
-from tests.server.conftest import ServerProcess
+from tests.server.conftest import DEMO_MODEL as MODEL
 
-MODEL = "moestream-demo"
 PERSON = {
     "type": "object",
     "properties": {
@@ -26,14 +25,6 @@ PERSON = {
     "required": ["name", "age", "tags", "address"],
 }
 HI = [{"role": "user", "content": "Describe a person."}]
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> ServerProcess:
-    cache = tmp_path_factory.mktemp("cache")
-    proc = ServerProcess(["--demo", "--max-batch", "4"], env={"XDG_CACHE_HOME": str(cache)})
-    yield proc.start()
-    proc.stop()
 
 
 def person_format(strict: bool) -> dict:

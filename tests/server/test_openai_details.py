@@ -1,0 +1,70 @@
+"""The smaller OpenAI details clients rely on (issue 16), against `moestream serve --demo`:
+logit_bias, chunk objects, the first delta, system_fingerprint, context-length errors,
+stream_options without a stream, prompt_tokens_details."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from tests.server.conftest import DEMO_MODEL as MODEL
+
+HI = [{"role": "user", "content": "hi"}]
+DEMO_CTX = 2048  # the demo preset's context
+
+
+def test_logit_bias_of_100_makes_every_token_that_token(demo):
+    out = demo.client().chat.completions.create(model=MODEL, messages=HI, max_tokens=8, seed=1, logprobs=True,
+                                                logit_bias={"300": 100}, extra_body={"ignore_eos": True})
+    tokens = [t.bytes for t in out.choices[0].logprobs.content]
+    assert len(tokens) == 8 and all(t == tokens[0] for t in tokens)
+    unbiased = demo.client().chat.completions.create(model=MODEL, messages=HI, max_tokens=8, seed=1, logprobs=True,
+                                                     extra_body={"ignore_eos": True})
+    assert len({bytes(t.bytes) for t in unbiased.choices[0].logprobs.content}) > 1, "random weights vary"
+
+
+def test_stream_chunks_are_chunk_objects_with_a_fingerprint(demo):
+    body = {"model": MODEL, "messages": HI, "max_tokens": 4, "stream": True}
+    with httpx.stream("POST", f"{demo.url}/v1/chat/completions", json=body, timeout=60) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert events and all(e["object"] == "chat.completion.chunk" for e in events)
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert len({e["system_fingerprint"] for e in events}) == 1
+    whole = demo.client().chat.completions.create(model=MODEL, messages=HI, max_tokens=2)
+    assert whole.object == "chat.completion" and whole.system_fingerprint == events[0]["system_fingerprint"]
+    assert whole.usage.prompt_tokens_details.cached_tokens == 0
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "ab " * DEMO_CTX}]}, "messages"),
+    ("/v1/completions", {"prompt": [5] * DEMO_CTX}, "prompt"),
+    ("/v1/completions", {"prompt": [5] * 100, "max_tokens": DEMO_CTX - 99}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": HI, "max_tokens": DEMO_CTX}, "max_tokens"),
+])
+def test_context_overflow_is_a_400_with_openai_code(demo, path, body, param):
+    r = demo.post(path, json={"model": MODEL, **body})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert (error["param"], error["code"], error["type"]) == (param, "context_length_exceeded", "invalid_request_error")
+
+
+def test_max_tokens_filling_the_context_exactly_is_accepted(demo):
+    # the end-of-text tokens (the last ones of the demo vocab) biased up end it after one token
+    body = {"model": MODEL, "prompt": [5] * 100, "max_tokens": DEMO_CTX - 100, "logit_bias": {"1021": 100, "1023": 100}}
+    r = demo.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 1 and r.json()["choices"][0]["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"stream_options": {"include_usage": True}}, "stream_options"),
+    ({"logit_bias": {"99999": 5}}, "logit_bias"),
+    ({"logit_bias": {"5": 101}}, "logit_bias"),
+    ({"logit_bias": {"five": 1}}, "logit_bias"),
+])
+def test_bad_stream_options_and_logit_bias_are_400s(demo, body, param):
+    r = demo.post("/v1/chat/completions", json={"model": MODEL, "messages": HI, "max_tokens": 2, **body})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
