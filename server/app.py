@@ -18,6 +18,7 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 from fastapi import Response
+from fastapi.middleware.cors import CORSMiddleware
 from prometheus_client import generate_latest
 
 from moestream.engine import Engine
@@ -57,6 +58,11 @@ def create_app(settings: ServerSettings, load: Callable[[], Engine]) -> FastAPI:
         return Response(generate_latest(state.metrics.registry), media_type=_TEXT_FORMAT)
 
     app.add_middleware(Gate, state=state)
+    if settings.allowed_origins:
+        # Added last, so outermost: a preflight is answered before the API key is asked for,
+        # and the Gate's refusals carry CORS headers the browser can read.
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins),
+                           allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"])
     return app
 
 
@@ -101,6 +107,7 @@ def serve(args: argparse.Namespace) -> int:
         log.warning("listening on %s without --api-key: anyone who can reach the port can use it", args.host)
     settings = ServerSettings(served_model_name=args.served_model_name or default_name,
                               api_key=args.api_key, ctx_size=args.ctx_size,
+                              allowed_origins=tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()),
                               shutdown_grace_s=args.shutdown_grace)
     app = create_app(settings, lambda: load_engine(source, options))
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),

@@ -31,6 +31,7 @@ class ServerSettings:
     api_key: str | None = None
     ctx_size: int = 4096  # an upper bound of the model length, for the token-count buckets
     shutdown_grace_s: float = 30.0
+    allowed_origins: tuple[str, ...] = ()  # CORS; empty: no cross-origin browser access
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """The smaller OpenAI details clients rely on (issue 16), against `moestream serve --demo`:
-logit_bias, chunk objects, the first delta, system_fingerprint, context-length errors,
+logit_bias, chunk objects, the first delta, system_fingerprint, context-length errors, CORS,
 stream_options without a stream, prompt_tokens_details."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from tests.server.conftest import DEMO_MODEL as MODEL
+from tests.server.conftest import ServerProcess
 
 HI = [{"role": "user", "content": "hi"}]
 DEMO_CTX = 2048  # the demo preset's context
@@ -68,3 +69,32 @@ def test_bad_stream_options_and_logit_bias_are_400s(demo, body, param):
     r = demo.post("/v1/chat/completions", json={"model": MODEL, "messages": HI, "max_tokens": 2, **body})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+ORIGIN = "http://app.example:3000"
+PREFLIGHT = {"Origin": ORIGIN, "Access-Control-Request-Method": "POST",
+             "Access-Control-Request-Headers": "authorization, content-type"}
+
+
+def test_cors_preflight_is_answered_before_the_api_key(tmp_path):
+    proc = ServerProcess(["--demo", "--api-key", "k", "--allowed-origins", f"{ORIGIN}, http://other.example"],
+                         env={"XDG_CACHE_HOME": str(tmp_path)}, api_key="k").start()
+    try:
+        url = f"{proc.url}/v1/chat/completions"
+        ok = httpx.options(url, headers=PREFLIGHT)
+        assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == ORIGIN
+        assert "POST" in ok.headers["access-control-allow-methods"]
+        stranger = httpx.options(url, headers={**PREFLIGHT, "Origin": "http://evil.example"})
+        assert "access-control-allow-origin" not in stranger.headers
+        # the real request still needs the key, and its answer is readable by the page
+        refused = httpx.post(url, json={"messages": HI}, headers={"Origin": ORIGIN})
+        assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == ORIGIN
+        served = proc.post("/v1/chat/completions", json={"messages": HI, "max_tokens": 1}, headers={"Origin": ORIGIN})
+        assert served.status_code == 200 and served.headers["access-control-allow-origin"] == ORIGIN
+    finally:
+        proc.stop()
+
+
+def test_no_cors_unless_origins_are_allowed(demo):
+    r = httpx.options(f"{demo.url}/v1/chat/completions", headers=PREFLIGHT)
+    assert "access-control-allow-origin" not in r.headers
