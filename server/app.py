@@ -27,6 +27,7 @@ from moestream.server.errors import install_error_handlers
 from moestream.server.metrics import ServerMetrics
 from moestream.server.model_source import ModelSource
 from moestream.server.options import engine_options
+from moestream.server.responses_api import router as responses_router
 from moestream.server.routes import router
 from moestream.server.state import Gate, ServerSettings, ServerState
 
@@ -49,6 +50,7 @@ def create_app(settings: ServerSettings, load: Callable[[], Engine]) -> FastAPI:
     app.state.server = state
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(responses_router)
 
     @app.get("/metrics", include_in_schema=False)
     def metrics() -> Response:

@@ -98,3 +98,41 @@ def test_cors_preflight_is_answered_before_the_api_key(tmp_path):
 def test_no_cors_unless_origins_are_allowed(demo):
     r = httpx.options(f"{demo.url}/v1/chat/completions", headers=PREFLIGHT)
     assert "access-control-allow-origin" not in r.headers
+
+
+# -- /v1/responses ---------------------------------------------------------------------
+def test_responses_create_returns_the_text_and_usage(demo):
+    client = demo.client()
+    out = client.responses.create(model=MODEL, input="Say hi", instructions="Be brief.", max_output_tokens=6,
+                                  temperature=0)
+    chat = client.chat.completions.create(model=MODEL, max_tokens=6, temperature=0,
+                                          messages=[{"role": "system", "content": "Be brief."},
+                                                    {"role": "user", "content": "Say hi"}])
+    assert out.object == "response" and out.id.startswith("resp_")
+    assert out.output_text == chat.choices[0].message.content, "the same prompt and greedy tokens as chat"
+    assert out.usage.input_tokens == chat.usage.prompt_tokens
+    assert out.usage.output_tokens == chat.usage.completion_tokens
+    assert out.status == ("incomplete" if chat.choices[0].finish_reason == "length" else "completed")
+
+
+def test_responses_stream_events_build_the_same_text(demo):
+    client = demo.client()
+    whole = client.responses.create(model=MODEL, input=[{"role": "user", "content": "Hello"}],
+                                    max_output_tokens=8, temperature=0)
+    events = list(client.responses.create(model=MODEL, input=[{"role": "user", "content": "Hello"}],
+                                          max_output_tokens=8, temperature=0, stream=True))
+    types = [e.type for e in events]
+    assert types[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert types[-4:-1] == ["response.output_text.done", "response.content_part.done", "response.output_item.done"]
+    assert types[-1] in ("response.completed", "response.incomplete")
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == whole.output_text == events[-1].response.output_text
+
+
+def test_responses_take_a_json_schema_text_format(demo):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    out = demo.client().responses.create(model=MODEL, input="json please", max_output_tokens=50,
+                                         text={"format": {"type": "json_schema", "name": "r", "schema": schema}})
+    assert json.loads(out.output_text) in ({"ok": True}, {"ok": False})
