@@ -3,12 +3,15 @@
 # moestream on an NVIDIA GPU:
 #   docker build -t moestream .
 #   docker run --gpus all -v ~/models:/models -p 8000:8000 moestream \
-#       serve --model /models/model.gguf --vram-budget 4GiB
+#       serve --model /models/model.gguf --vram-budget 6GiB
 #
-# PyTorch's Linux wheels carry their own CUDA runtime libraries (torch 2.13 from PyPI: CUDA 13,
-# which needs an NVIDIA driver >= 580), so a plain Python base is enough: the host provides the
-# driver through the NVIDIA Container Toolkit. For an older driver, build with a torch built for
-# an older CUDA, e.g. --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+# PyTorch's Linux wheels carry their own CUDA runtime libraries, so a plain Python base is
+# enough: the host provides the driver through the NVIDIA Container Toolkit. The default torch
+# is PyTorch's CUDA 12.8 build: NVIDIA driver 570 or newer (CUDA 12 minor-version
+# compatibility may stretch that to 525.60.13; untested), where PyPI's CUDA 13 build needs
+# 580 or newer. Other builds: --build-arg TORCH_INDEX_URL=...
+#   https://download.pytorch.org/whl/cpu    no GPU: no CUDA libraries, a much smaller image
+#   https://pypi.org/simple                 PyPI's default (CUDA 13, driver >= 580)
 # (see docs/DEPLOY.md). Every `serve` flag also reads an environment variable (MOESTREAM_*).
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
@@ -16,7 +19,7 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 # --- build: a virtual environment with torch and moestream, nothing else -------------------------
 FROM ${PYTHON_IMAGE} AS build
 ARG TORCH_VERSION=2.13.0
-ARG TORCH_INDEX_URL=https://pypi.org/simple
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/moestream

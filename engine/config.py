@@ -7,6 +7,7 @@ whether top-k routing weights are renormalised) so the forward never branches on
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -85,46 +86,91 @@ class ModelConfig:
                 f"{', '.join(sorted(ARCHITECTURES))} (Mixtral files say 'llama')"
             )
         spec = ARCHITECTURES[arch]
-
-        def key(name: str, default: Any = None) -> Any:
-            value = meta.get(f"{arch}.{name}", default)
-            if value is None:
-                raise MoestreamError(f"{source}: metadata key {arch}.{name} is missing; "
-                                     "re-convert the model with a recent llama.cpp")
-            return value
-
-        n_experts = int(key("expert_count", 0))
-        if n_experts == 0:
+        keys = _MetadataKeys(meta, arch, source)
+        if not meta.get(f"{arch}.expert_count"):
             raise MoestreamError(f"{source}: {arch} model without experts ({arch}.expert_count); "
                                  "moestream serves Mixture-of-Experts models only")
-        d_model = int(key("embedding_length"))
-        n_heads = int(key("attention.head_count"))
-        head_dim = int(meta.get(f"{arch}.attention.key_length", d_model // n_heads))
-        ffn = meta.get(f"{arch}.expert_feed_forward_length") or key("feed_forward_length")
+        n_experts = keys.count("expert_count")
+        d_model = keys.count("embedding_length")
+        n_heads = keys.count("attention.head_count")
+        n_kv_heads = keys.count("attention.head_count_kv", n_heads)
+        head_dim = keys.count("attention.key_length", d_model // n_heads)
+        ffn_name = "expert_feed_forward_length" if meta.get(f"{arch}.expert_feed_forward_length") \
+            else "feed_forward_length"
+        shared_ffn = 0
+        if spec.shared_expert:  # llama.cpp's default width for it: feed_forward_length
+            shared_name = "expert_shared_feed_forward_length" \
+                if meta.get(f"{arch}.expert_shared_feed_forward_length") else "feed_forward_length"
+            shared_ffn = keys.count(shared_name)
+        keys.require(n_heads % n_kv_heads == 0, "attention.head_count_kv", n_kv_heads,
+                     f"a divisor of attention.head_count ({n_heads})")
+        keys.require(keys.count("attention.value_length", head_dim) == head_dim, "attention.value_length",
+                     meta.get(f"{arch}.attention.value_length"), f"attention.key_length ({head_dim})")
+        n_experts_used = keys.count("expert_used_count")
+        keys.require(n_experts_used <= n_experts, "expert_used_count", n_experts_used,
+                     f"at most expert_count ({n_experts})")
+        rope_dims = keys.count("rope.dimension_count", head_dim)
+        keys.require(rope_dims <= head_dim and rope_dims % 2 == 0, "rope.dimension_count", rope_dims,
+                     f"even and at most the head size ({head_dim})")
+        rms_eps = keys.positive("attention.layer_norm_rms_epsilon")
+        keys.require(rms_eps < 1, "attention.layer_norm_rms_epsilon", rms_eps, "below 1")
         scaling = meta.get(f"{arch}.rope.scaling.type", "none")
         rope_scale = 1.0
         if scaling == "linear":
-            rope_scale = 1.0 / float(key("rope.scaling.factor"))
+            rope_scale = 1.0 / keys.positive("rope.scaling.factor")
         elif scaling not in ("none", None):
             raise MoestreamError(f"{source}: rope scaling {scaling!r} is not supported yet")
         return cls(
             arch=arch,
             name=str(meta.get("general.name", arch)),
-            n_layers=int(key("block_count")),
+            n_layers=keys.count("block_count"),
             d_model=d_model,
             n_heads=n_heads,
-            n_kv_heads=int(meta.get(f"{arch}.attention.head_count_kv", n_heads)),
+            n_kv_heads=n_kv_heads,
             head_dim=head_dim,
             n_experts=n_experts,
-            n_experts_used=int(key("expert_used_count")),
-            expert_ffn=int(ffn),
-            shared_ffn=int(meta.get(f"{arch}.expert_shared_feed_forward_length", 0)),
+            n_experts_used=n_experts_used,
+            expert_ffn=keys.count(ffn_name),
+            shared_ffn=shared_ffn,
             vocab_size=vocab_size,
-            context_length=int(key("context_length", 4096)),
-            rms_eps=float(key("attention.layer_norm_rms_epsilon")),
-            rope_base=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
-            rope_dims=int(meta.get(f"{arch}.rope.dimension_count", head_dim)),
+            context_length=keys.count("context_length", 4096),
+            rms_eps=rms_eps,
+            rope_base=keys.positive("rope.freq_base", 10000.0),
+            rope_dims=rope_dims,
             rope_scale=rope_scale,
             norm_topk=bool(meta.get(f"{arch}.expert_weights_norm", spec.norm_topk_default)),
             spec=spec,
         )
+
+
+class _MetadataKeys:
+    """`{arch}.*` values, each checked for its type and range: a corrupt header or a bad
+    conversion becomes one error naming the key, never an exception from deeper down."""
+
+    def __init__(self, meta: dict[str, Any], arch: str, source: str):
+        self.meta, self.arch, self.source = meta, arch, source
+
+    def get(self, name: str, default: Any = None) -> Any:
+        value = self.meta.get(f"{self.arch}.{name}", default)
+        if value is None:
+            raise MoestreamError(f"{self.source}: metadata key {self.arch}.{name} is missing; "
+                                 "re-convert the model with a recent llama.cpp")
+        return value
+
+    def count(self, name: str, default: int | None = None, minimum: int = 1) -> int:
+        value = self.get(name, default)
+        is_int = isinstance(value, int) and not isinstance(value, bool)
+        self.require(is_int and value >= minimum, name, value, f"an integer of at least {minimum}")
+        return value
+
+    def positive(self, name: str, default: float | None = None) -> float:
+        value = self.get(name, default)
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        self.require(is_number and math.isfinite(value) and value > 0, name, value, "a positive number")
+        return float(value)
+
+    def require(self, is_ok: bool, name: str, value: Any, expected: str) -> None:
+        if not is_ok:
+            raise MoestreamError(f"{self.source}: metadata {self.arch}.{name} = {value!r} must be "
+                                 f"{expected}; the file is corrupt or was converted wrongly: "
+                                 "download or re-convert it")

@@ -23,6 +23,7 @@ from moestream.engine.scheduler import Scheduler, SchedulerConfig, ScheduledSeq
 from moestream.engine.sequence import SamplingParams, Sequence, StepOutput
 from moestream.engine.chat_template import render_chat
 from moestream.engine.tokenizer import Tokenizer
+from moestream.engine.user_text import UserTextShield, split_rendered
 from moestream.kernels.errors import MoestreamError
 from moestream.engine.replay import RoutingReplay
 from moestream.offload.trace import RoutingRecorder, read_trace
@@ -60,6 +61,7 @@ class Engine:
             self.model.routing_hook = self._record_routing
         self.chat_template = file.meta.get("tokenizer.chat_template")
         self.grammars = GrammarCompiler(self.tokenizer, self.config.vocab_size)
+        self._user_text = UserTextShield(self.tokenizer.special_texts)
 
     @classmethod
     def from_gguf(cls, path: str | Path, device: str = "cpu", vram_budget: str | int | None = None,
@@ -72,10 +74,20 @@ class Engine:
         if not prompt_ids:
             raise MoestreamError("the prompt is empty: send at least one token")
         if len(prompt_ids) >= self.max_model_len:
-            raise MoestreamError(
+            raise PromptTooLong(
                 f"the prompt has {len(prompt_ids)} tokens but the context holds {self.max_model_len}: "
                 "shorten the prompt or start the server with a larger --ctx-size")
         self._check_vocab(prompt_ids)
+
+    def check_prompt_text(self, text: str) -> None:
+        """Refuse a text too long for the context before tokenizing it (which takes seconds
+        and holds memory for a text of megabytes): a cheap bound, not a token count."""
+        limit = (self.max_model_len - 1) * self.tokenizer.max_chars_per_token
+        if len(text) > limit:
+            raise PromptTooLong(
+                f"the prompt has {len(text)} characters, more than the {self.max_model_len}-token "
+                f"context can hold (at most {limit}): shorten the prompt or start the server with a "
+                "larger --ctx-size")
 
     def _check_vocab(self, token_ids: list[int]) -> None:
         bad = [t for t in token_ids if not 0 <= t < self.config.vocab_size]
@@ -86,7 +98,8 @@ class Engine:
         self.check_prompt(prompt_ids)
         self._check_vocab([t for t, _ in params.logit_bias])
         if not self.scheduler.can_add():
-            raise QueueFull(f"{self.engine_config.max_waiting} requests are already waiting; retry later")
+            raise QueueFull(f"the batch is full and {self.engine_config.max_waiting} requests are "
+                            "already waiting; retry later")
         seq = Sequence(list(prompt_ids), params)
         if params.grammar is not None:
             seq.constraint = self.grammars.start(params.grammar)
@@ -111,7 +124,19 @@ class Engine:
         logits = self.model.forward(batch, self.kv)
         for item in scheduled:
             item.seq.num_computed += item.n_tokens
-        return self._postprocess(sampling, sample(logits, sampling))
+        return self._postprocess(sampling, self._sample_each(logits, sampling))
+
+    def _sample_each(self, logits: torch.Tensor, seqs: list[Sequence]) -> list:
+        """Each sequence's (token, logprob), or the exception its sampling raised: one
+        request's failure ends that request alone, and the others' draws are untouched."""
+        chosen = []
+        for i, seq in enumerate(seqs):
+            try:
+                chosen.append(sample(logits[i:i + 1], [seq])[0])
+            except Exception as exc:
+                log.exception("sampling failed for sequence %d; ending it", seq.seq_id)
+                chosen.append(exc)
+        return chosen
 
     def _build_batch(self, scheduled: list[ScheduledSeq]) -> tuple[BatchInput, list[Sequence]]:
         tokens, positions, segments, logits_rows, sampling = [], [], [], [], []
@@ -145,7 +170,14 @@ class Engine:
 
     def _postprocess(self, seqs: list[Sequence], chosen: list) -> list[StepOutput]:
         outputs = []
-        for seq, (token, logprob) in zip(seqs, chosen):
+        for seq, choice in zip(seqs, chosen):
+            if isinstance(choice, Exception):
+                self.scheduler.finish(seq, "error")
+                self.sequences.pop(seq.seq_id, None)
+                error = f"{type(choice).__name__}: {choice}"
+                outputs.append(StepOutput(seq.seq_id, -1, True, "error", error=error))
+                continue
+            token, logprob = choice
             seq.output_ids.append(token)
             if seq.constraint is not None and not seq.constraint.accept(token):
                 log.warning("sequence %d: the grammar refused the sampled token %d", seq.seq_id, token)
@@ -179,13 +211,20 @@ class Engine:
             self.abort(seq.seq_id)
 
     def chat_prompt_ids(self, messages: list[dict], **template_vars) -> list[int]:
-        """Render messages with the model's chat template and tokenize (special tokens parsed)."""
+        """Render messages with the model's chat template and tokenize: the template's markup
+        with special tokens parsed, control-token spellings inside the messages as plain text."""
         tok = self.tokenizer
-        text = render_chat(self.chat_template, messages, add_generation_prompt=True,
+        # the template variables (tools' names and descriptions) are user text as well
+        shielded, user_texts = self._user_text.shield([*messages, template_vars])
+        *shielded, template_vars = shielded
+        text = render_chat(self.chat_template, shielded, add_generation_prompt=True,
                            bos_token=tok.token_text(tok.bos_id) if tok.bos_id is not None else "",
                            eos_token=tok.token_text(tok.eos_id) if tok.eos_id is not None else "",
                            **template_vars)
-        ids = tok.encode(text, add_special=False, parse_special=True)
+        self.check_prompt_text(text)
+        ids = []
+        for piece, is_markup in split_rendered(text, user_texts):
+            ids += tok.encode(piece, add_special=False, parse_special=is_markup)
         if tok.add_bos and tok.bos_id is not None and ids[:1] != [tok.bos_id]:
             ids = [tok.bos_id] + ids
         return ids
@@ -224,6 +263,10 @@ class Engine:
         stats.update(kv_cache_usage=self.kv.usage, num_running=len(self.scheduler.running),
                      num_waiting=len(self.scheduler.waiting))
         return stats
+
+
+class PromptTooLong(MoestreamError):
+    """The prompt does not fit the context; the server answers 400 context_length_exceeded."""
 
 
 class QueueFull(MoestreamError):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
+import psutil
 import torch
 
 
@@ -35,3 +37,13 @@ def default_kernels(device: str, kernels: str | None) -> str:
     """The command line follows llama.cpp's numerics on the CPU (q8) unless told otherwise;
     EngineConfig's default stays the exact path ("auto")."""
     return kernels or ("q8" if torch.device(device).type == "cpu" else "auto")
+
+
+def default_threads() -> int:
+    """CPU threads when none are given: $OMP_NUM_THREADS if set (the user's explicit choice),
+    else the physical cores this process may run on (llama.cpp's default; a second
+    hyperthread per core only adds contention to bandwidth-bound kernels)."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        return int(os.environ["OMP_NUM_THREADS"])
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(allowed, psutil.cpu_count(logical=False) or allowed))

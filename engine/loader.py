@@ -1,8 +1,9 @@
 """Open a GGUF file memory-mapped and check it is something moestream can run.
 
 Every problem a user can cause (not a GGUF, truncated, unknown architecture, a missing
-tensor, an unsupported block type) becomes one MoestreamError naming the file and what
-is wrong, raised here before any weight is touched.
+tensor, an unsupported block type, a header that disagrees with itself: see
+file_check.py) becomes one MoestreamError naming the file and what is wrong, raised here
+before any weight is touched.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFReader
 
-from moestream.engine.config import ModelConfig, QKNorm
+from moestream.engine.config import ModelConfig
+from moestream.engine.file_check import check_layout, check_strings, check_tensors, field_value
 from moestream.kernels.errors import MoestreamError
 from moestream.kernels.formats import block_format
 
@@ -61,12 +63,12 @@ class GGUFModelFile:
         return name in self.tensors
 
 
-def read_metadata(reader: GGUFReader) -> dict[str, Any]:
+def read_metadata(reader: GGUFReader, source: str = "") -> dict[str, Any]:
     meta: dict[str, Any] = {}
     for name, field in reader.fields.items():
         if name in _BIG_ARRAYS or name.startswith("GGUF."):
             continue
-        meta[name] = field.contents()
+        meta[name] = field_value(field, source)
     return meta
 
 
@@ -93,27 +95,16 @@ def open_gguf(path: str | Path) -> GGUFModelFile:
     except Exception as exc:  # the reader raises many types on bad bytes
         raise MoestreamError(f"{path}: not a readable GGUF file ({type(exc).__name__}: {exc}); "
                              "the file is truncated or corrupt, or not GGUF: download it again") from None
-    meta = read_metadata(reader)
+    check_strings(path, reader)
+    meta = read_metadata(reader, str(path))
     tensors = {t.name: _raw_tensor(path, t) for t in reader.tensors}
     if "token_embd.weight" not in tensors:
         raise MoestreamError(f"{path}: tensor 'token_embd.weight' is missing; this is a vocab-only "
                              "or incomplete GGUF, not a model")
     vocab_size = tensors["token_embd.weight"].dims[0]
     config = ModelConfig.from_metadata(meta, vocab_size, str(path))
-    missing = [name for name in required_tensors(config) if name not in tensors]
-    if missing:
-        raise MoestreamError(f"{path}: tensor {missing[0]!r} is missing ({len(missing)} missing in all); "
-                             f"the file is incomplete or not a {config.arch} model as llama.cpp names it")
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    check_tensors(path, config, {name: t.dims for name, t in tensors.items()},
+                  len(tokens.data) if tokens is not None else None)
+    check_layout(path, reader, path.stat().st_size)
     return GGUFModelFile(path, reader, meta, tensors, config)
-
-
-def required_tensors(config: ModelConfig) -> list[str]:
-    """Every tensor the forward reads, so a bad file fails before any weight is decoded."""
-    per_layer = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate_inp",
-                 "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"]
-    if config.spec.qk_norm is not QKNorm.NONE:
-        per_layer += ["attn_q_norm", "attn_k_norm"]
-    if config.spec.shared_expert:
-        per_layer += ["ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp"]
-    names = [f"blk.{i}.{t}.weight" for i in range(config.n_layers) for t in per_layer]
-    return ["token_embd.weight", "output_norm.weight", *names]

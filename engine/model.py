@@ -107,8 +107,9 @@ class MoEModel:
         head = "output.weight" if file.has("output.weight") else "token_embd.weight"
         self.lm_head = self._linear(file, head)
         self.rope = Rope(cfg.spec.rope, cfg.rope_dims, cfg.rope_base, cfg.rope_scale, device)
+        # disable=None: no bar when stderr is not a terminal, so a start-up error stays one line
         self.layers = [self._layer(file, i) for i in tqdm(range(cfg.n_layers), desc="loading layers",
-                                                          unit="layer", disable=not progress)]
+                                                          unit="layer", disable=None if progress else True)]
 
     def _dense(self, file: GGUFModelFile, name: str) -> torch.Tensor:
         return dequantize_tensor(file.tensor(name), self.dtype, self.device)

@@ -36,7 +36,10 @@ class Scheduler:
         self.running: list[Sequence] = []
 
     def can_add(self) -> bool:
-        return len(self.waiting) < self.config.max_waiting
+        # Room for max_waiting beyond the free batch slots: a burst into an idle engine is
+        # admitted whole, not cut at max_waiting before the next step runs any of it.
+        free_slots = max(0, self.config.max_num_seqs - len(self.running))
+        return len(self.waiting) < self.config.max_waiting + free_slots
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)

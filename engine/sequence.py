@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from dataclasses import dataclass, field
 from enum import Enum
@@ -11,6 +12,11 @@ import torch
 
 from moestream.engine.constraints import Constraint, Grammar
 from moestream.kernels.errors import MoestreamError
+
+# Below this a temperature or top_p means greedy (vLLM's _SAMPLING_EPS; llama.cpp treats
+# temperatures <= 0 the same way): dividing logits by a temperature of 1e-38 overflows.
+SAMPLING_EPS = 1e-5
+SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.Generator.manual_seed takes
 
 
 @dataclass(frozen=True)
@@ -29,7 +35,10 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), OpenAI's
 
     def __post_init__(self) -> None:
+        finite = all(math.isfinite(v) for v in (self.temperature, self.top_p, self.presence_penalty,
+                                                self.frequency_penalty))
         checks = [
+            (finite, "temperature, top_p and the penalties must be finite numbers"),
             (self.max_tokens >= 1, "max_tokens must be at least 1"),
             (self.temperature >= 0, "temperature must be >= 0"),
             (self.top_k >= 0, "top_k must be >= 0 (0 disables it)"),
@@ -37,6 +46,8 @@ class SamplingParams:
             (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "top_logprobs must be in [0, 20]"),
+            (self.seed is None or SEED_RANGE[0] <= self.seed <= SEED_RANGE[1],
+             f"seed must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]"),
             (all(-100 <= b <= 100 for _, b in self.logit_bias), "logit_bias values must be in [-100, 100]"),
         ]
         for ok, message in checks:
@@ -45,7 +56,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < SAMPLING_EPS or self.top_p < SAMPLING_EPS or self.top_k == 1
 
 
 class SequenceStatus(Enum):
@@ -102,5 +113,6 @@ class StepOutput:
     seq_id: int
     token_id: int
     finished: bool
-    finish_reason: str | None
+    finish_reason: str | None  # "stop" | "length" | "error"
     logprob: TokenLogprob | None = None
+    error: str | None = None  # why this sequence alone failed (finish_reason "error")

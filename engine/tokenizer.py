@@ -114,6 +114,9 @@ class Tokenizer:
         self._hf = build_hf_tokenizer(vocab)
         self._lock = threading.Lock()  # encode_special_tokens is state of the shared pipeline
         self._pieces = [self._piece(text, kind) for text, kind in zip(vocab.tokens, vocab.types)]
+        # No token stands for more characters than its piece has bytes: a text longer than
+        # this times n tokens has more than n tokens (a bound that needs no tokenizing).
+        self.max_chars_per_token = max(map(len, self._pieces))
 
     @classmethod
     def from_gguf(cls, path: str | Path) -> Tokenizer:
@@ -165,6 +168,11 @@ class Tokenizer:
     def token_text(self, token_id: int) -> str:
         """The token as the vocabulary spells it (e.g. 'ĠHello', '▁Hello', '<|im_end|>')."""
         return self.vocab.tokens[token_id]
+
+    @property
+    def special_texts(self) -> list[str]:
+        """The spellings that parse_special turns into control (or unknown) tokens."""
+        return [t for t, kind in zip(self.vocab.tokens, self.vocab.types) if kind in _SPECIAL_TYPES]
 
     def is_special(self, token_id: int) -> bool:
         """Control or unknown: rendered only on request, parsed only with parse_special."""

@@ -13,6 +13,7 @@ from enum import IntEnum
 
 import gguf
 
+from moestream.engine.file_check import field_value
 from moestream.engine.tokenizer_pre import PreTokenizerSpec, pre_tokenizer_spec
 from moestream.kernels.errors import MoestreamError
 
@@ -74,7 +75,7 @@ class GGUFVocab:
 
 def _get(reader: gguf.GGUFReader, key: str, default=None):
     field = reader.get_field(key)
-    return default if field is None else field.contents()
+    return default if field is None else field_value(field)
 
 
 def _token_id(reader: gguf.GGUFReader, key: str, default: int | None, n_vocab: int) -> int | None:

@@ -6,10 +6,13 @@ kernels in exact mode (fp32 activations, weights decoded in registers; kernels/c
 the type has one, and the torch reference (dequantize, then an fp32 matmul) otherwise; a CUDA tensor whose type has no Triton kernel
 takes the reference with a logged notice, once per type. backend="triton" forces the kernels
 (on CPU tensors they run under TRITON_INTERPRET=1); backend="torch" forces the reference.
+Without the triton package (a CPU-only install: CUDA builds of torch bring it) "auto" never
+picks Triton and "triton" says what to install.
 backend="q8" runs the compiled CPU kernels (kernels/cpu) with activations rounded to int8
 blocks as llama.cpp does: fast, about 0.7% from exact; CPU tensors only.
 """
 
+import importlib.util
 import logging
 from functools import lru_cache
 from typing import Literal
@@ -20,15 +23,20 @@ from gguf import GGMLQuantizationType as Q
 
 from moestream.kernels.cpu import cpu_qmatmul, has_cpu_kernel
 from moestream.kernels.dequant import dequantize
-from moestream.kernels.errors import UnsupportedQuantType
+from moestream.kernels.errors import MoestreamError, UnsupportedQuantType
 from moestream.kernels.expert_layout import SlotTensor
 from moestream.kernels.formats import block_format, row_bytes
 from moestream.kernels.moe_align import MoeAlignment, moe_align_block_size
 from moestream.kernels.reference import qmatmul_reference
-from moestream.kernels.triton_dequant_tiles import TRITON_QTYPES
-from moestream.kernels.triton_gemm import triton_gemm
-from moestream.kernels.triton_gemv import MAX_GEMV_ROWS, triton_gemv
-from moestream.kernels.triton_moe import moe_block_m, triton_grouped_qmatmul
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+if HAS_TRITON:
+    from moestream.kernels.triton_dequant_tiles import TRITON_QTYPES
+    from moestream.kernels.triton_gemm import triton_gemm
+    from moestream.kernels.triton_gemv import MAX_GEMV_ROWS, triton_gemv
+    from moestream.kernels.triton_moe import moe_block_m, triton_grouped_qmatmul
+else:
+    TRITON_QTYPES = frozenset()
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +46,7 @@ ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # A first guess from the instruction counts (M multiply-adds per weight on CUDA cores);
 # tune with `python -m bench.kernels` on the target GPU.
 GEMV_MAX_ROWS = 4
-assert GEMV_MAX_ROWS <= MAX_GEMV_ROWS
+assert not HAS_TRITON or GEMV_MAX_ROWS <= MAX_GEMV_ROWS
 
 
 def qmatmul(
@@ -128,6 +136,9 @@ def use_triton(qtype: Q, device: torch.device, backend: Backend) -> bool:
         raise ValueError(f"backend must be 'auto', 'triton', 'torch' or 'q8', got {backend!r}")
     if backend in ("torch", "q8"):
         return False
+    if backend == "triton" and not HAS_TRITON:
+        raise MoestreamError("the triton kernels need the triton package: `pip install triton` (CUDA "
+                             "builds of torch bring it), or use --kernels auto, q8 or torch")
     has_kernel = qtype in TRITON_QTYPES
     if backend == "triton" and not has_kernel:
         names = ", ".join(sorted(q.name for q in TRITON_QTYPES))

@@ -9,7 +9,6 @@ kernel skips blocks at or past `num_tokens_post_pad`.
 from dataclasses import dataclass
 
 import torch
-import triton
 
 
 @dataclass(frozen=True)
@@ -30,8 +29,8 @@ class MoeAlignment:
 def max_padded_pairs(n_pairs: int, n_experts: int, block_m: int) -> int:
     """Worst case of the padded length, in whole blocks: each used expert wastes < block_m slots."""
     used_experts = min(n_experts, n_pairs)
-    worst_blocks = min(triton.cdiv(n_pairs + used_experts * (block_m - 1), block_m),
-                       triton.cdiv(n_pairs, block_m) + used_experts)
+    worst_blocks = min(-(-(n_pairs + used_experts * (block_m - 1)) // block_m),
+                       -(-n_pairs // block_m) + used_experts)
     return worst_blocks * block_m
 
 

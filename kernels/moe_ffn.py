@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from moestream.kernels.expert_layout import SlotLayout
 from moestream.kernels.moe_align import moe_align_block_size
 from moestream.kernels.dispatch import Backend, grouped_qmatmul, use_triton
-from moestream.kernels.triton_moe import moe_block_m
 
 
 def moe_ffn(
@@ -26,6 +25,8 @@ def moe_ffn(
     n_experts = slot_of_expert.numel()
     alignment = None  # the Triton path sorts the pairs once for all three projections
     if any(use_triton(t.qtype, x.device, backend) for t in (layout.gate, layout.up, layout.down)):
+        from moestream.kernels.triton_moe import moe_block_m  # here: CPU-only installs may lack triton
+
         alignment = moe_align_block_size(topk_ids, n_experts, moe_block_m(topk_ids.numel(), n_experts))
     common = dict(alignment=alignment, backend=backend)
     fused = layout.fused_gate_up

@@ -213,16 +213,16 @@ def _parse_sizes(text: str) -> list[float]:
                              f"(0.125,0.25) or slot counts (8,16)") from err
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="moestream cache-sim",
-                                     description=__doc__.splitlines()[0])
+def add_cache_sim_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("files", nargs="+",
                         help="routing traces (moestream --record-routing, or vLLM logs)")
     parser.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)),
                         help="cache sizes: fractions of all experts (<1) or slot counts "
                              "(default %(default)s)")
     parser.add_argument("--policies", default=",".join(POLICIES), help="default %(default)s")
-    args = parser.parse_args(argv)
+
+
+def cache_sim_main(args: argparse.Namespace) -> int:
     sizes = _parse_sizes(args.sizes)
     policies = [p.strip().lower() for p in args.policies.split(",") if p.strip()]
     traces = [read_trace(path) for path in args.files]
@@ -232,6 +232,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\nExpert reuse between a token and the one before it\n")
     print(format_reuse([reuse_stats(trace) for trace in traces]))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="moestream cache-sim",
+                                     description=__doc__.splitlines()[0])
+    add_cache_sim_args(parser)
+    return cache_sim_main(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,16 @@ class TokenEvent:
 
 
 class EngineFailed(RuntimeError):
-    """The engine raised during a step; every request in flight gets this."""
+    """The engine failed this request: a step raised (every request in flight gets this)
+    or this request's own sampling did (it alone gets it)."""
+
+    error_type = "server_error"
+
+
+class ServerStopping(EngineFailed):
+    """The drain's grace ran out before this request finished."""
+
+    error_type = "unavailable_error"
 
 
 @dataclass
@@ -85,6 +94,10 @@ class AsyncEngine:
     def abort(self, seq_id: int) -> None:
         self._submit(lambda: self._abort(seq_id))
 
+    def fail_all(self, error: EngineFailed) -> None:
+        """End every request in flight with `error` (their streams send it as an event)."""
+        self._submit(lambda: self._fail_all(error))
+
     def _submit(self, command: Callable[[], None]) -> None:
         self._commands.put(command)
         self._wakeup.set()
@@ -134,7 +147,7 @@ class AsyncEngine:
             outputs = self.engine.step()
         except Exception as exc:
             log.exception("engine step failed; failing the requests in flight")
-            self._fail_all(exc)
+            self._fail_all(EngineFailed(f"the engine failed: {type(exc).__name__}: {exc}"))
             return
         end_s = time.monotonic()
         self._mark_scheduled(start_s)
@@ -143,7 +156,10 @@ class AsyncEngine:
             stream = self._streams.get(out.seq_id)
             if stream is None:  # aborted while this step ran
                 continue
-            batch.append((stream, TokenEvent(out.token_id, out.logprob, out.finish_reason, end_s)))
+            if out.error is not None:
+                batch.append((stream, EngineFailed(f"the engine failed this request: {out.error}")))
+            else:
+                batch.append((stream, TokenEvent(out.token_id, out.logprob, out.finish_reason, end_s)))
             if out.finished:
                 del self._streams[out.seq_id]
         if batch:
@@ -157,8 +173,7 @@ class AsyncEngine:
                 if seq is None or seq.status is not SequenceStatus.WAITING:
                     stream.scheduled_s = step_start_s
 
-    def _fail_all(self, exc: Exception) -> None:
-        error = EngineFailed(f"the engine failed: {type(exc).__name__}: {exc}")
+    def _fail_all(self, error: EngineFailed) -> None:
         batch = [(stream, error) for stream in self._streams.values()]
         for seq_id in list(self._streams):
             self._abort(seq_id)

@@ -1,8 +1,10 @@
 """OpenAI-shaped errors: {"error": {"message", "type", "param", "code"}} with llama-server's
-status for each type. A client's mistake is a 4xx, never a 500."""
+status for each type. A client's mistake is a 4xx, never a 500; a server fault is one
+traceback in the log and a 500 on a connection that stays usable."""
 
 from __future__ import annotations
 
+import json
 import logging
 
 from fastapi import FastAPI, Request
@@ -10,9 +12,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from moestream.engine.engine import PromptTooLong
 from moestream.kernels.errors import MoestreamError
 
 log = logging.getLogger(__name__)
+
+class ErrorResponse(JSONResponse):
+    """ASCII JSON: an error message may quote the client's text, which can be anything."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
+
 
 STATUS_OF_TYPE = {
     "invalid_request_error": 400,
@@ -35,22 +45,28 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
                           "code": self.code}}
 
-    def response(self) -> JSONResponse:
-        headers = {"Retry-After": str(self.retry_after_s)} if self.retry_after_s is not None else None
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+    def response(self, close: bool = False) -> JSONResponse:
+        """`close`: end the connection after it (the request's body was not read)."""
+        headers = {"Retry-After": str(self.retry_after_s)} if self.retry_after_s is not None else {}
+        if close:
+            headers["Connection"] = "close"
+        return ErrorResponse(self.body(), status_code=self.status, headers=headers)
 
 
 def bad_request(exc: MoestreamError, param: str | None = None) -> APIError:
-    return APIError(str(exc), param=param)
+    """A 400 for a request the engine refused (OpenAI's code for a prompt too long)."""
+    code = "context_length_exceeded" if isinstance(exc, PromptTooLong) else None
+    return APIError(str(exc), param=param, code=code)
 
 
 def _validation_error(exc: RequestValidationError) -> APIError:
     first = exc.errors()[0]
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    # Without "body" and pydantic's own steps ("function-after[...]", "list[TextPart]").
+    loc = [str(part) for part in first.get("loc", ()) if part != "body" and "[" not in str(part)]
     if first.get("type") == "json_invalid":
         return APIError(f"the request body is not valid JSON: {first.get('msg')}")
     where = ".".join(loc)
-    message = first.get("msg", "invalid request")
+    message = first.get("msg", "invalid request").removeprefix("Value error, ")
     # param names the top-level field; the message keeps the full path.
     return APIError(f"{where}: {message}" if where else message, param=loc[0] if loc else None)
 
@@ -72,7 +88,31 @@ def install_error_handlers(app: FastAPI) -> None:
             error = APIError(str(exc.detail), status=exc.status_code)
         return error.response()
 
-    @app.exception_handler(Exception)
-    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return APIError(f"internal error: {type(exc).__name__}", "server_error").response()
+
+class CatchAll:
+    """ASGI middleware, outside the others: an exception no handler took is logged once with
+    its traceback and answered with a 500 in OpenAI's shape. It stops here, so neither
+    Starlette nor uvicorn logs it again or drops the keep-alive connection."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_tracking(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracking)
+        except Exception as exc:
+            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            if not started:  # else the response is cut short and uvicorn closes the connection
+                error = APIError(f"internal server error ({type(exc).__name__}); the server log has "
+                                 "the details", "server_error")
+                await error.response()(scope, receive, send)

@@ -63,7 +63,9 @@ def describe(path: Path, vram_budget: str | None = None, ctx_size: int = 4096) -
     lines.append(f"experts are {expert_bytes / max(total, 1):.1%} of the file; the rest is "
                  f"{format_bytes(total - expert_bytes)}")
     if vram_budget is not None:
-        lines += ["", str(plan_for(file, vram_budget, ctx_size))]
+        lines += ["", "on a CUDA device (fp16 weights and KV cache; on the CPU, serve and generate keep every "
+                  "expert in host memory unless --max-cached-experts is given):",
+                  str(plan_for(file, vram_budget, ctx_size))]
     return "\n".join(lines)
 
 

@@ -39,11 +39,25 @@ class ModelSource:
         return self._download(*self._hub_parts())
 
     def _hub_parts(self) -> tuple[str, str]:
+        """(repo id, file path in the repo); anything that could name a path outside the
+        repo (absolute, "..", ".", empty parts, backslashes) is refused."""
+        from huggingface_hub.errors import HFValidationError
+        from huggingface_hub.utils import validate_repo_id
+
+        usage = f"write a Hugging Face file as {HF_PREFIX}OWNER/REPO/FILE.gguf (FILE may include folders)"
         parts = self.spec.removeprefix(HF_PREFIX).split("/")
         if len(parts) < 3 or not all(parts):
-            raise MoestreamError(f"{self.spec!r}: write a Hugging Face file as "
-                                 f"{HF_PREFIX}OWNER/REPO/FILE.gguf (FILE may include folders)")
-        return "/".join(parts[:2]), "/".join(parts[2:])
+            raise MoestreamError(f"{self.spec!r}: {usage}")
+        if any(part in (".", "..") for part in parts) or "\\" in self.spec:
+            raise MoestreamError(f"{self.spec!r}: '.', '..' and backslashes are not allowed in a "
+                                 f"Hugging Face reference; {usage}")
+        repo_id = "/".join(parts[:2])
+        try:
+            validate_repo_id(repo_id)
+        except HFValidationError as exc:
+            raise MoestreamError(f"{self.spec!r}: {repo_id!r} is not a Hugging Face repository id "
+                                 f"({str(exc).rstrip('.')}); {usage}") from None
+        return repo_id, "/".join(parts[2:])
 
     def _download(self, repo_id: str, filename: str) -> Path:
         from huggingface_hub import hf_hub_download

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from moestream.kernels.errors import MoestreamError
 from moestream.server.async_engine import EngineFailed
-from moestream.server.errors import APIError
+from moestream.server.errors import APIError, bad_request
 from moestream.server.generation import Generation
 from moestream.server.routes import _event_stream, _respond_unless_gone, _state
 from moestream.server.schemas import ChatCompletionRequest
@@ -136,7 +136,7 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
     try:
         prompt_ids = await asyncio.to_thread(engine.chat_prompt_ids, [m.as_template_input() for m in chat.messages])
     except MoestreamError as exc:
-        raise APIError(str(exc), param="input") from None
+        raise bad_request(exc, "input") from None
     grammar = chat.grammar
     await check_grammar(engine.grammars, grammar, "text")
     gen = await state.start(prompt_ids, lambda n: chat.sampling_params(n, None, grammar),

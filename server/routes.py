@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from moestream.kernels.errors import MoestreamError
 from moestream.server.async_engine import EngineFailed
-from moestream.server.errors import APIError
+from moestream.server.errors import APIError, bad_request
 from moestream.server.generation import Delta, Generation
 from moestream.server.responses import Envelope, chat_logprobs, completion_logprobs, sse
 from moestream.server.schemas import ChatCompletionRequest, CompletionRequest
@@ -69,8 +69,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     try:
         prompt_ids = await asyncio.to_thread(engine.chat_prompt_ids, messages, **tools.template_vars)
     except MoestreamError as exc:
-        raise APIError(str(exc), param="messages") from None
-    _check_logit_bias(body.logit_bias, engine.config.vocab_size)
+        raise bad_request(exc, "messages") from None
+    _check_logit_bias(body.token_bias, engine.config.vocab_size)
     logprobs = body.num_logprobs
     grammar = tools.grammar or body.grammar
     await check_grammar(engine.grammars, grammar, "tools" if tools.grammar else "response_format")
@@ -92,9 +92,14 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     model = state.check_model(body.model)
     prompt_ids = body.prompt
     if isinstance(prompt_ids, str):
-        encode = state.engine.engine.tokenizer.encode
-        prompt_ids = await asyncio.to_thread(encode, prompt_ids, add_special=True, parse_special=True)
-    _check_logit_bias(body.logit_bias, state.engine.engine.config.vocab_size)
+        engine = state.engine.engine
+        try:
+            engine.check_prompt_text(prompt_ids)
+        except MoestreamError as exc:
+            raise bad_request(exc, "prompt") from None
+        prompt_ids = await asyncio.to_thread(engine.tokenizer.encode, prompt_ids, add_special=True,
+                                             parse_special=True)
+    _check_logit_bias(body.token_bias, state.engine.engine.config.vocab_size)
     grammar = body.grammar
     await check_grammar(state.engine.engine.grammars, grammar, "response_format")
     gen = await state.start(prompt_ids, lambda n: body.sampling_params(n, body.logprobs, grammar),
@@ -106,8 +111,8 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     return await _respond_unless_gone(request, fmt.response)
 
 
-def _check_logit_bias(bias: dict[int, float] | None, vocab_size: int) -> None:
-    bad = [t for t in bias or {} if not 0 <= t < vocab_size]
+def _check_logit_bias(bias: tuple[tuple[int, float], ...], vocab_size: int) -> None:
+    bad = [t for t, _ in bias if not 0 <= t < vocab_size]
     if bad:
         raise APIError(f"logit_bias names token {bad[0]}, outside the vocabulary (0..{vocab_size - 1})",
                        param="logit_bias")
@@ -135,14 +140,17 @@ async def _respond_unless_gone(request: Request, respond: Callable) -> Response:
     while True:
         done, _ = await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
         if done:
-            return JSONResponse(task.result())
+            try:
+                return JSONResponse(task.result())
+            except EngineFailed as exc:
+                return APIError(str(exc), exc.error_type).response()
         if await request.is_disconnected():
             task.cancel()
             return Response(status_code=499)
 
 
-def _error_event(exc: Exception) -> str:
-    return sse(APIError(str(exc), "server_error").body())
+def _error_event(exc: EngineFailed) -> str:
+    return sse(APIError(str(exc), exc.error_type).body())
 
 
 @dataclass

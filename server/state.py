@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 
 from moestream.engine import Engine, QueueFull, SamplingParams
 from moestream.kernels.errors import MoestreamError
-from moestream.server.async_engine import AsyncEngine
+from moestream.server.async_engine import AsyncEngine, ServerStopping
 from moestream.server.errors import APIError
 from moestream.server.generation import Generation
+from moestream.server.limits import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_REQUEST_TIMEOUT_S
 from moestream.server.metrics import EngineView, RequestRecord, ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 EXIT_USAGE = 2
 LOADING_RETRY_AFTER_S = 5
 QUEUE_FULL_RETRY_AFTER_S = 1
+CUT_STREAMS_WAIT_S = 3.0  # after the grace: time for the requests cut off to send their error
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,8 @@ class ServerSettings:
     api_key: str | None = None
     ctx_size: int = 4096  # an upper bound of the model length, for the token-count buckets
     shutdown_grace_s: float = 30.0
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
     allowed_origins: tuple[str, ...] = ()  # CORS; empty: no cross-origin browser access
 
 
@@ -43,6 +47,9 @@ class ServerState:
     draining_since_s: float | None = None
     num_in_flight: int = 0
     exit_code: int | None = None  # set when the server must stop (a load failure)
+    cut_since_s: float | None = None  # when the drain's grace ran out with requests in flight
+    load_error: MoestreamError | None = None  # what to tell the user when exit_code is EXIT_USAGE
+    loader: threading.Thread | None = None
 
     @property
     def is_ready(self) -> bool:
@@ -53,8 +60,8 @@ class ServerState:
         def run() -> None:
             try:
                 engine = load()
-            except MoestreamError as exc:
-                log.error("moestream: error: %s", exc)
+            except MoestreamError as exc:  # the command line prints it once the server has stopped
+                self.load_error = exc
                 self.exit_code = EXIT_USAGE
                 return
             except Exception:
@@ -63,7 +70,8 @@ class ServerState:
                 return
             loop.call_soon_threadsafe(self._serve, engine, loop)
 
-        threading.Thread(target=run, name="moestream-loader", daemon=True).start()
+        self.loader = threading.Thread(target=run, name="moestream-loader", daemon=True)
+        self.loader.start()
 
     def _serve(self, engine: Engine, loop: asyncio.AbstractEventLoop) -> None:
         self.engine = AsyncEngine(engine, loop).start()
@@ -85,17 +93,35 @@ class ServerState:
             return True
         if self.draining_since_s is None:
             return False
-        waited_s = time.monotonic() - self.draining_since_s
-        return self.num_in_flight == 0 or waited_s > self.settings.shutdown_grace_s
+        now_s = time.monotonic()
+        if self.num_in_flight == 0:
+            return True
+        if now_s - self.draining_since_s <= self.settings.shutdown_grace_s:
+            return False
+        if self.cut_since_s is None:
+            self.cut_since_s = now_s
+            self._cut_requests()
+        return now_s - self.cut_since_s > CUT_STREAMS_WAIT_S
+
+    def _cut_requests(self) -> None:
+        """End what is still running with an error (an event for a stream), rather than let
+        uvicorn close connections under requests that would look complete."""
+        log.warning("drain: %d requests still in flight after %.0f s; ending them with an error",
+                    self.num_in_flight, self.settings.shutdown_grace_s)
+        if self.engine is not None:
+            self.engine.fail_all(ServerStopping(
+                f"the server shut down before this request finished (it waited "
+                f"{self.settings.shutdown_grace_s:g} s, its --shutdown-grace)"))
 
     def shutdown(self) -> None:
         if self.engine is not None:
             self.engine.stop()
 
     # -- requests -------------------------------------------------------------------
-    def refusal(self, authorization: str | None) -> APIError | None:
+    def refusal(self, authorization: bytes | None) -> APIError | None:
         key = self.settings.api_key
-        if key is not None and not secrets.compare_digest(authorization or "", f"Bearer {key}"):
+        # Bytes, not text: a header may hold any byte, and compare_digest takes only ASCII str.
+        if key is not None and not secrets.compare_digest(authorization or b"", f"Bearer {key}".encode()):
             return APIError("missing or wrong API key: send 'Authorization: Bearer <key>'",
                             "authentication_error", code="invalid_api_key")
         if self.draining_since_s is not None:
@@ -153,9 +179,7 @@ class Gate:
         if scope["type"] != "http" or not scope["path"].startswith("/v1"):
             await self.app(scope, receive, send)
             return
-        headers = dict(scope["headers"])
-        authorization = headers.get(b"authorization", b"").decode("latin-1") or None
-        error = self.state.refusal(authorization)
+        error = self.state.refusal(dict(scope["headers"]).get(b"authorization"))
         if error is not None:
             await error.response()(scope, receive, send)
             return

@@ -23,7 +23,7 @@ def test_inspect_describes_the_model(arch):
     assert result.returncode == 0, result.stderr
     gguf_arch = "llama" if arch == "mixtral" else arch
     for text in (f"architecture    {gguf_arch}", "routed experts", "Q4_K", "chat template   yes",
-                 "expert cache"):
+                 "expert cache", "on a CUDA device"):
         assert text in result.stdout
 
 

@@ -26,7 +26,7 @@ from multiprocessing.connection import Connection
 import numpy as np
 from tqdm import tqdm
 
-from moestream.engine.engine_config import default_kernels
+from moestream.engine.engine_config import default_kernels, default_threads
 from moestream.kernels.errors import MoestreamError
 from moestream.offload.hybrid import MissPolicy
 from moestream.tools.measure import (WARMUP_GEN_TOKENS, WARMUP_PROMPT_TOKENS, BenchConfig, RunMetrics,
@@ -38,6 +38,7 @@ class MoestreamRunner:
         import torch
 
         from moestream.engine import Engine
+        from moestream.engine.startup_check import check_startup_forward
 
         torch.set_num_threads(config.threads)
         self.torch, self.config = torch, config
@@ -48,6 +49,7 @@ class MoestreamRunner:
             max_batched_tokens=max(config.prompt_tokens, WARMUP_PROMPT_TOKENS),
             kernel_backend=config.kernels, miss_policy=config.miss_policy,
             simulate_link_gbps=config.simulate_link_gbps, replay_routing=config.replay_routing)
+        check_startup_forward(self.engine)
 
     def run(self, prompt_ids: list[int], gen_tokens: int) -> RunMetrics:
         from moestream.engine import SamplingParams
@@ -208,9 +210,11 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vram-budget", default=None, help="device memory for our engine, e.g. 4GiB")
     parser.add_argument("--max-cached-experts", type=int, default=None,
                         help="cap our expert cache slots (on the CPU: use a cache at all)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for both engines (default: all cores)")
-    parser.add_argument("--prompt-tokens", type=int, default=512)
-    parser.add_argument("--gen-tokens", type=int, default=128)
+    parser.add_argument("--threads", "-t", type=int, default=None,
+                        help="CPU threads for both engines: torch and our compiled kernels, llama.cpp's -t "
+                             "(default: $OMP_NUM_THREADS if set, else the physical cores)")
+    parser.add_argument("--prompt-tokens", type=int, default=512, help="prompt length of each run")
+    parser.add_argument("--gen-tokens", type=int, default=128, help="tokens generated in each run")
     parser.add_argument("--repeat", type=int, default=3, help="measured runs per engine (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="short unmeasured runs per engine first")
     parser.add_argument("--vs-llama-cpp", action="store_true", help="run llama-cpp-python on the same prompt")
@@ -230,17 +234,18 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
 
 
 def bench_main(args: argparse.Namespace) -> int:
-    import os
-
     import torch
+
+    from moestream.engine.loader import open_gguf
 
     if args.prompt_tokens < 1 or args.gen_tokens < 2:
         raise MoestreamError("--prompt-tokens must be >= 1 and --gen-tokens >= 2 (decode speed needs two tokens)")
+    open_gguf(args.model)  # a corrupt file fails here, before any worker starts
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     config = BenchConfig(
         model=args.model, device=device,
         vram_budget=args.vram_budget, max_cached_experts=args.max_cached_experts,
-        threads=args.threads or os.cpu_count() or 1,
+        threads=args.threads or default_threads(),
         prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens, n_cpu_moe=args.n_cpu_moe,
         kernels=default_kernels(device, args.kernels), miss_policy=args.miss_policy,
         replay_routing=args.replay_routing)

@@ -88,12 +88,14 @@ def add_perplexity_args(parser: argparse.ArgumentParser) -> None:
 
 def perplexity_main(args: argparse.Namespace) -> int:
     from moestream.engine import Engine
+    from moestream.engine.startup_check import check_startup_forward
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     engine = Engine.from_gguf(args.model, device=device, vram_budget=args.vram_budget,
                               ctx_size=args.ctx, max_batch=1, max_batched_tokens=args.ctx)
+    check_startup_forward(engine)
     tok = engine.tokenizer
     text = Path(args.text).read_text(encoding="utf-8")
     bos = tok.bos_id if tok.add_bos else None

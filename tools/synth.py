@@ -1,6 +1,6 @@
 """Synthetic full-size MoE models: random weights, the exact shapes and quant mix of a real one.
 
-`moestream synth --arch olmoe --preset olmoe-1b-7b --quant Q4_K_M -o model.gguf` writes what
+`moestream synth --preset olmoe-1b-7b --quant Q4_K_M -o model.gguf` writes what
 llama.cpp's converter + `llama-quantize ... Q4_K_M` would make of OLMoE-1B-7B, with random
 blocks instead of trained weights: the right tensor names, shapes and per-tensor types
 (tools.quant_mix), the architecture's metadata, and a byte-level BPE vocab of the right size
@@ -123,7 +123,15 @@ PRESETS: dict[str, dict[str, Preset]] = {
 }
 
 
-def get_preset(arch: str, name: str) -> Preset:
+def get_preset(arch: str | None, name: str) -> Preset:
+    """The preset `name`; `arch` may be None when only one architecture has a preset of that name."""
+    if arch is None:
+        archs = [a for a, presets in PRESETS.items() if name in presets]
+        if len(archs) != 1:
+            known = "; ".join(f"{a}: {', '.join(p)}" for a, p in PRESETS.items())
+            raise MoestreamError(f"preset {name!r} is in {', '.join(archs)}: add --arch" if archs else
+                                 f"no preset {name!r}; the presets are {known}")
+        arch = archs[0]
     if arch not in PRESETS:
         raise MoestreamError(f"no synthetic presets for architecture {arch!r}; one of {', '.join(PRESETS)}")
     if name not in PRESETS[arch]:
@@ -355,14 +363,15 @@ def _write_data(f, tensors: list[PlannedTensor], offset: int, alignment: int, se
 
 # -- command line -------------------------------------------------------------------------
 def add_synth_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--arch", required=True, choices=sorted(PRESETS),
-                        help="GGUF architecture (Mixtral is 'llama'; deepseek2 is written but not served yet)")
+    parser.add_argument("--arch", default=None, choices=sorted(PRESETS),
+                        help="GGUF architecture (Mixtral is 'llama'; deepseek2 is written but not served yet); "
+                             "needed only for a preset name several architectures have (tiny)")
     parser.add_argument("--preset", required=True,
                         help="model shape: " + "; ".join(f"{a}: {', '.join(p)}" for a, p in PRESETS.items()))
     parser.add_argument("--quant", default="Q4_K_M", choices=list(FILE_TYPES),
                         help="llama.cpp file type whose per-tensor mix to reproduce")
     parser.add_argument("-o", "--output", required=True, help="path of the .gguf file to write")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
 
 
 def synth_main(args: argparse.Namespace) -> int:

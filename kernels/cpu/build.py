@@ -11,6 +11,7 @@ import hashlib
 import logging
 import platform
 import sys
+import time
 from functools import cache
 from pathlib import Path
 from types import ModuleType
@@ -93,7 +94,11 @@ def compile_extension(without: tuple[str, ...] = ()) -> ModuleType:
     generated = build_dir / "gguf_constants.h"
     if not generated.exists() or generated.read_text() != header:
         generated.write_text(header)
-    return cpp_extension.load(
+    is_built = (build_dir / f"{name}.so").exists()
+    if not is_built:  # minutes of silence otherwise
+        log.info("building the C++ CPU kernels for this CPU (once; 1-2 minutes) in %s", build_dir)
+    start_s = time.perf_counter()
+    module = cpp_extension.load(
         name=name,
         sources=[str(CSRC / "extension.cpp")],
         extra_include_paths=[str(build_dir), str(CSRC)],
@@ -102,6 +107,9 @@ def compile_extension(without: tuple[str, ...] = ()) -> ModuleType:
         build_directory=str(build_dir),
         verbose=False,
     )
+    if not is_built:
+        log.info("built the C++ CPU kernels in %.0f s", time.perf_counter() - start_s)
+    return module
 
 
 @cache

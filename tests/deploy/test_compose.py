@@ -152,3 +152,56 @@ def test_dashboard_covers_the_board():
     assert any("by (layer)" in q.expr and "expert_cache_hits_total" in q.expr for q in queries)
     assert any("by (finished_reason)" in q.expr for q in queries)
     assert any("histogram_quantile(0.95" in q.expr for q in queries)
+
+
+# -- every variable, a CPU recipe, a GPU image for common drivers ----------------------------
+# The image fixes these two: the port mapping and Prometheus' target are written for them.
+IMAGE_FIXED_VARIABLES = {"MOESTREAM_HOST", "MOESTREAM_PORT"}
+
+
+class _ComposeLoader(yaml.SafeLoader):
+    """YAML with Compose's `!reset` (an override removing a value) read as a marker."""
+
+
+RESET = object()
+_ComposeLoader.add_constructor("!reset", lambda loader, node: RESET)
+
+
+def compose_variables(service: dict) -> set[str]:
+    return {entry.partition("=")[0] for entry in service["environment"]}
+
+
+def test_compose_passes_every_serve_variable_but_the_images_host_and_port():
+    from moestream.server.cli import serve_environment
+
+    variables = compose_variables(SERVICES["moestream"])
+    assert variables == set(serve_environment()) - IMAGE_FIXED_VARIABLES
+    assert IMAGE_FIXED_VARIABLES <= set(IMAGE.env())
+    shell = {name: "x" for name in variables}
+    assert set(container_env(SERVICES["moestream"], shell)) == variables  # bare names pass through
+
+
+def test_deploy_docs_list_every_serve_variable():
+    from moestream.server.cli import serve_environment
+
+    doc = (REPO_ROOT / "docs" / "DEPLOY.md").read_text()
+    table = re.findall(r"^\| `(MOESTREAM_\w+)` \| `(--[\w-]+)` \|", doc, re.M)
+    assert dict(table) == serve_environment()
+
+
+def test_cpu_override_drops_the_gpu_and_builds_with_the_cpu_wheel():
+    override = yaml.load((DEPLOY / "docker-compose.cpu.yml").read_text(), Loader=_ComposeLoader)
+    (service,) = override["services"].values()
+    assert set(override["services"]) == {"moestream"}
+    assert service["deploy"] is RESET
+    assert service["build"]["args"]["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+    assert service["image"] != SERVICES["moestream"]["image"], "a CPU build must not overwrite the GPU image's tag"
+
+
+def test_gpu_image_takes_a_cuda_12_torch_and_the_docs_state_its_driver():
+    build_args = {a.args.split("=", 1)[0]: a.args.split("=", 1)[1] for a in
+                  parse_dockerfile(REPO_ROOT / "Dockerfile")[0].all("ARG") if "=" in a.args}
+    assert re.fullmatch(r"https://download\.pytorch\.org/whl/cu12\d", build_args["TORCH_INDEX_URL"])
+    cuda = build_args["TORCH_INDEX_URL"].rsplit("cu", 1)[1]
+    deploy_doc = " ".join((REPO_ROOT / "docs" / "DEPLOY.md").read_text().split())
+    assert f"cu{cuda}` (default) | CUDA 12.{cuda[2:]} | NVIDIA driver **" in deploy_doc

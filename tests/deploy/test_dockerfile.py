@@ -22,12 +22,12 @@ from tests.deploy.live import REPO_ROOT, LiveServer, free_port
 STAGES = parse_dockerfile(REPO_ROOT / "Dockerfile")
 FINAL = STAGES[-1]
 BUILD = STAGES[0]
-PACKAGES = ("kernels", "offload", "engine", "server")
+PACKAGES = ("kernels", "offload", "engine", "tools", "server")  # installed as moestream.<folder>
 # Triton compiles a C launcher per kernel signature at run time and kernels/cpu builds its
 # C++ kernels for the host CPU at first use: these compiler drivers are run-time needs.
 RUNTIME_COMPILER_PACKAGES = {"gcc", "g++", "libc6-dev"}
 # The documented `docker run ... IMAGE serve ...` line.
-DOCUMENTED_RUN_ARGS = ["serve", "--model", "/models/X.gguf", "--vram-budget", "4GiB", "--host", "0.0.0.0"]
+DOCUMENTED_RUN_ARGS = ["serve", "--model", "/models/X.gguf", "--vram-budget", "6GiB", "--host", "0.0.0.0"]
 
 
 def parse_serve(argv: list[str], env: dict[str, str], monkeypatch):
@@ -76,7 +76,7 @@ def test_entrypoint_cmd_and_env_make_a_server_listening_on_the_exposed_port(monk
     assert default.func.__name__ == "cmd_serve"
     assert (default.host, default.port) == ("0.0.0.0", exposed)
     documented = parse_serve(DOCUMENTED_RUN_ARGS, image_env, monkeypatch)
-    assert (documented.model, documented.vram_budget, documented.port) == ("/models/X.gguf", "4GiB", exposed)
+    assert (documented.model, documented.vram_budget, documented.port) == ("/models/X.gguf", "6GiB", exposed)
 
 
 def test_models_volume():
@@ -153,5 +153,5 @@ def test_build_context_gives_a_wheel_with_every_package_file(tmp_path):
     listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", *PACKAGES],
                             cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.split()
     package_files = [f for f in listed if (REPO_ROOT / f).is_file()]
-    missing = [f for f in package_files if f not in in_wheel]
+    missing = [f for f in package_files if f"moestream/{f}" not in in_wheel]
     assert package_files and not missing, f"not in the wheel (declare them as package data): {missing}"

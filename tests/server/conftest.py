@@ -67,8 +67,9 @@ class ServerProcess:
             except httpx.TransportError:
                 pass
             time.sleep(0.2)
+        output = self.output()  # stop() closes (and deletes) the log
         self.stop()
-        raise AssertionError(f"server not healthy after {timeout_s} s:\n{self.output()}")
+        raise AssertionError(f"server not healthy after {timeout_s} s:\n{output}")
 
     def wait(self, timeout_s: float) -> int:
         return self.proc.wait(timeout_s)

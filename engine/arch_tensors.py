@@ -1,0 +1,111 @@
+"""The tensors the forward reads, and the shape the metadata gives each, as one table.
+
+Names are llama.cpp's; shapes are in torch order (slowest first, e.g. experts
+[n_expert, rows, cols]). Each dimension names the metadata key it comes from, so a file
+whose header disagrees with itself is refused with the key to blame.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from moestream.engine.config import ArchSpec, ModelConfig, QKNorm
+
+
+@dataclass(frozen=True)
+class Dim:
+    """One tensor dimension fixed by the metadata."""
+
+    key: str  # the metadata it comes from ("{arch}." is filled in)
+    size: Callable[[ModelConfig], int]
+
+
+D_MODEL = Dim("{arch}.embedding_length", lambda c: c.d_model)
+VOCAB = Dim("the token count of tokenizer.ggml.tokens", lambda c: c.vocab_size)
+Q_WIDTH = Dim("{arch}.attention.head_count x key_length", lambda c: c.n_heads * c.head_dim)
+KV_WIDTH = Dim("{arch}.attention.head_count_kv x key_length", lambda c: c.n_kv_heads * c.head_dim)
+HEAD_DIM = Dim("{arch}.attention.key_length", lambda c: c.head_dim)
+N_EXPERTS = Dim("{arch}.expert_count", lambda c: c.n_experts)
+EXPERT_FFN = Dim("{arch}.expert_feed_forward_length (or feed_forward_length)", lambda c: c.expert_ffn)
+SHARED_FFN = Dim("{arch}.expert_shared_feed_forward_length (or feed_forward_length)",
+                 lambda c: c.shared_ffn)
+
+
+def _always(spec: ArchSpec) -> bool:
+    return True
+
+
+def _full_qk_norm(spec: ArchSpec) -> bool:
+    return spec.qk_norm is QKNorm.FULL
+
+
+def _per_head_qk_norm(spec: ArchSpec) -> bool:
+    return spec.qk_norm is QKNorm.PER_HEAD
+
+
+def _shared_expert(spec: ArchSpec) -> bool:
+    return spec.shared_expert
+
+
+@dataclass(frozen=True)
+class TensorRule:
+    name: str  # "{i}" stands for the layer index
+    dims: tuple[Dim, ...]
+    is_required: bool = True
+    applies: Callable[[ArchSpec], bool] = _always
+
+
+MODEL_TENSORS = (
+    TensorRule("token_embd.weight", (VOCAB, D_MODEL)),
+    TensorRule("output_norm.weight", (D_MODEL,)),
+    TensorRule("output.weight", (VOCAB, D_MODEL), is_required=False),  # else tied to token_embd
+)
+
+LAYER_TENSORS = (
+    TensorRule("blk.{i}.attn_norm.weight", (D_MODEL,)),
+    TensorRule("blk.{i}.attn_q.weight", (Q_WIDTH, D_MODEL)),
+    TensorRule("blk.{i}.attn_k.weight", (KV_WIDTH, D_MODEL)),
+    TensorRule("blk.{i}.attn_v.weight", (KV_WIDTH, D_MODEL)),
+    TensorRule("blk.{i}.attn_output.weight", (D_MODEL, Q_WIDTH)),
+    # biases are used wherever a file has them (Qwen2 always does)
+    TensorRule("blk.{i}.attn_q.bias", (Q_WIDTH,), is_required=False),
+    TensorRule("blk.{i}.attn_k.bias", (KV_WIDTH,), is_required=False),
+    TensorRule("blk.{i}.attn_v.bias", (KV_WIDTH,), is_required=False),
+    TensorRule("blk.{i}.attn_q_norm.weight", (Q_WIDTH,), applies=_full_qk_norm),
+    TensorRule("blk.{i}.attn_k_norm.weight", (KV_WIDTH,), applies=_full_qk_norm),
+    TensorRule("blk.{i}.attn_q_norm.weight", (HEAD_DIM,), applies=_per_head_qk_norm),
+    TensorRule("blk.{i}.attn_k_norm.weight", (HEAD_DIM,), applies=_per_head_qk_norm),
+    TensorRule("blk.{i}.ffn_norm.weight", (D_MODEL,)),
+    TensorRule("blk.{i}.ffn_gate_inp.weight", (N_EXPERTS, D_MODEL)),
+    TensorRule("blk.{i}.ffn_gate_exps.weight", (N_EXPERTS, EXPERT_FFN, D_MODEL)),
+    TensorRule("blk.{i}.ffn_up_exps.weight", (N_EXPERTS, EXPERT_FFN, D_MODEL)),
+    TensorRule("blk.{i}.ffn_down_exps.weight", (N_EXPERTS, D_MODEL, EXPERT_FFN)),
+    TensorRule("blk.{i}.ffn_gate_shexp.weight", (SHARED_FFN, D_MODEL), applies=_shared_expert),
+    TensorRule("blk.{i}.ffn_up_shexp.weight", (SHARED_FFN, D_MODEL), applies=_shared_expert),
+    TensorRule("blk.{i}.ffn_down_shexp.weight", (D_MODEL, SHARED_FFN), applies=_shared_expert),
+    TensorRule("blk.{i}.ffn_gate_inp_shexp.weight", (D_MODEL,), is_required=False, applies=_shared_expert),
+)
+
+
+@dataclass(frozen=True)
+class ExpectedTensor:
+    name: str
+    shape: tuple[int, ...]
+    keys: tuple[str, ...]  # the metadata behind each dimension
+    is_required: bool
+
+
+def expected_tensors(config: ModelConfig) -> Iterator[ExpectedTensor]:
+    """Every tensor a model of this config may have, with the shape its metadata gives it."""
+    def expect(rule: TensorRule, name: str) -> ExpectedTensor:
+        return ExpectedTensor(name, tuple(d.size(config) for d in rule.dims),
+                              tuple(d.key.format(arch=config.arch) for d in rule.dims), rule.is_required)
+
+    for rule in MODEL_TENSORS:
+        if rule.applies(config.spec):
+            yield expect(rule, rule.name)
+    for i in range(config.n_layers):
+        for rule in LAYER_TENSORS:
+            if rule.applies(config.spec):
+                yield expect(rule, rule.name.format(i=i))
