@@ -34,13 +34,13 @@ router = APIRouter()
 
 
 class _InputText(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     type: Literal["input_text", "output_text", "text"]
     text: str
 
 
 class _InputMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     type: Literal["message"] = "message"
     role: Literal["user", "assistant", "system", "developer"]
     content: str | list[_InputText]
@@ -51,7 +51,7 @@ class _InputMessage(BaseModel):
 
 
 class _TextFormat(BaseModel):
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
     type: Literal["text", "json_object", "json_schema"] = "text"
     name: str | None = None
     json_schema: dict[str, Any] | None = Field(None, alias="schema")
@@ -65,12 +65,12 @@ class _TextFormat(BaseModel):
 
 
 class _TextOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     format: _TextFormat | None = None
 
 
 class ResponsesRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str | None = None
     input: str | list[_InputMessage] = Field(min_length=1)

@@ -25,7 +25,7 @@ from moestream.server.tool_calls import Hermes, ToolDialect, dialect_for
 
 
 class FunctionDef(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     description: str | None = None
@@ -37,18 +37,20 @@ class FunctionDef(BaseModel):
 
 
 class ToolDef(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     type: Literal["function"]
     function: FunctionDef
 
 
 class _NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
     name: str
 
 
 class NamedToolChoice(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     type: Literal["function"]
     function: _NamedFunction
