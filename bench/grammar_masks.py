@@ -5,7 +5,9 @@ through our Tokenizer (Qwen2's ~151k byte-level BPE from shared/data, and the de
 1024 tokens), it prints: the time to build the library's tokenizer info from our token
 bytes, the time to compile one JSON schema (a small nested object), and the time per
 generated token to compute the next-token mask and advance by the chosen token, walking a
-valid document token by token. One thread, the median of a few runs.
+valid document token by token. One thread, the median of a few runs. xgrammar and
+outlines-core are not dependencies: `pip install xgrammar outlines-core` first (or pass
+`--libs llguidance`).
 """
 
 from __future__ import annotations
@@ -119,7 +121,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     from moestream.server.demo import demo_model_path
-    data = Path(os.environ.get("MOESTREAM_SHARED_DATA", "/work/shared/data")) / "tokenizer"
+    data = Path(__file__).resolve().parents[2] / "shared" / "data" / "tokenizer"  # as tests/conftest.py
     vocabs = {"qwen2 (151k)": Tokenizer.from_gguf(data / "ggml-vocab-qwen2.gguf"),
               "demo (1024)": Tokenizer.from_gguf(demo_model_path())}
     print(f"load average: {os.getloadavg()[0]:.2f}")
