@@ -7,7 +7,8 @@ bytes, the time to compile one JSON schema (a small nested object), and the time
 generated token to compute the next-token mask and advance by the chosen token, walking a
 valid document token by token. One thread, the median of a few runs. xgrammar and
 outlines-core are not dependencies: `pip install xgrammar outlines-core` first (or pass
-`--libs llguidance`).
+`--libs llguidance`). `--decode` instead times the demo model's decode steps with and
+without a JSON grammar (what constrained decoding adds to a step of our engine).
 """
 
 from __future__ import annotations
@@ -112,14 +113,41 @@ def outlines_run(tok: Tokenizer, ids: list[int]) -> tuple[float, float, float]:
     return info_s, compile_s, timed(walk)[0] / len(ids)
 
 
+def decode_overhead(n_tokens: int = 64) -> None:
+    """Seconds per decode step of the demo engine, 4 sequences, free vs. each under a grammar
+    that never ends early (a JSON string of any length), after a warm-up run."""
+    from moestream.engine import Engine, SamplingParams
+    from moestream.engine.constraints import Grammar
+    from moestream.server.demo import demo_model_path
+
+    engine = Engine.from_gguf(demo_model_path())
+    prompt = engine.tokenizer.encode("a b c d e f")
+    string = Grammar.json_schema({"type": "string"})
+    for name, grammar in [("warm-up", None), ("free", None), ("JSON string", string), ("free", None)]:
+        params = SamplingParams(max_tokens=n_tokens, temperature=1.0, seed=0, ignore_eos=True, grammar=grammar)
+        for _ in range(4):
+            engine.add_request(prompt, params)
+        engine.step()  # prefill
+        start, steps = time.perf_counter(), 0
+        while engine.has_work():
+            engine.step()
+            steps += 1
+        assert steps == n_tokens - 1, "a sequence ended early"
+        print(f"{name:12} {(time.perf_counter() - start) / steps * 1e3:8.2f} ms per decode step (batch of 4)")
+
+
 RUNS = {"llguidance": llguidance_run, "xgrammar": xgrammar_run, "outlines-core": outlines_run}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--libs", default=",".join(RUNS))
+    parser.add_argument("--decode", action="store_true", help="time the demo engine's decode steps instead")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.decode:
+        decode_overhead()
+        return
     from moestream.server.demo import demo_model_path
     data = Path(__file__).resolve().parents[2] / "shared" / "data" / "tokenizer"  # as tests/conftest.py
     vocabs = {"qwen2 (151k)": Tokenizer.from_gguf(data / "ggml-vocab-qwen2.gguf"),
