@@ -32,6 +32,9 @@ def _valid_unicode(text: str) -> str:
 Text = Annotated[str, AfterValidator(_valid_unicode)]
 
 
+MAX_CHOICES = 16
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
@@ -126,9 +129,10 @@ class _Sampling(_Request):
 
     @field_validator("n")
     @classmethod
-    def _one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError(f"only n=1 is supported (got {n}); send separate requests for more choices")
+    def _few_choices(cls, n: int) -> int:
+        # each choice is a sequence of its own, prompt included (no shared KV yet)
+        if not 1 <= n <= MAX_CHOICES:
+            raise ValueError(f"n must be in [1, {MAX_CHOICES}] (got {n})")
         return n
 
     @property
@@ -145,11 +149,17 @@ class _Sampling(_Request):
         """What the output must match (response_format); None: free text."""
         return self.response_format.grammar() if self.response_format is not None else None
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None,
-                        grammar: Grammar | None = None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int, logprobs: int | None, grammar: Grammar | None = None,
+                        choice: int = 0) -> SamplingParams:
+        """Choice i of n draws with seed + i (wrapped into the seed range), so n seeded choices
+        differ from each other and repeat across requests."""
+        seed = self.seed
+        if seed is not None and choice:
+            low, high = SEED_RANGE
+            seed = low + (seed - low + choice) % (high - low + 1)
         return SamplingParams(
             max_tokens=max_tokens, temperature=self.temperature, top_k=max(self.top_k, 0),
-            top_p=self.top_p, seed=self.seed, presence_penalty=self.presence_penalty,
+            top_p=self.top_p, seed=seed, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, ignore_eos=self.ignore_eos, logprobs=logprobs,
             grammar=grammar, logit_bias=self.token_bias)
 

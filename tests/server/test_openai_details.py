@@ -136,3 +136,47 @@ def test_responses_take_a_json_schema_text_format(demo):
     out = demo.client().responses.create(model=MODEL, input="json please", max_output_tokens=50,
                                          text={"format": {"type": "json_schema", "name": "r", "schema": schema}})
     assert json.loads(out.output_text) in ({"ok": True}, {"ok": False})
+
+
+# -- n > 1 -----------------------------------------------------------------------------
+def test_n_choices_each_equal_a_request_with_its_seed(demo):
+    client = demo.client()
+    out = client.chat.completions.create(model=MODEL, messages=HI, max_tokens=6, n=3, seed=40,
+                                         extra_body={"ignore_eos": True})
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    alone = [client.chat.completions.create(model=MODEL, messages=HI, max_tokens=6, seed=40 + i,
+                                            extra_body={"ignore_eos": True}).choices[0].message.content
+             for i in range(3)]
+    assert [c.message.content for c in out.choices] == alone
+    assert len(set(alone)) > 1, "different seeds, different samples"
+    assert out.usage.prompt_tokens == client.chat.completions.create(
+        model=MODEL, messages=HI, max_tokens=1).usage.prompt_tokens, "the prompt counted once"
+    assert out.usage.completion_tokens == 18
+
+
+def test_n_streamed_choices_interleave_by_index(demo):
+    client = demo.client()
+    whole = client.completions.create(model=MODEL, prompt="a b", max_tokens=5, n=2, seed=7,
+                                      extra_body={"ignore_eos": True})
+    chunks = list(client.completions.create(model=MODEL, prompt="a b", max_tokens=5, n=2, seed=7, stream=True,
+                                            stream_options={"include_usage": True},
+                                            extra_body={"ignore_eos": True}))
+    texts = {0: "", 1: ""}
+    finishes = {}
+    for chunk in chunks[:-1]:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+            if choice.finish_reason:
+                finishes[choice.index] = choice.finish_reason
+    assert texts == {c.index: c.text for c in whole.choices}
+    assert finishes == {0: "length", 1: "length"}
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+
+
+def test_n_json_choices_all_validate(demo):
+    schema = {"type": "object", "properties": {"size": {"enum": ["S", "M", "L"]}}, "required": ["size"]}
+    out = demo.client().chat.completions.create(
+        model=MODEL, messages=HI, max_tokens=40, n=4, seed=2,
+        response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}})
+    assert len(out.choices) == 4
+    assert all(json.loads(c.message.content)["size"] in "SML" for c in out.choices)
