@@ -12,10 +12,11 @@ through the Triton interpreter on the CPU to test this script itself (timings me
 """
 
 import argparse
+import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
@@ -25,6 +26,8 @@ from gguf import GGMLQuantizationType as Q
 SHAPES = [(1024, 2048), (2048, 1024), (768, 2048), (2048, 768), (14336, 4096), (4096, 14336), (4096, 4096)]
 ROWS = [1, 2, 4, 8, 16, 64, 512]
 SMOKE_SHAPES, SMOKE_ROWS = [(64, 512)], [1, 3, 17]
+# Expert types of common GGUF mixes; Q5_0 is Qwen1.5-MoE Q4_K_M's down projection in half its layers.
+MOE_TYPES = (Q.Q4_K, Q.Q6_K, Q.Q8_0, Q.Q5_0)
 REL_TOL = {torch.float16: 3e-3, torch.bfloat16: 2e-2, torch.float32: 1e-3}  # fp32 dots run in TF32
 
 
@@ -46,6 +49,28 @@ class Row:
         return [self.kernel, self.qtype, self.dtype, str(self.m), str(self.n), str(self.k),
                 f"{self.time_us:.1f}", f"{self.gb_s:.0f}", f"{self.pct_copy:.0f}%", f"{self.torch_us:.1f}",
                 f"{self.rel_err:.1e}"]
+
+
+@dataclass
+class Report:
+    """Prints each row as it is measured and, with a JSON path, rewrites the file after each row:
+    a run stopped at a time limit keeps what it measured."""
+    device: str
+    copy_gb_s: float
+    json_path: str | None
+    rows: list[Row] = field(default_factory=list)
+
+    def add(self, row: Row) -> None:
+        print(_format([row.cells()], widths=_WIDTHS), flush=True)
+        self.rows.append(row)
+        self.save()
+
+    def save(self, checks_failed: int | None = None) -> None:
+        if self.json_path:
+            with open(self.json_path, "w") as f:
+                json.dump({"device": self.device, "copy_gb_s": self.copy_gb_s, "checks_failed": checks_failed,
+                           "finished": checks_failed is not None, "rows": [asdict(r) for r in self.rows]}, f,
+                          indent=1)
 
 
 HEADER = ["kernel", "type", "dtype", "M", "N", "K", "us", "GB/s", "%copy", "torch us", "max rel err"]
@@ -79,12 +104,23 @@ def weight_blocks(qtype: Q, n_blocks: int, gen: torch.Generator) -> torch.Tensor
     fp16 activations through a whole expert FFN stay finite."""
     from moestream.kernels.formats import block_format, random_blocks
 
+    fmt = block_format(qtype)
     blocks = random_blocks(qtype, n_blocks, gen)
-    for offset in block_format(qtype).fp16_fields:
-        scale = (torch.rand(n_blocks, generator=gen) + 0.5) * 2**-10
-        scale = torch.where(torch.rand(n_blocks, generator=gen) < 0.5, -scale, scale)
-        blocks[:, offset : offset + 2] = scale.half().view(torch.uint8).reshape(n_blocks, 2)
+    for offset in fmt.fp16_fields:
+        blocks[:, offset : offset + 2] = _small_scales(n_blocks, gen).view(torch.uint8).reshape(n_blocks, 2)
+    if fmt.nibble_fp16_scale_offset is not None:  # IQ1_M: the top nibbles of four uint16 words
+        bits = _small_scales(n_blocks, gen).view(torch.int16).int() & 0xFFFF
+        for word in range(4):
+            high_byte = fmt.nibble_fp16_scale_offset + 2 * word + 1
+            nibble = ((bits >> (4 * word)) & 0xF).to(torch.uint8)
+            blocks[:, high_byte] = (blocks[:, high_byte] & 0x0F) | (nibble << 4)
     return blocks
+
+
+def _small_scales(n: int, gen: torch.Generator) -> torch.Tensor:
+    """n fp16 values of magnitude 2**-10 .. 1.5 * 2**-10, either sign."""
+    scale = (torch.rand(n, generator=gen) + 0.5) * 2**-10
+    return torch.where(torch.rand(n, generator=gen) < 0.5, -scale, scale).half()
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -94,7 +130,8 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30)).item()
 
 
-def bench_matmuls(qtypes: list[Q], shapes, rows, dtypes, device: torch.device, copy_rate: float) -> list[Row]:
+def bench_matmuls(qtypes: list[Q], shapes, rows, dtypes, device: torch.device, copy_rate: float,
+                  report: Report) -> list[Row]:
     from moestream.kernels.formats import row_bytes
     from moestream.kernels.dispatch import qmatmul
     from moestream.kernels.triton_gemm import triton_gemm
@@ -118,11 +155,12 @@ def bench_matmuls(qtypes: list[Q], shapes, rows, dtypes, device: torch.device, c
                         gb_s = raw.numel() / us / 1e3
                         table.append(Row(name, qtype.name, str(dtype)[6:], m, n, k, us, gb_s,
                                          100 * gb_s / copy_rate, torch_us, err))
-                        print(_format([table[-1].cells()], widths=_WIDTHS), flush=True)
+                        report.add(table[-1])
     return table
 
 
-def bench_moe(qtype: Q, dims: tuple[int, int, int, int], tokens: list[int], dtype, device, copy_rate) -> list[Row]:
+def bench_moe(qtype: Q, dims: tuple[int, int, int, int], tokens: list[int], dtype, device, copy_rate,
+              report: Report) -> list[Row]:
     """Grouped gate|up matmul and the whole expert FFN over n_experts shuffled slots, top-k routing."""
     from moestream.kernels.expert_layout import SlotLayout, SlotTensor
     from moestream.kernels.moe_ffn import moe_ffn
@@ -157,7 +195,7 @@ def bench_moe(qtype: Q, dims: tuple[int, int, int, int], tokens: list[int], dtyp
             gb_s = n_bytes / us / 1e3
             table.append(Row(name, qtype.name, str(dtype)[6:], n_tokens, n, k, us, gb_s,
                              100 * gb_s / copy_rate, torch_us, err))
-            print(_format([table[-1].cells()], widths=_WIDTHS), flush=True)
+            report.add(table[-1])
     return table
 
 
@@ -179,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--types", help="comma-separated GGUF types (default: every Triton type)")
     parser.add_argument("--quick", action="store_true", help="one shape, M in {1, 16, 512}, fp16 only")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes under the Triton interpreter")
+    parser.add_argument("--json", metavar="PATH",
+                        help="also write the device, copy rate and the rows here (rewritten after each row)")
     args = parser.parse_args(argv)
     if args.cpu_smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of a kernel module
@@ -199,13 +239,16 @@ def main(argv: list[str] | None = None) -> int:
     copy_rate = copy_gb_s(device)
     print(f"device: {name}; device-to-device copy: {copy_rate:.0f} GB/s (read + write)")
     print(_format([HEADER], _WIDTHS))
-    table = bench_matmuls(qtypes, shapes, rows, dtypes, device, copy_rate)
-    for qtype in qtypes[:1] if args.cpu_smoke else [q for q in (Q.Q4_K, Q.Q6_K, Q.Q8_0) if q in qtypes]:
-        table += bench_moe(qtype, moe_dims, moe_tokens, dtypes[0], device, copy_rate)
+    report = Report(name, copy_rate, args.json)
+    table = []  # the grouped kernels first: the figures that matter most for offloading
+    for qtype in qtypes[:1] if args.cpu_smoke else [q for q in MOE_TYPES if q in qtypes]:
+        table += bench_moe(qtype, moe_dims, moe_tokens, dtypes[0], device, copy_rate, report)
+    table += bench_matmuls(qtypes, shapes, rows, dtypes, device, copy_rate, report)
     failed = [r for r in table if not r.rel_err <= REL_TOL[getattr(torch, r.dtype)]]
     for r in failed:
         print(f"CHECK FAILED: {r.kernel} {r.qtype} {r.dtype} M={r.m} N={r.n} K={r.k}: error {r.rel_err:.2e}")
     print(f"{len(table) - len(failed)}/{len(table)} checks passed")
+    report.save(checks_failed=len(failed))
     return 1 if failed else 0
 
 

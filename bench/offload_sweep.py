@@ -12,6 +12,7 @@ budget. On a machine without CUDA the "device" is host memory (copies are memcpy
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 
@@ -54,12 +55,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="CPU only: put the cache's 'device' behind a simulated link this fast")
     p.add_argument("--replay-routing", default=None, metavar="LOG",
                    help="route from this real routing log instead of the (random-weight) router")
+    p.add_argument("--json", metavar="PATH", help="also write every row (and the pinned H2D rate) here")
     args = p.parse_args(argv)
     peak = pinned_h2d_gb_s()
     print(f"pinned host->device: {f'{peak:.1f} GB/s' if peak else 'n/a (no CUDA)'}"
           + (f"; simulated link {args.simulate_link_gbps} GB/s" if args.simulate_link_gbps else ""))
     print(f"{'budget':>10} {'policy':>6} {'decode tok/s':>13} {'prefill tok/s':>14} {'hit rate':>9} "
-          f"{'misses on CPU':>14} {'H2D GB/s':>9} {'peak VRAM':>11} {'fits':>5}")
+          f"{'misses on CPU':>14} {'H2D GB/s':>9} {'peak VRAM':>11} {'reserved':>11} {'fits':>5}")
+    rows = []
     for budget in args.budgets.split(","):
         for policy in args.policies.split(","):
             config = BenchConfig(model=args.model, device=args.device, vram_budget=budget,
@@ -69,11 +72,16 @@ def main(argv: list[str] | None = None) -> int:
                                  simulate_link_gbps=args.simulate_link_gbps,
                                  replay_routing=args.replay_routing)
             s = summarize(run_bench(config, ["moestream"], args.repeat, warmup=1, progress=False)["moestream"])
-            vram = s["peak_vram_bytes"] or 0
-            fits = "yes" if vram <= parse_bytes(budget) else "NO"
+            vram, reserved = s["peak_vram_bytes"] or 0, s["peak_reserved_vram_bytes"] or 0
+            fits = "yes" if max(vram, reserved) <= parse_bytes(budget) else "NO"
             print(f"{budget:>10} {policy:>6} {s['decode_tok_s']:>13.2f} {s['prefill_tok_s']:>14.2f} "
                   f"{_cell(s['expert_hit_rate']):>9} {_cell(s['cpu_miss_share']):>14} {_cell(s['h2d_gb_s'], 2):>9} "
-                  f"{format_bytes(vram):>11} {fits:>5}", flush=True)
+                  f"{format_bytes(vram):>11} {format_bytes(reserved):>11} {fits:>5}", flush=True)
+            rows.append({"budget": budget, "budget_bytes": parse_bytes(budget), "policy": policy, **s})
+            if args.json:  # after each row: a run stopped at a time limit keeps what it measured
+                with open(args.json, "w") as f:
+                    json.dump({"pinned_h2d_gb_s": peak, "simulated_link_gbps": args.simulate_link_gbps,
+                               "replay_routing": args.replay_routing, "rows": rows}, f, indent=1)
     return 0
 
 

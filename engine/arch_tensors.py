@@ -30,6 +30,14 @@ N_EXPERTS = Dim("{arch}.expert_count", lambda c: c.n_experts)
 EXPERT_FFN = Dim("{arch}.expert_feed_forward_length (or feed_forward_length)", lambda c: c.expert_ffn)
 SHARED_FFN = Dim("{arch}.expert_shared_feed_forward_length (or feed_forward_length)",
                  lambda c: c.shared_ffn)
+# hybrid models' Gated DeltaNet layers (LinearAttnConfig)
+Q_GATE_WIDTH = Dim("2 x {arch}.attention.head_count x key_length", lambda c: 2 * c.n_heads * c.head_dim)
+CONV_CHANNELS = Dim("2 x {arch}.ssm.group_count x state_size + ssm.inner_size",
+                    lambda c: c.linear.conv_channels)
+CONV_KERNEL = Dim("{arch}.ssm.conv_kernel", lambda c: c.linear.conv_kernel)
+SSM_INNER = Dim("{arch}.ssm.inner_size", lambda c: c.linear.n_v_heads * c.linear.head_v_dim)
+V_HEADS = Dim("{arch}.ssm.time_step_rank", lambda c: c.linear.n_v_heads)
+V_HEAD_DIM = Dim("{arch}.ssm.inner_size / time_step_rank", lambda c: c.linear.head_v_dim)
 
 
 def _always(spec: ArchSpec) -> bool:
@@ -88,6 +96,53 @@ LAYER_TENSORS = (
 )
 
 
+# qwen35moe as llama.cpp's converter writes it (read off converted files with GGUFReader):
+# every layer has attn_norm, post_attention_norm (the pre-FFN norm), the routed experts and a
+# sigmoid-gated shared expert; a DeltaNet layer has attn_qkv (q, k, v for the convolution),
+# attn_gate (z), ssm_conv1d, ssm_dt.bias, ssm_a (already -exp(A_log), no .weight suffix),
+# ssm_alpha, ssm_beta, ssm_norm (per v-head), ssm_out; a full-attention layer has attn_q (per
+# head: query then gate), attn_k, attn_v, per-head q/k norms, attn_output. Norm weights
+# already carry the +1 of HF's (1 + w) norms. V-heads are tiled over k-heads.
+HYBRID_LAYER_TENSORS = (
+    TensorRule("blk.{i}.attn_norm.weight", (D_MODEL,)),
+    TensorRule("blk.{i}.post_attention_norm.weight", (D_MODEL,)),
+    TensorRule("blk.{i}.ffn_gate_inp.weight", (N_EXPERTS, D_MODEL)),
+    TensorRule("blk.{i}.ffn_gate_exps.weight", (N_EXPERTS, EXPERT_FFN, D_MODEL)),
+    TensorRule("blk.{i}.ffn_up_exps.weight", (N_EXPERTS, EXPERT_FFN, D_MODEL)),
+    TensorRule("blk.{i}.ffn_down_exps.weight", (N_EXPERTS, D_MODEL, EXPERT_FFN)),
+    TensorRule("blk.{i}.ffn_gate_shexp.weight", (SHARED_FFN, D_MODEL)),
+    TensorRule("blk.{i}.ffn_up_shexp.weight", (SHARED_FFN, D_MODEL)),
+    TensorRule("blk.{i}.ffn_down_shexp.weight", (D_MODEL, SHARED_FFN)),
+    TensorRule("blk.{i}.ffn_gate_inp_shexp.weight", (D_MODEL,)),
+)
+DELTANET_TENSORS = (
+    TensorRule("blk.{i}.attn_qkv.weight", (CONV_CHANNELS, D_MODEL)),
+    TensorRule("blk.{i}.attn_gate.weight", (SSM_INNER, D_MODEL)),
+    TensorRule("blk.{i}.ssm_conv1d.weight", (CONV_CHANNELS, CONV_KERNEL)),
+    TensorRule("blk.{i}.ssm_dt.bias", (V_HEADS,)),
+    TensorRule("blk.{i}.ssm_a", (V_HEADS,)),
+    TensorRule("blk.{i}.ssm_alpha.weight", (V_HEADS, D_MODEL)),
+    TensorRule("blk.{i}.ssm_beta.weight", (V_HEADS, D_MODEL)),
+    TensorRule("blk.{i}.ssm_norm.weight", (V_HEAD_DIM,)),
+    TensorRule("blk.{i}.ssm_out.weight", (D_MODEL, SSM_INNER)),
+)
+GATED_ATTENTION_TENSORS = (
+    TensorRule("blk.{i}.attn_q.weight", (Q_GATE_WIDTH, D_MODEL)),
+    TensorRule("blk.{i}.attn_k.weight", (KV_WIDTH, D_MODEL)),
+    TensorRule("blk.{i}.attn_v.weight", (KV_WIDTH, D_MODEL)),
+    TensorRule("blk.{i}.attn_q_norm.weight", (HEAD_DIM,)),
+    TensorRule("blk.{i}.attn_k_norm.weight", (HEAD_DIM,)),
+    TensorRule("blk.{i}.attn_output.weight", (D_MODEL, Q_WIDTH)),
+)
+
+
+def layer_rules(config: ModelConfig, i: int) -> tuple[TensorRule, ...]:
+    if config.linear is None:
+        return LAYER_TENSORS
+    mixer = DELTANET_TENSORS if config.linear.recurrent_layers[i] else GATED_ATTENTION_TENSORS
+    return HYBRID_LAYER_TENSORS + mixer
+
+
 @dataclass(frozen=True)
 class ExpectedTensor:
     name: str
@@ -106,6 +161,6 @@ def expected_tensors(config: ModelConfig) -> Iterator[ExpectedTensor]:
         if rule.applies(config.spec):
             yield expect(rule, rule.name)
     for i in range(config.n_layers):
-        for rule in LAYER_TENSORS:
+        for rule in layer_rules(config, i):
             if rule.applies(config.spec):
                 yield expect(rule, rule.name.format(i=i))

@@ -42,7 +42,69 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     ),
     "qwen3moe": ArchSpec(RopeStyle.NEOX, QKNorm.PER_HEAD, shared_expert=False, norm_topk_default=True),
     "llama": ArchSpec(RopeStyle.NORM, QKNorm.NONE, shared_expert=False, norm_topk_default=True),
+    # Qwen3.5/3.6 MoE: Gated DeltaNet layers between gated full-attention layers
+    # (LinearAttnConfig; the forward is engine/models/qwen35moe.py). The rope is interleaved
+    # M-RoPE, which for text (one position per token in every section) is NEOX rope over
+    # rope.dimension_count dims; the converter bakes the (1 + w) RMSNorm offset into the norms.
+    "qwen35moe": ArchSpec(RopeStyle.NEOX, QKNorm.PER_HEAD, shared_expert=True, norm_topk_default=True),
 }
+
+
+@dataclass(frozen=True)
+class LinearAttnConfig:
+    """The Gated DeltaNet layers of a hybrid model, from llama.cpp's `ssm.*` keys (the
+    converter writes: conv_kernel = linear_conv_kernel_dim, state_size = linear_key_head_dim,
+    group_count = linear_num_key_heads, time_step_rank = linear_num_value_heads,
+    inner_size = linear_value_head_dim * linear_num_value_heads)."""
+
+    conv_kernel: int
+    head_k_dim: int
+    n_k_heads: int
+    n_v_heads: int
+    head_v_dim: int
+    recurrent_layers: tuple[bool, ...]  # attention.recurrent_layers: True for a DeltaNet layer
+
+    def __post_init__(self) -> None:
+        assert self.n_v_heads % self.n_k_heads == 0, "DeltaNet v-heads must be a multiple of k-heads"
+        assert self.conv_kernel >= 2
+
+    @property
+    def conv_channels(self) -> int:
+        """Width of attn_qkv's output, which the short convolution runs over: q, k, v."""
+        return 2 * self.n_k_heads * self.head_k_dim + self.n_v_heads * self.head_v_dim
+
+    @property
+    def state_bytes_per_seq(self) -> int:
+        """fp32 conv window and recurrent state of one sequence over every DeltaNet layer."""
+        conv = (self.conv_kernel - 1) * self.conv_channels
+        recurrent = self.n_v_heads * self.head_k_dim * self.head_v_dim
+        return sum(self.recurrent_layers) * (conv + recurrent) * 4
+
+    @classmethod
+    def from_metadata(cls, keys: _MetadataKeys) -> LinearAttnConfig:
+        n_layers = keys.count("block_count")
+        if f"{keys.arch}.attention.recurrent_layers" in keys.meta:
+            recurrent = keys.get("attention.recurrent_layers")
+            keys.require(isinstance(recurrent, list) and len(recurrent) == n_layers,
+                         "attention.recurrent_layers", recurrent, f"one flag per layer ({n_layers})")
+            recurrent = tuple(bool(r) for r in recurrent)
+        else:  # files without the list: every full_attention_interval-th layer is full attention
+            interval = keys.count("full_attention_interval")
+            recurrent = tuple((i + 1) % interval != 0 for i in range(n_layers))
+        keys.require(not all(recurrent), "attention.recurrent_layers", recurrent, "not all True")
+        n_k_heads, n_v_heads = keys.count("ssm.group_count"), keys.count("ssm.time_step_rank")
+        keys.require(n_v_heads % n_k_heads == 0, "ssm.time_step_rank", n_v_heads,
+                     f"a multiple of ssm.group_count ({n_k_heads})")
+        inner = keys.count("ssm.inner_size")
+        keys.require(inner % n_v_heads == 0, "ssm.inner_size", inner,
+                     f"a multiple of ssm.time_step_rank ({n_v_heads})")
+        return cls(conv_kernel=keys.count("ssm.conv_kernel", minimum=2),
+                   head_k_dim=keys.count("ssm.state_size"), n_k_heads=n_k_heads, n_v_heads=n_v_heads,
+                   head_v_dim=inner // n_v_heads, recurrent_layers=recurrent)
+
+
+# Hybrid architectures: the ones with Gated DeltaNet layers described by LinearAttnConfig.
+LINEAR_ATTN_ARCHS = ("qwen35moe",)
 
 
 @dataclass(frozen=True)
@@ -66,6 +128,7 @@ class ModelConfig:
     rope_scale: float
     norm_topk: bool
     spec: ArchSpec
+    linear: LinearAttnConfig | None = None  # hybrid models only
 
     def __post_init__(self) -> None:
         assert self.n_heads % self.n_kv_heads == 0, "heads must be a multiple of KV heads"
@@ -140,7 +203,20 @@ class ModelConfig:
             rope_scale=rope_scale,
             norm_topk=bool(meta.get(f"{arch}.expert_weights_norm", spec.norm_topk_default)),
             spec=spec,
+            linear=LinearAttnConfig.from_metadata(keys) if arch in LINEAR_ATTN_ARCHS else None,
         )
+
+    @property
+    def attention_layers(self) -> tuple[int, ...]:
+        """The layers with softmax attention over a KV cache (all but the DeltaNet ones)."""
+        if self.linear is None:
+            return tuple(range(self.n_layers))
+        return tuple(i for i, r in enumerate(self.linear.recurrent_layers) if not r)
+
+    @property
+    def n_kv_layers(self) -> int:
+        """Layers the KV cache holds: hybrid models keep no K/V for their DeltaNet layers."""
+        return len(self.attention_layers)
 
 
 class _MetadataKeys:

@@ -16,8 +16,10 @@ from moestream.engine.constraints import GrammarCompiler
 from moestream.engine.engine_config import EngineConfig
 from moestream.engine.kv_cache import KVCache
 from moestream.engine.loader import GGUFModelFile, open_gguf
-from moestream.engine.model import BatchInput, MoEModel, Segment
+from moestream.engine.model import BatchInput, Segment
+from moestream.engine.models import model_class
 from moestream.engine.placement import build_expert_source
+from moestream.engine.recurrent_state import RecurrentStatePool
 from moestream.engine.sampler import sample
 from moestream.engine.scheduler import Scheduler, SchedulerConfig, ScheduledSeq
 from moestream.engine.sequence import SamplingParams, Sequence, StepOutput
@@ -41,16 +43,23 @@ class Engine:
         n_blocks = config.kv_tokens(self.config.context_length) // config.kv_block_size
         # fp32 on the CPU (fast there, and exact against the references), fp16 on a GPU
         dtype = torch.float32 if self.device.type == "cpu" else torch.float16
-        self.kv = KVCache(self.config.n_layers, self.config.n_kv_heads, self.config.head_dim,
+        self.kv = KVCache(self.config.n_kv_layers, self.config.n_kv_heads, self.config.head_dim,
                           n_blocks, config.kv_block_size, dtype, self.device)
-        self.experts, self.plan = build_expert_source(file, config, self.kv.nbytes)
-        self.model = MoEModel(file, self.experts, self.device, dtype, config.kernel_backend,
-                              prefetch=config.prefetch and self.plan is not None and not config.replay_routing)
+        # hybrid models: one DeltaNet state per sequence that can run at once
+        self.states = (RecurrentStatePool(self.config.linear, config.max_batch, self.device)
+                       if self.config.linear is not None else None)
+        state_bytes = self.states.nbytes if self.states is not None else 0
+        self.experts, self.plan = build_expert_source(file, config, self.kv.nbytes + state_bytes)
+        self.model = model_class(self.config.arch)(
+            file, self.experts, self.device, dtype, config.kernel_backend,
+            prefetch=config.prefetch and self.plan is not None and not config.replay_routing)
+        if self.states is not None:
+            self.model.states = self.states
         if config.replay_routing:
             self.model.replay = RoutingReplay(read_trace(config.replay_routing), self.config.n_experts,
                                               self.config.n_experts_used, self.config.n_layers)
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_batch, config.max_batched_tokens, config.max_waiting), self.kv
+            SchedulerConfig(config.max_batch, config.max_batched_tokens, config.max_waiting), self.kv, self.states
         )
         self.sequences: dict[int, Sequence] = {}
         self._batch_rows: tuple[list[int], list[int]] = ([], [])  # (seq id, position) per row
@@ -149,7 +158,7 @@ class Engine:
             positions += range(start, end)
             row_seqs += [seq.seq_id] * item.n_tokens
             segments.append(Segment(offset, item.n_tokens, self.kv.index(seq.block_table, start, end),
-                                    self.kv.index(seq.block_table, 0, end)))
+                                    self.kv.index(seq.block_table, 0, end), seq.state_slot))
             offset += item.n_tokens
             if end == seq.num_tokens:  # the chunk reaches the sequence's last token: sample
                 logits_rows.append(offset - 1)
@@ -236,22 +245,26 @@ class Engine:
             raise MoestreamError(f"score takes 1 to {self.max_model_len} tokens, got {len(token_ids)}")
         self._check_vocab(token_ids)
         table: list[int] = []
-        if not self.kv.can_allocate(table, len(token_ids)):
+        if not self.kv.can_allocate(table, len(token_ids)) or (
+                self.states is not None and not self.states.can_allocate()):
             raise MoestreamError("not enough free KV cache to score this sequence now; retry when idle")
         self.kv.allocate(table, len(token_ids))
+        state_slot = self.states.allocate() if self.states is not None else None
         try:
             n = len(token_ids)
             slots = self.kv.index(table, 0, n)
             batch = BatchInput(
                 token_ids=torch.tensor(token_ids, dtype=torch.long),
                 positions=torch.arange(n, device=self.device),
-                segments=[Segment(0, n, slots, slots)],
+                segments=[Segment(0, n, slots, slots, state_slot)],
                 logits_rows=torch.arange(n, device=self.device),
             )
             self._batch_rows = ([], [])
             return self.model.forward(batch, self.kv).cpu()
         finally:
             self.kv.free(table)
+            if self.states is not None:
+                self.states.free(state_slot)
 
     def close(self) -> None:
         """Flush and close what the engine writes (the routing trace)."""

@@ -42,6 +42,7 @@ class Segment:
     n_new: int  # tokens of this sequence in this step
     new_slots: SlotIndex  # KV slots its new tokens write
     context_slots: SlotIndex  # KV slots of all its tokens so far, new ones included
+    state_slot: int | None = None  # hybrid models: its RecurrentStatePool slot
 
 
 @dataclass

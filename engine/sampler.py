@@ -38,7 +38,14 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple[int, TokenLogprob | None]]:
-    """logits: [len(seqs), vocab] float32. Returns the chosen token (and logprobs) per sequence."""
+    """logits: [len(seqs), vocab] on any device. Returns the chosen token (and logprobs) per sequence.
+
+    Sampling runs on the host: each sequence's seeded generator is a CPU one (a draw on a
+    device tensor needs a generator of that device, and CUDA draws differ from CPU draws), so
+    the sampled rows cross once per step, one small copy, and a seed gives the same tokens
+    whatever device computed the logits.
+    """
+    logits = logits.to("cpu", torch.float32)
     masked = grammar_masked(logits, seqs)
     chosen = []
     for i, (row, seq) in enumerate(zip(logits, seqs)):
@@ -62,7 +69,7 @@ def grammar_masked(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor |
     rows = [i for i, seq in enumerate(seqs) if seq.constraint is not None]
     if not rows:
         return None
-    allowed = allowed_tokens([seqs[i].constraint for i in rows], logits.shape[-1]).to(logits.device)
+    allowed = allowed_tokens([seqs[i].constraint for i in rows], logits.shape[-1])
     masked = logits.clone()
     masked[rows] = masked[rows].masked_fill(~allowed, float("-inf"))
     return masked

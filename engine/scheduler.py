@@ -3,7 +3,8 @@
 Every step serves the running decodes first (one token each), then spends what is left
 of the token budget on prefill chunks, oldest request first. A request is admitted only
 when the KV cache has room for its whole prompt; when a decode cannot grow, the newest
-running sequence is preempted (its blocks freed, recomputed later).
+running sequence is preempted (its blocks freed, recomputed later). Hybrid models also
+need a recurrent-state slot per admitted sequence, freed with its blocks.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from moestream.engine.kv_cache import KVCache
+from moestream.engine.recurrent_state import RecurrentStatePool
 from moestream.engine.sequence import Sequence, SequenceStatus
 
 
@@ -30,8 +32,8 @@ class ScheduledSeq:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCache):
-        self.config, self.kv = config, kv
+    def __init__(self, config: SchedulerConfig, kv: KVCache, states: RecurrentStatePool | None = None):
+        self.config, self.kv, self.states = config, kv, states
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -49,7 +51,7 @@ class Scheduler:
 
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
-        self.kv.free(seq.block_table)
+        self._release(seq)
         if seq in self.running:
             self.running.remove(seq)
         if seq in self.waiting:
@@ -57,9 +59,20 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.kv.free(seq.block_table)
+        self._release(seq)
         seq.num_computed, seq.status = 0, SequenceStatus.WAITING
         self.waiting.appendleft(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        self.kv.free(seq.block_table)
+        if self.states is not None:
+            self.states.free(seq.state_slot)
+            seq.state_slot = None
+
+    def _can_admit(self, seq: Sequence) -> bool:
+        if self.states is not None and not self.states.can_allocate():
+            return False
+        return self.kv.can_allocate(seq.block_table, seq.num_tokens + 1)
 
     def schedule(self) -> list[ScheduledSeq]:
         budget = self.config.max_batched_tokens
@@ -84,10 +97,12 @@ class Scheduler:
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            if not self.kv.can_allocate(seq.block_table, seq.num_tokens + 1):
+            if not self._can_admit(seq):
                 break
             self.waiting.popleft()
             self.kv.allocate(seq.block_table, seq.num_tokens + 1)
+            if self.states is not None:
+                seq.state_slot = self.states.allocate()
             seq.status = SequenceStatus.RUNNING
             if seq.first_scheduled_s is None:
                 seq.first_scheduled_s = time.monotonic()

@@ -1,20 +1,18 @@
 """The one entry for a matmul with GGUF-quantized weights: y = x @ W^T, W kept as raw blocks.
 
-backend="auto" runs the Triton kernels when x is on CUDA and the type has one (GEMV for up
-to GEMV_MAX_ROWS activation rows, tensor-core GEMM above), on CPU tensors the compiled CPU
-kernels in exact mode (fp32 activations, weights decoded in registers; kernels/cpu) where
-the type has one, and the torch reference (dequantize, then an fp32 matmul) otherwise; a CUDA tensor whose type has no Triton kernel
-takes the reference with a logged notice, once per type. backend="triton" forces the kernels
-(on CPU tensors they run under TRITON_INTERPRET=1); backend="torch" forces the reference.
-Without the triton package (a CPU-only install: CUDA builds of torch bring it) "auto" never
+backend="auto" runs the Triton kernels when x is on CUDA (GEMV for up to GEMV_MAX_ROWS
+activation rows, tensor-core GEMM above; every block format has a Triton decoder, so a CUDA
+matmul never dequantizes a whole weight), on CPU tensors the compiled CPU kernels in exact
+mode (fp32 activations, weights decoded in registers; kernels/cpu) where the type has one,
+and the torch reference (dequantize, then an fp32 matmul) otherwise. backend="triton"
+forces the kernels (on CPU tensors they run under TRITON_INTERPRET=1); backend="torch"
+forces the reference. Without the triton package (a CPU-only install: CUDA builds of torch bring it) "auto" never
 picks Triton and "triton" says what to install.
 backend="q8" runs the compiled CPU kernels (kernels/cpu) with activations rounded to int8
 blocks as llama.cpp does: fast, about 0.7% from exact; CPU tensors only.
 """
 
 import importlib.util
-import logging
-from functools import lru_cache
 from typing import Literal
 
 import torch
@@ -23,7 +21,7 @@ from gguf import GGMLQuantizationType as Q
 
 from moestream.kernels.cpu import cpu_qmatmul, has_cpu_kernel
 from moestream.kernels.dequant import dequantize
-from moestream.kernels.errors import MoestreamError, UnsupportedQuantType
+from moestream.kernels.errors import MoestreamError
 from moestream.kernels.expert_layout import SlotTensor
 from moestream.kernels.formats import block_format, row_bytes
 from moestream.kernels.moe_align import MoeAlignment, moe_align_block_size
@@ -31,14 +29,9 @@ from moestream.kernels.reference import qmatmul_reference
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 if HAS_TRITON:
-    from moestream.kernels.triton_dequant_tiles import TRITON_QTYPES
     from moestream.kernels.triton_gemm import triton_gemm
     from moestream.kernels.triton_gemv import MAX_GEMV_ROWS, triton_gemv
     from moestream.kernels.triton_moe import moe_block_m, triton_grouped_qmatmul
-else:
-    TRITON_QTYPES = frozenset()
-
-log = logging.getLogger(__name__)
 
 Backend = Literal["auto", "triton", "torch", "q8"]
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -131,33 +124,17 @@ def uses_cpu_kernel(qtype: Q, device: torch.device, backend: Backend) -> bool:
 
 
 def use_triton(qtype: Q, device: torch.device, backend: Backend) -> bool:
-    """Whether a matmul of `qtype` on `device` runs the Triton kernels (see the module docstring)."""
+    """Whether a matmul of `qtype` on `device` runs the Triton kernels (see the module docstring).
+
+    Every block format has a Triton decoder, so no CUDA matmul dequantizes a whole weight.
+    """
     if backend not in ("auto", "triton", "torch", "q8"):
         raise ValueError(f"backend must be 'auto', 'triton', 'torch' or 'q8', got {backend!r}")
-    if backend in ("torch", "q8"):
-        return False
+    block_format(qtype)  # an unknown type raises UnsupportedQuantType
     if backend == "triton" and not HAS_TRITON:
         raise MoestreamError("the triton kernels need the triton package: `pip install triton` (CUDA "
                              "builds of torch bring it), or use --kernels auto, q8 or torch")
-    has_kernel = qtype in TRITON_QTYPES
-    if backend == "triton" and not has_kernel:
-        names = ", ".join(sorted(q.name for q in TRITON_QTYPES))
-        raise UnsupportedQuantType(
-            f"no Triton kernel for {qtype.name} (kernels exist for {names}); "
-            f"use backend='auto' or 'torch' to dequantize and multiply instead"
-        )
-    if backend == "auto" and device.type == "cuda" and not has_kernel:
-        _log_fallback(qtype)
-    return has_kernel and (backend == "triton" or device.type == "cuda")
-
-
-@lru_cache(maxsize=None)
-def _log_fallback(qtype: Q) -> None:
-    """Say once per type that its matmuls dequantize whole tensors on the GPU."""
-    log.warning(
-        "no Triton kernel for %s: its matmuls dequantize the weight, then multiply (slower, "
-        "more memory)", qtype.name,
-    )
+    return backend == "triton" or (backend == "auto" and device.type == "cuda" and HAS_TRITON)
 
 
 def _check_activations(x: torch.Tensor, k: int) -> None:

@@ -15,6 +15,7 @@ import triton.language as tl
 from gguf import GGMLQuantizationType as Q
 
 from moestream.kernels.formats import block_format, row_bytes
+from moestream.kernels.triton_configs import device_capability, tile_config
 from moestream.kernels.triton_dequant_tiles import dequant_tile, lookup_table
 
 
@@ -27,22 +28,18 @@ class GemmConfig:
     num_stages: int = 2
 
 
-def gemm_config(m: int, device: torch.device) -> GemmConfig:
-    """Smallest tensor-core row tile that covers M (16..64).
-
-    GPU tiles are first guesses from register counts of sm_90 builds (ptxas, no spills);
-    tune with `python -m bench.kernels` on the target GPU.
-    """
+def gemm_config(m: int, qtype: Q, device: torch.device) -> GemmConfig:
+    """Smallest tensor-core row tile that covers M (16..64); the GPU's tile from
+    kernels/triton_configs.py."""
     block_m = min(64, max(16, triton.next_power_of_2(m)))
     if device.type != "cuda":  # the interpreter pays per program and step: few, large ones
         return GemmConfig(block_m, block_n=64)
-    return gpu_gemm_config(block_m)
+    return gpu_gemm_config(block_m, qtype, device_capability(torch.cuda.get_device_capability(device)))
 
 
-def gpu_gemm_config(block_m: int) -> GemmConfig:
-    if block_m == 16:
-        return GemmConfig(block_m, block_n=64, block_k=64, num_warps=4)
-    return GemmConfig(block_m, block_n=128, block_k=64, num_warps=8)
+def gpu_gemm_config(block_m: int, qtype: Q, capability: int) -> GemmConfig:
+    tile = tile_config(capability, "gemm", block_m, qtype)
+    return GemmConfig(block_m, tile.block_n, tile.block_k, tile.num_warps, tile.num_stages)
 
 
 @triton.jit
@@ -91,7 +88,7 @@ def triton_gemm(
     n, k = shape
     m = x.shape[0]
     assert x.shape[1] == k and x.stride(1) == 1, (x.shape, x.stride())
-    config = config or gemm_config(m, x.device)
+    config = config or gemm_config(m, qtype, x.device)
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     assert out.shape == (m, n) and out.dtype == x.dtype and out.stride(1) == 1

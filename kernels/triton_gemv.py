@@ -16,14 +16,11 @@ import triton.language as tl
 from gguf import GGMLQuantizationType as Q
 
 from moestream.kernels.formats import block_format, row_bytes
+from moestream.kernels.triton_configs import TileConfig, device_capability, tile_config
 from moestream.kernels.triton_dequant_tiles import dequant_tile, lookup_table
 
 MAX_GEMV_ROWS = 16
-# First guesses from register counts of sm_90 builds (ptxas, no spills), to be tuned with
-# `python -m bench.kernels` on the target GPU: 2048 accumulator values per program
-# (16 per thread at 4 warps) in 128-column steps; 4 programs per SM keep loads in flight.
-_ACC_ELEMENTS_GPU = 2048
-_BLOCK_K_GPU = 128
+# 4 programs per SM keep loads in flight; K is split until the grid gets there.
 _PROGRAMS_PER_SM = 4
 
 
@@ -34,23 +31,32 @@ class GemvConfig:
     split_k: int  # programs sharing one row block along K
     block_k: int = 256  # columns per step: 32, 64, 128 or 256
     num_warps: int = 4
+    num_stages: int = 1
 
 
-def gemv_config(m: int, n: int, k: int, device: torch.device) -> GemvConfig:
-    """Row block from the accumulator budget; split K until the grid covers the GPU."""
+def gemv_config(m: int, n: int, k: int, qtype: Q, device: torch.device) -> GemvConfig:
+    """The GPU's config from kernels/triton_configs.py; split K until the grid covers the GPU."""
     block_m = triton.next_power_of_2(m)
     if device.type != "cuda":  # the interpreter pays per program and step: few, large ones
         return GemvConfig(block_m, block_n=max(2, 32 // block_m), split_k=1)
-    return gpu_gemv_config(m, n, k, torch.cuda.get_device_properties(device).multi_processor_count)
+    props = torch.cuda.get_device_properties(device)
+    capability = device_capability((props.major, props.minor))
+    return gpu_gemv_config(m, n, k, qtype, props.multi_processor_count, capability)
 
 
-def gpu_gemv_config(m: int, n: int, k: int, n_sm: int) -> GemvConfig:
+def gpu_gemv_config(m: int, n: int, k: int, qtype: Q, n_sm: int, capability: int) -> GemvConfig:
     block_m = triton.next_power_of_2(m)
-    block_n = max(2, _ACC_ELEMENTS_GPU // (block_m * _BLOCK_K_GPU))
+    tile = tile_config(capability, "gemv", block_m, qtype)
+    block_n = gemv_block_n(tile, block_m)
     row_programs = triton.cdiv(n, block_n)
-    n_tiles = triton.cdiv(k, _BLOCK_K_GPU)
+    n_tiles = triton.cdiv(k, tile.block_k)
     split_k = min(n_tiles, max(1, triton.cdiv(_PROGRAMS_PER_SM * n_sm, row_programs)))
-    return GemvConfig(block_m, block_n, split_k, _BLOCK_K_GPU)
+    return GemvConfig(block_m, block_n, split_k, tile.block_k, tile.num_warps, tile.num_stages)
+
+
+def gemv_block_n(tile: TileConfig, block_m: int) -> int:
+    """Weight rows per program: the accumulator [BLOCK_M, BLOCK_N, BLOCK_K] keeps its size."""
+    return max(2, tile.block_n // block_m)
 
 
 @triton.jit
@@ -92,7 +98,7 @@ def triton_gemv(
     n, k = shape
     m = x.shape[0]
     assert 1 <= m <= MAX_GEMV_ROWS and x.shape[1] == k and x.stride(1) == 1, (x.shape, x.stride())
-    config = config or gemv_config(m, n, k, x.device)
+    config = config or gemv_config(m, n, k, qtype, x.device)
     assert config.block_m >= m, (config, m)
     n_tiles = triton.cdiv(k, config.block_k)
     tiles_per_split = triton.cdiv(n_tiles, config.split_k)
@@ -110,7 +116,7 @@ def triton_gemv(
         m, n, k, row_bytes(qtype, k), x.stride(0), partial.stride(0), partial.stride(1),
         tiles_per_split, QTYPE=int(qtype), TYPE_SIZE=block_format(qtype).type_size,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        num_warps=config.num_warps,
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if split_k > 1:
         out.copy_(partial.sum(0))

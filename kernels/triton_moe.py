@@ -15,10 +15,12 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from gguf import GGMLQuantizationType as Q
 
 from moestream.kernels.expert_layout import SlotTensor
 from moestream.kernels.formats import block_format
 from moestream.kernels.moe_align import MoeAlignment
+from moestream.kernels.triton_configs import device_capability, tile_config
 from moestream.kernels.triton_dequant_tiles import lookup_table
 from moestream.kernels.triton_gemm import dot_tiles
 
@@ -37,17 +39,16 @@ def moe_block_m(n_pairs: int, n_experts: int) -> int:
     return min(64, max(16, triton.next_power_of_2(per_expert)))
 
 
-def grouped_config(block_m: int, device: torch.device) -> GroupedConfig:
-    """First guesses from register counts of sm_90 builds (no spills); tune on the GPU."""
+def grouped_config(block_m: int, qtype: Q, device: torch.device) -> GroupedConfig:
+    """The GPU's tile from kernels/triton_configs.py."""
     if device.type != "cuda":  # the interpreter pays per program and step: few, large ones
         return GroupedConfig(block_n=64)
-    return gpu_grouped_config(block_m)
+    return gpu_grouped_config(block_m, qtype, device_capability(torch.cuda.get_device_capability(device)))
 
 
-def gpu_grouped_config(block_m: int) -> GroupedConfig:
-    if block_m == 16:
-        return GroupedConfig(block_n=64, block_k=64, num_warps=4)
-    return GroupedConfig(block_n=64, block_k=128, num_warps=8)
+def gpu_grouped_config(block_m: int, qtype: Q, capability: int) -> GroupedConfig:
+    tile = tile_config(capability, "grouped", block_m, qtype)
+    return GroupedConfig(tile.block_n, tile.block_k, tile.num_warps, tile.num_stages)
 
 
 @triton.jit
@@ -91,7 +92,7 @@ def triton_grouped_qmatmul(
     n, k = weight.shape
     assert x.shape[1] == k and x.stride(1) == 1 and slot_buffer.stride(1) == 1
     pairs_per_x_row = alignment.n_pairs // x.shape[0]
-    config = config or grouped_config(alignment.block_m, x.device)
+    config = config or grouped_config(alignment.block_m, weight.qtype, x.device)
     if out is None:
         out = torch.empty((alignment.n_pairs, n), dtype=x.dtype, device=x.device)
     assert out.shape == (alignment.n_pairs, n) and out.dtype == x.dtype and out.stride(1) == 1

@@ -1,7 +1,8 @@
 """Host memory holding every routed expert's quantized bytes, per (layer, expert).
 
-With CUDA the bytes are copied once into ONE pinned allocation (gate | up | down of each
-expert contiguous) so every host->device transfer is a single DMA-able run. Without CUDA, or
+With CUDA the bytes are copied once into ONE pinned buffer of exactly their size
+(offload/pinned.py: gate | up | down of each expert contiguous) so every host->device
+transfer is a single DMA-able run. Without CUDA, or
 when host RAM is too tight to duplicate the file (`--no-pin`), the store is zero-copy views
 into the memory-mapped GGUF arrays.
 """
@@ -14,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from moestream.offload.layout import ExpertLayout, ExpertWeights
+from moestream.offload.pinned import HostBuffer
 from moestream.offload.source import LayerPlan
 from moestream.offload.stats import CacheStats
 
@@ -38,14 +40,16 @@ class HostExpertStore:
         if len(set(counts.values())) != 1:
             raise ValueError(f"layers disagree on the number of experts: {counts}")
         self.n_experts = next(iter(counts.values()))
-        self.is_pinned = pinned
+        self._one_buffer = pinned
         self._stats = CacheStats()
-        self._pinned: torch.Tensor | None = None
+        self._buffer: HostBuffer | None = None
         self._parts: dict[int, tuple[torch.Tensor, ...]] = {} if pinned else parts
         self._blobs: dict[int, torch.Tensor] = {}
         if pinned:
-            self._pinned = torch.empty(self.host_bytes_needed, dtype=torch.uint8, pin_memory=True)
-            self._fill_pinned(self._pinned, parts, progress)
+            # filled first, pinned after: the fill faults every page in, then one pass locks them
+            self._buffer = HostBuffer(self.host_bytes_needed)
+            self._fill_pinned(self._buffer.tensor, parts, progress)
+            self._buffer.pin()
 
     def _fill_pinned(self, pinned: torch.Tensor, parts: dict[int, tuple[torch.Tensor, ...]],
                      progress: bool) -> None:
@@ -71,7 +75,16 @@ class HostExpertStore:
     @property
     def host_bytes(self) -> int:
         """Bytes this store allocated (0 when it only views the memory-mapped file)."""
-        return 0 if self._pinned is None else self._pinned.numel()
+        return 0 if self._buffer is None else self._buffer.tensor.numel()
+
+    @property
+    def pinned_bytes(self) -> int:
+        """Bytes page-locked for DMA: host_bytes rounded up to a page, or 0."""
+        return 0 if self._buffer is None else self._buffer.pinned_bytes
+
+    @property
+    def is_pinned(self) -> bool:
+        return self.pinned_bytes > 0
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -90,14 +103,14 @@ class HostExpertStore:
 
     def weights(self, layer: int, expert: int) -> ExpertWeights:
         """Host views of one expert's projections (no copy)."""
-        if self.is_pinned:
+        if self._one_buffer:
             return ExpertWeights.from_blob(self._layouts[layer], self._blobs[layer][expert])
         gate, up, down = (part[expert] for part in self._parts[layer])
         return ExpertWeights(self._layouts[layer], gate, up, down)
 
     def blob_parts(self, layer: int, expert: int) -> tuple[torch.Tensor, ...]:
         """The runs to copy, in slot order: the whole blob when pinned, else gate, up, down."""
-        if self.is_pinned:
+        if self._one_buffer:
             return (self._blobs[layer][expert],)
         return tuple(part[expert] for part in self._parts[layer])
 

@@ -17,6 +17,7 @@ from moestream.kernels.errors import MoestreamError
 
 log = logging.getLogger(__name__)
 
+
 class ErrorResponse(JSONResponse):
     """ASCII JSON: an error message may quote the client's text, which can be anything."""
 

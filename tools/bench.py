@@ -67,6 +67,7 @@ class MoestreamRunner:
         return RunMetrics(
             **timing_metrics(len(prompt_ids), start, times),
             peak_vram_bytes=self.torch.cuda.max_memory_allocated() if cuda else 0,
+            peak_reserved_vram_bytes=self.torch.cuda.max_memory_reserved() if cuda else 0,
             host_rss_bytes=host_rss_bytes(),
             **expert_metrics(before, after),
         )

@@ -35,6 +35,7 @@ class RunMetrics:
     expert_hit_rate: float | None = None  # ours only
     h2d_gb_s: float | None = None  # ours only: host->device expert bytes / copy time
     cpu_miss_share: float | None = None  # ours only: share of misses computed on the CPU
+    peak_reserved_vram_bytes: int | None = None  # ours only: the caching allocator's peak, what a budget must hold
 
 
 def timing_metrics(n_prompt: int, start_s: float, token_times_s: list[float]) -> dict[str, float]:

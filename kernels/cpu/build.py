@@ -9,6 +9,7 @@ after one logged warning and callers fall back to the torch reference path.
 
 import hashlib
 import logging
+import os
 import platform
 import sys
 import time
@@ -97,11 +98,12 @@ def compile_extension(without: tuple[str, ...] = ()) -> ModuleType:
     is_built = (build_dir / f"{name}.so").exists()
     if not is_built:  # minutes of silence otherwise
         log.info("building the C++ CPU kernels for this CPU (once; 1-2 minutes) in %s", build_dir)
+    sources = _copy_sources(build_dir / "csrc")
     start_s = time.perf_counter()
     module = cpp_extension.load(
         name=name,
-        sources=[str(CSRC / "extension.cpp")],
-        extra_include_paths=[str(build_dir), str(CSRC)],
+        sources=[str(sources / "extension.cpp")],
+        extra_include_paths=[str(build_dir), str(sources)],
         extra_cflags=list(cflags),
         extra_ldflags=list(LDFLAGS),
         build_directory=str(build_dir),
@@ -110,6 +112,21 @@ def compile_extension(without: tuple[str, ...] = ()) -> ModuleType:
     if not is_built:
         log.info("built the C++ CPU kernels in %.0f s", time.perf_counter() - start_s)
     return module
+
+
+def _copy_sources(dest: Path) -> Path:
+    """The sources, copied beside the build: the build's commands name these paths, so every
+    checkout (or linked copy) of the same sources reuses one build instead of each rebuilding
+    it for its own path. Copied only when different, atomically (other processes may read)."""
+    dest.mkdir(exist_ok=True)
+    for source in CSRC.iterdir():
+        target = dest / source.name
+        data = source.read_bytes()
+        if not target.exists() or target.read_bytes() != data:
+            tmp = target.with_name(f".{target.name}.{os.getpid()}")
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
+    return dest
 
 
 @cache

@@ -68,3 +68,52 @@ def test_logit_bias_adds_to_the_logits_before_the_choice(temperature):
     shifted = logits[1].clone()
     shifted[banned] -= 100
     assert chosen[1] == int(shifted.argmax()) != banned
+
+
+class _DeviceLogits(torch.Tensor):
+    """CPU logits that keep the rule a CUDA tensor imposes on sampling: a draw from them with
+    a CPU generator raises (torch: "Expected a 'cuda' device type for generator"). Copying
+    them to the host gives a plain tensor, as `.to("cpu")` of a CUDA tensor does."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.multinomial and isinstance(args[0], cls):
+            raise RuntimeError("Expected a 'cuda' device type for generator but found 'cpu'")
+        if func in (torch.Tensor.to, torch.Tensor.cpu):
+            plain = args[0].as_subclass(torch.Tensor).clone()
+            return getattr(plain, func.__name__)(*args[1:], **kwargs)
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+def _draws(logits: torch.Tensor, seeds: list[int], steps: int) -> list[list[int]]:
+    seqs = [Sequence([1], SamplingParams(temperature=1.0, seed=s)) for s in seeds]
+    return [[token for token, _ in sample(logits, seqs)] for _ in range(steps)]
+
+
+def test_sampling_copies_rows_to_the_host_before_drawing():
+    """Every request at temperature 1.0 failed on CUDA: the seeded generator is a CPU one."""
+    logits = torch.randn(2, 40, generator=torch.Generator().manual_seed(0))
+    on_device = logits.as_subclass(_DeviceLogits)
+    with pytest.raises(RuntimeError, match="device type for generator"):
+        torch.multinomial(on_device.softmax(-1)[0], 1, generator=torch.Generator())
+    assert _draws(on_device, [3, 4], steps=5) == _draws(logits, [3, 4], steps=5)
+
+
+def test_seeded_draws_are_torch_multinomial_on_host_rows():
+    """The host path draws exactly what torch.multinomial draws from the softmax with the seed."""
+    logits = torch.randn(1, 40, generator=torch.Generator().manual_seed(1)) * 2
+    gen = torch.Generator().manual_seed(11)
+    expected = [int(torch.multinomial(logits[0].softmax(-1), 1, generator=gen)) for _ in range(6)]
+    assert [row[0] for row in _draws(logits, [11], steps=6)] == expected
+
+
+def test_sampling_on_the_test_device_matches_the_host(device):
+    """On a GPU machine: CUDA logits, seeded and greedy, give the host's tokens and logprobs."""
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(2))
+    assert _draws(logits.to(device), [5, 6, 7], steps=4) == _draws(logits, [5, 6, 7], steps=4)
+    greedy = Sequence([1], SamplingParams(temperature=0, logprobs=3))
+    (token, lp), = sample(logits[:1].to(device), [greedy])
+    assert token == int(logits[0].argmax())
+    assert lp.logprob == pytest.approx(float(logits[0].log_softmax(-1).max()))
+    assert [t for t, _ in lp.top] == logits[0].topk(3).indices.tolist()

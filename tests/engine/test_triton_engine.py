@@ -17,15 +17,16 @@ def test_triton_kernels_match_reference_path(engine_for, arch, quant):
     assert torch.equal(triton.argmax(-1), reference.argmax(-1))
 
 
-@pytest.mark.parametrize("policy", ["copy", "auto"])
-def test_grouped_kernel_over_cache_slots_matches_reference(engine_for, policy):
+@pytest.mark.parametrize("quant, policy", [("Q4_K_M", "copy"), ("Q4_K_M", "auto"), ("F32", "copy")])
+def test_grouped_kernel_over_cache_slots_matches_reference(engine_for, quant, policy):
     """Through an expert cache the Triton path runs one grouped FFN (kernels.moe_ffn) per
-    group of slots (hits, then waves of copies); with 3 slots most layers need waves."""
+    group of slots (hits, then waves of copies); with 3 slots most layers need waves.
+    F32 experts take the same grouped path as quantized ones."""
     from moestream.engine import Engine
 
-    fixture = get_fixture("olmoe", "Q4_K_M")
+    fixture = get_fixture("olmoe", quant)
     ids = sample_token_ids(fixture, 12, seed=32)
-    reference = engine_for("olmoe", "Q4_K_M", kernel_backend="torch").score(ids)
+    reference = engine_for("olmoe", quant, kernel_backend="torch").score(ids)
     engine = Engine.from_gguf(fixture.gguf_path, kernel_backend="triton", max_cached_experts=3,
                               miss_policy=policy)
     got = engine.score(ids)

@@ -1,14 +1,13 @@
 """qmatmul: kernel choice, fallback to the torch reference, and the errors it raises."""
 
-import logging
-
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 
 import moestream.kernels.dispatch as qm
 from moestream.kernels.errors import UnsupportedQuantType
-from moestream.kernels.formats import row_bytes
+from moestream.kernels.formats import BLOCK_FORMATS, row_bytes
+from moestream.kernels.triton_dequant_tiles import TRITON_QTYPES
 from moestream.kernels.dispatch import qmatmul, use_triton
 from tests.kernels.triton_helpers import activations, assert_matches, random_weight
 
@@ -16,7 +15,7 @@ N, K = 64, 256
 
 
 @pytest.mark.parametrize("leading, kernel", [((1,), "triton_gemv"), ((4, 16), "triton_gemm")])
-def test_triton_backend_picks_kernel_by_rows(leading, kernel, monkeypatch) -> None:
+def test_triton_backend_picks_kernel_by_rows(leading, kernel, monkeypatch, device) -> None:
     """x [..., K] of 1 row goes to the GEMV, 64 rows to the GEMM; leading dims are kept."""
     gen = torch.Generator().manual_seed(len(leading))
     raw, weight = random_weight(Q.Q5_K, N, K, gen)
@@ -24,7 +23,7 @@ def test_triton_backend_picks_kernel_by_rows(leading, kernel, monkeypatch) -> No
     calls: list[str] = []
     real = getattr(qm, kernel)
     monkeypatch.setattr(qm, kernel, lambda *a, **kw: calls.append(kernel) or real(*a, **kw))
-    y = qmatmul(x.reshape(*leading, K), raw.reshape(-1), Q.Q5_K, (N, K), backend="triton")
+    y = qmatmul(x.reshape(*leading, K).to(device), raw.reshape(-1).to(device), Q.Q5_K, (N, K), backend="triton")
     assert calls == [kernel] and y.shape == (*leading, N)
     assert_matches(y.reshape(-1, N), x.double().numpy() @ weight.T, torch.float16)
 
@@ -40,17 +39,15 @@ def test_auto_on_cpu_uses_the_reference(qtype: Q, monkeypatch) -> None:
     assert_matches(qmatmul(x, raw, qtype, (N, K)), x.double().numpy() @ weight.T, torch.float32)
 
 
-def test_types_without_kernel_fall_back_with_one_notice(caplog) -> None:
-    qm._log_fallback.cache_clear()
+def test_every_block_format_runs_triton_on_cuda() -> None:
+    """No type leaves the Triton path on CUDA for a whole-weight dequantize."""
+    assert TRITON_QTYPES == set(BLOCK_FORMATS)
     cuda = torch.device("cuda")
-    with caplog.at_level(logging.WARNING, logger="moestream.kernels.dispatch"):
-        assert use_triton(Q.Q4_K, cuda, "auto")
-        assert not use_triton(Q.Q5_1, cuda, "auto")
-        assert not use_triton(Q.Q5_1, cuda, "auto")
-    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["no Triton kernel for Q5_1"]
-    assert not use_triton(Q.Q4_K, cuda, "torch") and not use_triton(Q.Q4_K, torch.device("cpu"), "auto")
-    with pytest.raises(UnsupportedQuantType, match="backend='auto'"):
-        use_triton(Q.Q5_1, cuda, "triton")
+    for qtype in BLOCK_FORMATS:
+        assert use_triton(qtype, cuda, "auto") and use_triton(qtype, torch.device("cpu"), "triton")
+        assert not use_triton(qtype, cuda, "torch") and not use_triton(qtype, torch.device("cpu"), "auto")
+    with pytest.raises(UnsupportedQuantType, match="TQ1_0"):
+        use_triton(Q.TQ1_0, cuda, "auto")
 
 
 def _args(**change):

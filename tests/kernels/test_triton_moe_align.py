@@ -31,14 +31,14 @@ CASES = [  # (n_tokens, top_k, n_experts, block_m)
 
 
 @pytest.mark.parametrize("n_tokens, top_k, n_experts, block_m", CASES)
-def test_matches_python(n_tokens: int, top_k: int, n_experts: int, block_m: int) -> None:
+def test_matches_python(n_tokens: int, top_k: int, n_experts: int, block_m: int, device) -> None:
     gen = torch.Generator().manual_seed(n_tokens * 100 + n_experts)
     topk_ids = torch.stack([torch.randperm(n_experts, generator=gen)[:top_k] for _ in range(n_tokens)])
-    _check(topk_ids, n_experts, block_m)
+    _check(topk_ids.to(device), n_experts, block_m)
 
 
-def test_every_pair_on_one_expert() -> None:
-    _check(torch.full((10, 1), 2, dtype=torch.int32), n_experts=4, block_m=4)
+def test_every_pair_on_one_expert(device) -> None:
+    _check(torch.full((10, 1), 2, dtype=torch.int32, device=device), n_experts=4, block_m=4)
 
 
 def _check(topk_ids: torch.Tensor, n_experts: int, block_m: int) -> None:

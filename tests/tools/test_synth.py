@@ -24,7 +24,7 @@ def llama_quantize_types(src: Path, quant: str) -> dict[str, tuple[str, str]]:
     """{tensor: (type in src, type llama-quantize would give it)}, read from its dry-run log."""
     from llama_cpp import _logger
 
-    from tests.fixtures.quantize import LLAMA_FTYPES
+    from tests.fixtures.quantize import llama_ftype
 
     text: list[str] = []
 
@@ -33,7 +33,7 @@ def llama_quantize_types(src: Path, quant: str) -> dict[str, tuple[str, str]]:
         text.append(message.decode("utf-8", "replace"))
 
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = LLAMA_FTYPES[quant]
+    params.ftype = llama_ftype(quant)
     params.dry_run = True
     params.allow_requantize = True
     llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
