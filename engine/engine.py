@@ -12,6 +12,7 @@ from typing import Iterator
 
 import torch
 
+from moestream.engine.constraints import GrammarCompiler
 from moestream.engine.engine_config import KV_DTYPES, EngineConfig
 from moestream.engine.header import ModelHeader
 from moestream.engine.kv_cache import KVCache
@@ -84,6 +85,7 @@ class Engine:
                                             self.config.n_layers, self.config.n_experts_used)
             self.model.routing_hook = self._record_routing
         self.chat_template = file.meta.get("tokenizer.chat_template")
+        self.grammars = GrammarCompiler(self.tokenizer, self.config.vocab_size)
         self._user_text = UserTextShield(self.tokenizer.special_texts)
         self._steps_to_measure = _MEASURED_STEPS
         self.check_device_memory()
@@ -99,7 +101,7 @@ class Engine:
         if not prompt_ids:
             raise MoestreamError("the prompt is empty: send at least one token")
         if len(prompt_ids) >= self.max_model_len:
-            raise MoestreamError(
+            raise PromptTooLong(
                 f"the prompt has {len(prompt_ids)} tokens but the context holds {self.max_model_len}: "
                 "shorten the prompt or start the server with a larger --ctx-size (and --kv-tokens, "
                 "when that was set below it)")
@@ -110,7 +112,7 @@ class Engine:
         and holds memory for a text of megabytes): a cheap bound, not a token count."""
         limit = (self.max_model_len - 1) * self.tokenizer.max_chars_per_token
         if len(text) > limit:
-            raise MoestreamError(
+            raise PromptTooLong(
                 f"the prompt has {len(text)} characters, more than the {self.max_model_len}-token "
                 f"context can hold (at most {limit}): shorten the prompt or start the server with a "
                 "larger --ctx-size (and --kv-tokens, when that was set below it)")
@@ -122,10 +124,13 @@ class Engine:
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
         self.check_prompt(prompt_ids)
+        self._check_vocab([t for t, _ in params.logit_bias])
         if not self.scheduler.can_add():
             raise QueueFull(f"the batch is full and {self.engine_config.max_waiting} requests are "
                             "already waiting; retry later")
         seq = Sequence(list(prompt_ids), params)
+        if params.grammar is not None:
+            seq.constraint = self.grammars.start(params.grammar)
         self.sequences[seq.seq_id] = seq
         self.scheduler.add(seq)
         return seq
@@ -206,6 +211,8 @@ class Engine:
                 continue
             token, logprob = choice
             seq.output_ids.append(token)
+            if seq.constraint is not None and not seq.constraint.accept(token):
+                log.warning("sequence %d: the grammar refused the sampled token %d", seq.seq_id, token)
             reason = self._finish_reason(seq, token)
             if reason is not None:
                 self.scheduler.finish(seq, reason)
@@ -217,6 +224,8 @@ class Engine:
         p = seq.params
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.tokenizer.eos_ids):
             return "stop"
+        if seq.constraint is not None and seq.constraint.is_finished:
+            return "stop"  # the grammar is complete and allows nothing more
         if len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             return "length"
         return None
@@ -237,7 +246,9 @@ class Engine:
         """Render messages with the model's chat template and tokenize: the template's markup
         with special tokens parsed, control-token spellings inside the messages as plain text."""
         tok = self.tokenizer
-        shielded, user_texts = self._user_text.shield(messages)
+        # the template variables (tools' names and descriptions) are user text as well
+        shielded, user_texts = self._user_text.shield([*messages, template_vars])
+        *shielded, template_vars = shielded
         text = render_chat(self.chat_template, shielded, add_generation_prompt=True,
                            bos_token=tok.token_text(tok.bos_id) if tok.bos_id is not None else "",
                            eos_token=tok.token_text(tok.eos_id) if tok.eos_id is not None else "",
@@ -315,6 +326,10 @@ class Engine:
         if self.plan is not None:
             stats["vram_used_bytes"] = self.device_bytes_used()
         return stats
+
+
+class PromptTooLong(MoestreamError):
+    """The prompt does not fit the context; the server answers 400 context_length_exceeded."""
 
 
 class QueueFull(MoestreamError):

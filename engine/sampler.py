@@ -1,9 +1,10 @@
-"""Next-token choice per sequence: penalties, temperature, top-k, top-p, seeded draws."""
+"""Next-token choice per sequence: grammar masks, penalties, temperature, top-k, top-p, seeded draws."""
 
 from __future__ import annotations
 
 import torch
 
+from moestream.engine.constraints import allowed_tokens
 from moestream.engine.sequence import Sequence, TokenLogprob
 
 
@@ -13,6 +14,13 @@ def apply_penalties(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
         return logits
     counts = torch.bincount(torch.tensor(seq.output_ids), minlength=logits.shape[-1]).to(logits)
     return logits - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).to(logits)
+
+
+def apply_logit_bias(logits: torch.Tensor, bias: tuple[tuple[int, float], ...]) -> torch.Tensor:
+    """Add each token's bias to its logit (after the grammar mask: a bias never unmasks)."""
+    ids, values = zip(*bias)
+    return logits.index_add(0, torch.tensor(ids, device=logits.device),
+                            torch.tensor(values, dtype=logits.dtype, device=logits.device))
 
 
 def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -38,10 +46,14 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple[int, TokenL
     whatever device computed the logits.
     """
     logits = logits.to("cpu", torch.float32)
+    masked = grammar_masked(logits, seqs)
     chosen = []
-    for row, seq in zip(logits, seqs):
+    for i, (row, seq) in enumerate(zip(logits, seqs)):
         p = seq.params
-        scores = apply_penalties(row, seq)
+        scores = masked[i] if masked is not None else row
+        if p.logit_bias:
+            scores = apply_logit_bias(scores, p.logit_bias)
+        scores = apply_penalties(scores, seq)
         if p.greedy:
             token = int(scores.argmax())
         else:
@@ -50,6 +62,17 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple[int, TokenL
             token = int(torch.multinomial(probs, 1, generator=seq.generator))
         chosen.append((token, _logprobs(row, token, p.logprobs)))
     return chosen
+
+
+def grammar_masked(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor | None:
+    """The logits with each constrained row's disallowed tokens at -inf (None: no grammar)."""
+    rows = [i for i, seq in enumerate(seqs) if seq.constraint is not None]
+    if not rows:
+        return None
+    allowed = allowed_tokens([seqs[i].constraint for i in rows], logits.shape[-1])
+    masked = logits.clone()
+    masked[rows] = masked[rows].masked_fill(~allowed, float("-inf"))
+    return masked
 
 
 def _logprobs(row: torch.Tensor, token: int, n_top: int | None) -> TokenLogprob | None:

@@ -10,6 +10,7 @@ from enum import Enum
 
 import torch
 
+from moestream.engine.constraints import Constraint, Grammar
 from moestream.kernels.errors import MoestreamError
 
 # Below this a temperature or top_p means greedy (vLLM's _SAMPLING_EPS; llama.cpp treats
@@ -30,6 +31,8 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; 0: the chosen token's; n: plus the top n
+    grammar: Grammar | None = None  # the output must match it (masked each step)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), OpenAI's
 
     def __post_init__(self) -> None:
         finite = all(math.isfinite(v) for v in (self.temperature, self.top_p, self.presence_penalty,
@@ -45,6 +48,7 @@ class SamplingParams:
             (self.logprobs is None or 0 <= self.logprobs <= 20, "top_logprobs must be in [0, 20]"),
             (self.seed is None or SEED_RANGE[0] <= self.seed <= SEED_RANGE[1],
              f"seed must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]"),
+            (all(-100 <= b <= 100 for _, b in self.logit_bias), "logit_bias values must be in [-100, 100]"),
         ]
         for ok, message in checks:
             if not ok:
@@ -85,6 +89,7 @@ class Sequence:
     arrival_s: float = field(default_factory=time.monotonic)
     first_scheduled_s: float | None = None
     generator: torch.Generator = field(init=False)
+    constraint: Constraint | None = None  # where the output stands in params.grammar
 
     def __post_init__(self) -> None:
         self.generator = torch.Generator()

@@ -22,6 +22,7 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 from fastapi import Response
+from fastapi.middleware.cors import CORSMiddleware
 from prometheus_client import generate_latest
 
 from moestream.engine import Engine
@@ -34,6 +35,7 @@ from moestream.server.metrics import ServerMetrics
 from moestream.server.model_source import ModelSource
 from moestream.server.openapi import install_openapi
 from moestream.server.options import apply_threads, engine_options
+from moestream.server.responses_api import router as responses_router
 from moestream.server.routes import router
 from moestream.server.state import Gate, ServerSettings, ServerState
 
@@ -56,6 +58,7 @@ def create_app(settings: ServerSettings, load: Callable[[], Engine]) -> FastAPI:
     app.state.server = state
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(responses_router)
     install_openapi(app)
 
     @app.get("/metrics", include_in_schema=False)
@@ -69,6 +72,11 @@ def create_app(settings: ServerSettings, load: Callable[[], Engine]) -> FastAPI:
     app.add_middleware(BodyGuard, max_request_bytes=settings.max_request_bytes,
                        request_timeout_s=settings.request_timeout_s)
     app.add_middleware(Gate, state=state)
+    if settings.allowed_origins:
+        # Outside the Gate: a preflight is answered before the API key is asked for, and
+        # the Gate's refusals carry CORS headers the browser can read.
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins),
+                           allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"])
     app.add_middleware(CatchAll)  # added last: the outermost, so it sees the others' faults
     return app
 
@@ -119,6 +127,7 @@ def serve(args: argparse.Namespace) -> int:
         log.warning("listening on %s without --api-key: anyone who can reach the port can use it", args.host)
     settings = ServerSettings(served_model_name=args.served_model_name or default_name,
                               api_key=args.api_key, ctx_size=args.ctx_size,
+                              allowed_origins=tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()),
                               shutdown_grace_s=args.shutdown_grace, max_request_bytes=args.max_request_bytes,
                               request_timeout_s=args.request_timeout)
     app = create_app(settings, lambda: load_engine(source, options))

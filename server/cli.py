@@ -158,6 +158,8 @@ def _add_serve_parser(sub, common: argparse.ArgumentParser) -> None:
     option("--port", "MOESTREAM_PORT", "TCP port", type=port_arg, default=8000)
     option("--api-key", "MOESTREAM_API_KEY", "require 'Authorization: Bearer KEY' on /v1 "
            "(/health and /metrics stay open; default: none, /v1 is open)")
+    option("--allowed-origins", "MOESTREAM_ALLOWED_ORIGINS", "comma-separated origins whose browsers "
+           "may call the API (CORS), e.g. http://localhost:3000, or * for any; default: none", default="")
     option("--served-model-name", "MOESTREAM_SERVED_MODEL_NAME",
            "the model id clients send (default: the file name without .gguf)")
     option("--device", "MOESTREAM_DEVICE", DEVICE_HELP, type=device_arg)

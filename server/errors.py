@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from moestream.engine.engine import PromptTooLong
 from moestream.kernels.errors import MoestreamError
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,9 @@ class APIError(Exception):
 
 
 def bad_request(exc: MoestreamError, param: str | None = None) -> APIError:
-    return APIError(str(exc), param=param)
+    """A 400 for a request the engine refused (OpenAI's code for a prompt too long)."""
+    code = "context_length_exceeded" if isinstance(exc, PromptTooLong) else None
+    return APIError(str(exc), param=param, code=code)
 
 
 def _validation_error(exc: RequestValidationError) -> APIError:

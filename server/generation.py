@@ -39,10 +39,15 @@ class Generation:
         self._decoder = StreamDecoder(self.tokenizer)
         self._matcher = StopMatcher(self.stops)
 
+    def show_special_tokens(self) -> None:
+        """Keep control tokens in the text (call before reading deltas)."""
+        self._decoder = StreamDecoder(self.tokenizer, skip_special=False)
+
     @property
     def usage(self) -> dict:
         prompt, completion = self.stream.num_prompt_tokens, self.record.num_generated
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": 0}}  # no prefix cache yet
 
     async def deltas(self) -> AsyncIterator[Delta]:
         try:

@@ -6,14 +6,19 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
+from importlib.metadata import version
 
 from moestream.engine.sequence import TokenLogprob
 from moestream.engine.tokenizer import Tokenizer
 
 
+# Names the backend that made a response, as OpenAI's does (clients log it with seeds).
+SYSTEM_FINGERPRINT = f"fp_moestream_{version('moestream')}"
+
+
 @dataclass(frozen=True)
 class Envelope:
-    """What every chunk of one response repeats: id, object, created, model."""
+    """What every chunk of one response repeats: id, object, created, model, fingerprint."""
 
     object: str
     model: str
@@ -26,7 +31,7 @@ class Envelope:
 
     def body(self, choices: list[dict], **extra) -> dict:
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
-                "choices": choices, **extra}
+                "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices, **extra}
 
 
 def sse(payload: dict | str) -> str:

@@ -4,12 +4,17 @@ naming the field. Types are strict, as OpenAI's own API is: "4" is not a number 
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import json
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator,
+                      model_validator)
 
 from moestream.engine import SamplingParams
+from moestream.engine.constraints import Grammar
 from moestream.engine.sequence import SEED_RANGE
+from moestream.server.structured import ResponseFormat
+from moestream.server.tools import NamedToolChoice, ToolChoice, ToolDef
 
 
 def _valid_unicode(text: str) -> str:
@@ -27,6 +32,9 @@ def _valid_unicode(text: str) -> str:
 Text = Annotated[str, AfterValidator(_valid_unicode)]
 
 
+MAX_CHOICES = 16
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
@@ -40,10 +48,31 @@ class TextPart(_Request):
     text: Text
 
 
+class CalledFunction(_Request):
+    name: str
+    arguments: str
+
+
+class AssistantToolCall(_Request):
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+    def as_template_input(self) -> dict:
+        """As chat templates read calls: the arguments as an object, not JSON text."""
+        try:
+            arguments: Any = json.loads(self.function.arguments)
+        except json.JSONDecodeError:
+            arguments = self.function.arguments
+        return {"id": self.id, "type": "function", "function": {"name": self.function.name, "arguments": arguments}}
+
+
 class ChatMessage(_Request):
     role: Text
     content: Text | list[TextPart] | None = None
     name: Text | None = None
+    tool_calls: list[AssistantToolCall] | None = None
+    tool_call_id: Text | None = None
 
     def as_template_input(self) -> dict:
         content = self.content
@@ -52,6 +81,10 @@ class ChatMessage(_Request):
         message = {"role": self.role, "content": content or ""}
         if self.name is not None:
             message["name"] = self.name
+        if self.tool_calls:
+            message["tool_calls"] = [c.as_template_input() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
         return message
 
 
@@ -70,12 +103,36 @@ class _Sampling(_Request):
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     ignore_eos: bool = False
+    response_format: ResponseFormat | None = None
+    logit_bias: dict[Text, float] | None = None  # token id (as JSON object keys are: text) -> bias
+
+    @field_validator("stream_options")
+    @classmethod
+    def _options_need_a_stream(cls, options: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if options is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed with stream: true")
+        return options
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_range(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for token, value in (bias or {}).items():
+            if not token.isdigit():
+                raise ValueError(f"the key {token!r} is not a token id")
+            if not -100 <= value <= 100:
+                raise ValueError(f"the bias of token {token} is {value}; biases must be in [-100, 100]")
+        return bias
+
+    @property
+    def token_bias(self) -> tuple[tuple[int, float], ...]:
+        return tuple((int(token), value) for token, value in (self.logit_bias or {}).items())
 
     @field_validator("n")
     @classmethod
-    def _one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError(f"only n=1 is supported (got {n}); send separate requests for more choices")
+    def _few_choices(cls, n: int) -> int:
+        # each choice is a sequence of its own, prompt included (no shared KV yet)
+        if not 1 <= n <= MAX_CHOICES:
+            raise ValueError(f"n must be in [1, {MAX_CHOICES}] (got {n})")
         return n
 
     @property
@@ -87,11 +144,24 @@ class _Sampling(_Request):
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return [s for s in stops if s]
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    @property
+    def grammar(self) -> Grammar | None:
+        """What the output must match (response_format); None: free text."""
+        return self.response_format.grammar() if self.response_format is not None else None
+
+    def sampling_params(self, max_tokens: int, logprobs: int | None, grammar: Grammar | None = None,
+                        choice: int = 0) -> SamplingParams:
+        """Choice i of n draws with seed + i (wrapped into the seed range), so n seeded choices
+        differ from each other and repeat across requests."""
+        seed = self.seed
+        if seed is not None and choice:
+            low, high = SEED_RANGE
+            seed = low + (seed - low + choice) % (high - low + 1)
         return SamplingParams(
             max_tokens=max_tokens, temperature=self.temperature, top_k=max(self.top_k, 0),
-            top_p=self.top_p, seed=self.seed, presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty, ignore_eos=self.ignore_eos, logprobs=logprobs)
+            top_p=self.top_p, seed=seed, presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty, ignore_eos=self.ignore_eos, logprobs=logprobs,
+            grammar=grammar, logit_bias=self.token_bias)
 
 
 class ChatCompletionRequest(_Sampling):
@@ -100,12 +170,37 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[ToolDef] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     @model_validator(mode="after")
     def _top_logprobs_needs_logprobs(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs=true")
         return self
+
+    @field_validator("tools")
+    @classmethod
+    def _distinct_names(cls, tools: list[ToolDef] | None) -> list[ToolDef] | None:
+        names = [t.function.name for t in tools or []]
+        if len(set(names)) != len(names):
+            raise ValueError("two functions have the same name")
+        return tools
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice_needs_its_tool(cls, choice: ToolChoice | None, info: ValidationInfo) -> ToolChoice | None:
+        names = [t.function.name for t in info.data.get("tools") or []]
+        forced = choice == "required" or isinstance(choice, NamedToolChoice)
+        if forced and not names:
+            raise ValueError("forcing a tool call needs tools: send the functions in `tools`")
+        response_format = info.data.get("response_format")
+        if forced and response_format is not None and response_format.type != "text":
+            raise ValueError("a forced tool call cannot be combined with response_format")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"the function {choice.function.name!r} is not in tools ({', '.join(names)})")
+        return choice
 
     @property
     def requested_max_tokens(self) -> int | None:

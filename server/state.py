@@ -35,6 +35,7 @@ class ServerSettings:
     shutdown_grace_s: float = 30.0
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
+    allowed_origins: tuple[str, ...] = ()  # CORS; empty: no cross-origin browser access
 
 
 @dataclass
@@ -142,8 +143,17 @@ class ServerState:
                     prompt_param: str) -> Generation:
         """Queue a request; `make_params(max_tokens)` builds its sampling settings."""
         engine = self.engine
-        room = engine.engine.max_model_len - len(prompt_ids)
-        max_tokens = max(1, min(requested_max_tokens or room, room))
+        limit = engine.engine.max_model_len
+        room = limit - len(prompt_ids)
+        if room <= 0:
+            raise APIError(f"the prompt has {len(prompt_ids)} tokens but the context holds {limit}: shorten "
+                           "the prompt or start the server with a larger --ctx-size", param=prompt_param,
+                           code="context_length_exceeded")
+        if requested_max_tokens is not None and requested_max_tokens > room:
+            raise APIError(f"max_tokens is {requested_max_tokens} but the context holds {limit} tokens and the "
+                           f"prompt takes {len(prompt_ids)}: ask for at most {room}", param="max_tokens",
+                           code="context_length_exceeded")
+        max_tokens = requested_max_tokens or room
         try:
             params = make_params(max_tokens)
         except MoestreamError as exc:

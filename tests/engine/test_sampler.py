@@ -49,10 +49,25 @@ def test_penalties_follow_the_openai_formula():
 
 
 @pytest.mark.parametrize("bad", [dict(max_tokens=0), dict(temperature=-1), dict(top_p=0),
-                                 dict(top_p=1.5), dict(top_k=-2), dict(logprobs=21)])
+                                 dict(top_p=1.5), dict(top_k=-2), dict(logprobs=21),
+                                 dict(logit_bias=((3, 101.0),))])
 def test_bad_sampling_values_are_user_errors(bad):
     with pytest.raises(MoestreamError):
         SamplingParams(**bad)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_logit_bias_adds_to_the_logits_before_the_choice(temperature):
+    logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(2)) * 3
+    favourite, banned = 17, int(logits[1].argmax())
+    seqs = [Sequence([1], SamplingParams(temperature=temperature, seed=s, logit_bias=((favourite, 100.0),)))
+            for s in range(3)]
+    seqs[1] = Sequence([1], SamplingParams(temperature=0, logit_bias=((banned, -100.0),)))
+    chosen = [token for token, _ in sample(logits, seqs)]
+    assert chosen[0] == chosen[2] == favourite
+    shifted = logits[1].clone()
+    shifted[banned] -= 100
+    assert chosen[1] == int(shifted.argmax()) != banned
 
 
 class _DeviceLogits(torch.Tensor):

@@ -133,3 +133,15 @@ def server(olmoe_gguf) -> ServerProcess:
                           "--max-batch", "16", "--ctx-size", str(CTX_SIZE)], api_key=API_KEY)
     yield proc.start()
     proc.stop()
+
+
+DEMO_MODEL = "moestream-demo"
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> ServerProcess:
+    """`moestream serve --demo`: random weights, so only a grammar makes its output valid."""
+    cache = tmp_path_factory.mktemp("cache")
+    proc = ServerProcess(["--demo", "--max-batch", "4"], env={"XDG_CACHE_HOME": str(cache)})
+    yield proc.start()
+    proc.stop()

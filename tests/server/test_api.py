@@ -282,7 +282,7 @@ LONG_PROMPT = list(range(CTX_SIZE + 10))
     (CHAT, {"messages": "hi"}, 400, "invalid_request_error", "messages"),
     (CHAT, {"messages": MESSAGES, "temperature": "hot"}, 400, "invalid_request_error", "temperature"),
     (CHAT, {"messages": MESSAGES, "max_tokens": -1}, 400, "invalid_request_error", "max_tokens"),
-    (CHAT, {"messages": MESSAGES, "n": 3}, 400, "invalid_request_error", "n"),
+    (CHAT, {"messages": MESSAGES, "n": 17}, 400, "invalid_request_error", "n"),
     (CHAT, {"messages": MESSAGES, "top_logprobs": 99, "logprobs": True}, 400, "invalid_request_error",
      "top_logprobs"),
     (CHAT, {"messages": [{"role": "user", "content": "word " * CTX_SIZE}]}, 400, "invalid_request_error",
@@ -293,7 +293,7 @@ LONG_PROMPT = list(range(CTX_SIZE + 10))
     (COMPLETIONS, {"prompt": ["a", "b"]}, 400, "invalid_request_error", "prompt"),
     (COMPLETIONS, {"prompt": "hi", "echo": True}, 400, "invalid_request_error", "echo"),
     ("/v1/embeddings", {"input": "hi"}, 404, "not_found_error", None),
-], ids=["malformed-json", "messages-type", "temperature-type", "negative-max-tokens", "n=3", "top-logprobs",
+], ids=["malformed-json", "messages-type", "temperature-type", "negative-max-tokens", "n=17", "top-logprobs",
         "chat-too-long", "unknown-model", "prompt-too-long", "token-out-of-vocab", "batch-prompt", "echo",
         "unknown-route"])
 def test_bad_request_gets_an_openai_error(server, path, body, status, error_type, param):
@@ -318,7 +318,7 @@ def test_client_raises_the_matching_errors_and_the_server_still_serves(server):
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0).models.list()
     with pytest.raises(openai.BadRequestError):
-        server.client().chat.completions.create(model=MODEL_NAME, messages=MESSAGES, n=3)
+        server.client().chat.completions.create(model=MODEL_NAME, messages=MESSAGES, n=17)
     with pytest.raises(openai.NotFoundError):
         server.client().chat.completions.create(model="gpt-9", messages=MESSAGES)
     out = server.client().chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=2, **GREEDY)
