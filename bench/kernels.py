@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     elif not torch.cuda.is_available():
         print("bench.kernels needs a CUDA GPU (or --cpu-smoke)", file=sys.stderr)
         return 2
-    from moestream.kernels.triton_dequant_tiles import TRITON_QTYPES
+    from moestream.kernels.triton_configs import TRITON_QTYPES
 
     device = torch.device("cpu" if args.cpu_smoke else "cuda")
     qtypes = [Q[name] for name in args.types.split(",")] if args.types else sorted(TRITON_QTYPES, key=int)

@@ -28,7 +28,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from moestream.kernels.formats import block_format  # noqa: E402
 from moestream.kernels.triton_configs import CAPABILITIES, tile_config  # noqa: E402
-from moestream.kernels.triton_dequant_tiles import TRITON_QTYPES  # noqa: E402
+from moestream.kernels.triton_configs import TRITON_QTYPES  # noqa: E402
 from moestream.kernels.triton_gemm import _gemm_kernel  # noqa: E402
 from moestream.kernels.triton_gemv import _gemv_kernel, gemv_block_n  # noqa: E402
 from moestream.kernels.triton_moe import _grouped_kernel  # noqa: E402

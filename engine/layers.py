@@ -8,7 +8,7 @@ from gguf import GGMLQuantizationType
 
 from moestream import kernels
 from moestream.kernels.dispatch import uses_cpu_kernel
-from moestream.kernels.triton_dequant_tiles import TRITON_QTYPES
+from moestream.kernels.triton_configs import TRITON_QTYPES
 from moestream.engine.config import RopeStyle
 from moestream.engine.loader import RawTensor
 

@@ -17,7 +17,7 @@ from moestream.engine.header import ModelHeader, TensorInfo
 from moestream.engine.layers import keeps_quantized
 from moestream.kernels.cpu import has_cpu_kernel
 from moestream.kernels.errors import MoestreamError
-from moestream.kernels.triton_dequant_tiles import TRITON_QTYPES
+from moestream.kernels.triton_configs import TRITON_QTYPES
 from moestream.offload.planner import fit_slots, format_bytes, too_small_advice
 
 MiB = 2**20

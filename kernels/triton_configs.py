@@ -21,6 +21,13 @@ from typing import Literal
 
 from gguf import GGMLQuantizationType as Q
 
+# The block types the Triton decoders read (kernels/triton_dequant_tiles.py); kept here, in a
+# module that does not import triton, so that CPU-only installs can ask about them.
+TRITON_QTYPES: frozenset[Q] = frozenset(
+    {Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.IQ4_NL, Q.Q2_K, Q.Q3_K, Q.Q4_K,
+     Q.Q5_K, Q.Q6_K, Q.IQ4_XS, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S, Q.IQ1_S, Q.IQ1_M}
+)
+
 log = logging.getLogger(__name__)
 
 Kind = Literal["gemv", "gemm", "grouped"]

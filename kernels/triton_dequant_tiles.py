@@ -56,13 +56,6 @@ _IQ1_S: tl.constexpr = tl.constexpr(int(Q.IQ1_S))
 _IQ1_M: tl.constexpr = tl.constexpr(int(Q.IQ1_M))
 IQ1_DELTA: tl.constexpr = tl.constexpr(0.125)  # llama.cpp's IQ1S_DELTA and IQ1M_DELTA
 
-# Types whose rows may end inside a tile: their blocks are 1 or 32 columns, not 256.
-_FLOAT_QTYPES = (Q.F32, Q.F16, Q.BF16)
-_BLOCK32_QTYPES = (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.IQ4_NL)
-TRITON_QTYPES: frozenset[Q] = frozenset(
-    {*_FLOAT_QTYPES, *_BLOCK32_QTYPES, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_XS,
-     Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S, Q.IQ1_S, Q.IQ1_M}
-)
 _GRID_TYPES = (Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S)
 
 

@@ -37,8 +37,9 @@ def test_generate_ends_with_load_prompt_and_decode_timings():
     for what in ("prompt eval time", "decode time"):
         m = timings[what]
         if int(m["n"]):
-            assert float(m["tok_s"]) == pytest.approx(1000 * int(m["n"]) / float(m["ms"]), rel=0.01)
-            assert float(m["per_token_ms"]) == pytest.approx(float(m["ms"]) / int(m["n"]), rel=0.01)
+            # printed to 2 decimals: a slow run's 0.22 tok/s is 2% off its exact rate
+            assert float(m["tok_s"]) == pytest.approx(1000 * int(m["n"]) / float(m["ms"]), rel=0.01, abs=0.006)
+            assert float(m["per_token_ms"]) == pytest.approx(float(m["ms"]) / int(m["n"]), rel=0.01, abs=0.006)
     parts_ms = sum(float(timings[w]["ms"]) for w in ("load time", "prompt eval time", "decode time"))
     assert float(timings["total time"]["ms"]) == pytest.approx(parts_ms, abs=0.05)
     assert "loaded in" in done.stderr and "CPU threads: 1" in done.stderr

@@ -6,7 +6,7 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 
 from moestream.kernels import triton_configs as tc
-from moestream.kernels.triton_dequant_tiles import TRITON_QTYPES
+from moestream.kernels.triton_configs import TRITON_QTYPES
 from moestream.kernels.triton_gemm import gpu_gemm_config
 from moestream.kernels.triton_gemv import gpu_gemv_config
 from moestream.kernels.triton_moe import gpu_grouped_config

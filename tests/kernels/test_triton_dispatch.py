@@ -7,7 +7,7 @@ from gguf import GGMLQuantizationType as Q
 import moestream.kernels.dispatch as qm
 from moestream.kernels.errors import UnsupportedQuantType
 from moestream.kernels.formats import BLOCK_FORMATS, row_bytes
-from moestream.kernels.triton_dequant_tiles import TRITON_QTYPES
+from moestream.kernels.triton_configs import TRITON_QTYPES
 from moestream.kernels.dispatch import qmatmul, use_triton
 from tests.kernels.triton_helpers import activations, assert_matches, random_weight
 
