@@ -21,6 +21,18 @@ from moestream.kernels.errors import MoestreamError
 FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
 
 
+def read_gguf(path: str | Path, mode: str = "r") -> GGUFReader:
+    """gguf's reader over `path`; a missing or unreadable file is one MoestreamError."""
+    path = Path(path)
+    if not path.is_file():
+        raise MoestreamError(f"{path}: no such file; pass the path of a .gguf model")
+    try:
+        return GGUFReader(path, mode=mode)
+    except Exception as exc:  # the reader raises many types on bad bytes
+        raise MoestreamError(f"{path}: not a readable GGUF file ({type(exc).__name__}: {exc}); "
+                             "the file is truncated or corrupt, or not GGUF: download it again") from None
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
@@ -101,15 +113,7 @@ class ModelHeader:
 
     @classmethod
     def read(cls, path: str | Path) -> ModelHeader:
-        path = Path(path)
-        if not path.is_file():
-            raise MoestreamError(f"{path}: no such file; pass the path of a .gguf model")
-        try:
-            reader = GGUFReader(path, mode="r")
-        except Exception as exc:  # the reader raises many types on bad bytes
-            raise MoestreamError(f"{path}: not a readable GGUF file ({type(exc).__name__}: {exc}); "
-                                 "the file is truncated or corrupt, or not GGUF: download it again") from None
-        return cls.from_reader(reader, str(path))
+        return cls.from_reader(read_gguf(path), str(path))
 
     def expert_bytes(self, layer: int) -> int:
         """One routed expert of `layer` (gate + up + down as stored); 0 for a dense layer."""

@@ -18,6 +18,7 @@ from gguf import GGMLQuantizationType, GGUFReader
 
 from moestream.engine.config import ModelConfig
 from moestream.engine.file_check import check_layout, check_strings, check_tensors
+from moestream.engine.header import read_gguf
 from moestream.kernels.errors import MoestreamError
 from moestream.kernels.formats import block_format
 
@@ -86,15 +87,9 @@ def _raw_tensor(path: Path, t: Any) -> RawTensor:
 
 def open_gguf(path: str | Path) -> GGUFModelFile:
     path = Path(path)
-    if not path.is_file():
-        raise MoestreamError(f"{path}: no such file; pass the path of a .gguf model")
-    try:
-        # mode 'c' (copy-on-write) gives writable views, so torch.from_numpy does not warn,
-        # while the pages stay shared with the file until written (they never are).
-        reader = GGUFReader(path, mode="c")
-    except Exception as exc:  # the reader raises many types on bad bytes
-        raise MoestreamError(f"{path}: not a readable GGUF file ({type(exc).__name__}: {exc}); "
-                             "the file is truncated or corrupt, or not GGUF: download it again") from None
+    # mode 'c' (copy-on-write) gives writable views, so torch.from_numpy does not warn,
+    # while the pages stay shared with the file until written (they never are).
+    reader = read_gguf(path, mode="c")
     check_strings(path, reader)  # before any string is decoded
     meta = read_metadata(reader)
     tensors = {t.name: _raw_tensor(path, t) for t in reader.tensors}

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from moestream.kernels.cpu import cpu_expert_ffn, cpu_moe_layer
 from moestream.kernels.dispatch import qmatmul, use_triton, uses_cpu_kernel
 from moestream.kernels.moe_ffn import moe_ffn
-from moestream.engine.config import ModelConfig, QKNorm
+from moestream.engine.config import QKNorm
 from moestream.engine.kv_cache import KVCache, SlotIndex
 from moestream.engine.layers import Embedding, Linear, Rope, dequantize_tensor, rms_norm
 from moestream.engine.loader import GGUFModelFile

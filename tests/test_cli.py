@@ -1,6 +1,5 @@
 """The `moestream` command on real fixture files, and the one-line errors on bad ones."""
 
-import shutil
 import subprocess
 import sys
 

@@ -116,7 +116,7 @@ def test_attention_over_an_f16_pool_computes_in_fp32():
 
 
 def test_resident_weights_stay_quantized_on_cuda_unless_dense_is_asked_for():
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    cuda = torch.device("cuda")
     assert keeps_quantized(gguf.GGMLQuantizationType.Q4_K, cuda, "auto", dense=False)
     assert not keeps_quantized(gguf.GGMLQuantizationType.Q4_K, cuda, "auto", dense=True)
     header = header_of("qwen2moe", "Q4_K_M")

@@ -4,7 +4,7 @@ start it, poll /health, fail fast with its log if it dies, stop it afterwards.""
 from __future__ import annotations
 
 import os
-import signal
+import signal as signals
 import socket
 import subprocess
 import sys
@@ -74,7 +74,7 @@ class ServerProcess:
     def wait(self, timeout_s: float) -> int:
         return self.proc.wait(timeout_s)
 
-    def signal(self, sig: signal.Signals) -> None:
+    def signal(self, sig: signals.Signals) -> None:
         self.proc.send_signal(sig)
 
     def stop(self) -> None:
