@@ -161,10 +161,11 @@ class Engine:
     def _sample_each(self, logits: torch.Tensor, seqs: list[Sequence]) -> list:
         """Each sequence's (token, logprob), or the exception its sampling raised: one
         request's failure ends that request alone, and the others' draws are untouched."""
+        host_logits = logits.to("cpu", torch.float32)  # one copy per step, not one per sequence
         chosen = []
         for i, seq in enumerate(seqs):
             try:
-                chosen.append(sample(logits[i:i + 1], [seq])[0])
+                chosen.append(sample(host_logits[i:i + 1], [seq])[0])
             except Exception as exc:
                 log.exception("sampling failed for sequence %d; ending it", seq.seq_id)
                 chosen.append(exc)
