@@ -7,6 +7,7 @@ hands requests in between steps.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -58,9 +59,11 @@ class Engine:
         self.max_model_len = self.memory.max_model_len
         log.info("allocating the KV cache: %d tokens, %s, %s", self.memory.kv_tokens, config.kv_dtype,
                  format_bytes(self.memory.kv_bytes))
+        kv_start_s = time.perf_counter()
         self.kv = KVCache(self.config.n_kv_layers, self.config.n_kv_heads, self.config.head_dim,
                           self.memory.kv_tokens // config.kv_block_size, config.kv_block_size,
                           KV_DTYPES[config.kv_dtype], self.device)
+        log.info("KV cache allocated in %.1f s", time.perf_counter() - kv_start_s)
         # hybrid models: one DeltaNet state per sequence that can run at once
         self.states = (RecurrentStatePool(self.config.linear, config.max_batch, self.device)
                        if self.config.linear is not None else None)

@@ -7,6 +7,8 @@ when host RAM is too tight to duplicate the file (`--no-pin`), the store is zero
 into the memory-mapped GGUF arrays.
 """
 
+import logging
+import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 
@@ -16,8 +18,11 @@ from tqdm import tqdm
 
 from moestream.offload.layout import ExpertLayout, ExpertWeights
 from moestream.offload.pinned import HostBuffer
+from moestream.offload.planner import format_bytes
 from moestream.offload.source import LayerPlan
 from moestream.offload.stats import CacheStats
+
+log = logging.getLogger(__name__)
 
 # One projection of all experts of a layer: uint8 [n_expert, bytes of one expert's part]
 # (a [n_expert, rows, row_bytes] array from GGUFReader is accepted too).
@@ -47,9 +52,12 @@ class HostExpertStore:
         self._blobs: dict[int, torch.Tensor] = {}
         if pinned:
             # filled first, pinned after: the fill faults every page in, then one pass locks them
+            start_s = time.perf_counter()
+            log.info("pinning %s of routed experts in host memory", format_bytes(self.host_bytes_needed))
             self._buffer = HostBuffer(self.host_bytes_needed)
             self._fill_pinned(self._buffer.tensor, parts, progress)
             self._buffer.pin()
+            log.info("experts pinned in %.1f s", time.perf_counter() - start_s)
 
     def _fill_pinned(self, pinned: torch.Tensor, parts: dict[int, tuple[torch.Tensor, ...]],
                      progress: bool) -> None:
