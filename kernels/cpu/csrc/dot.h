@@ -1,6 +1,7 @@
 // Dot products of decoded weight blocks with int8 activation blocks. AVX-512 VNNI: u8 x s8 ->
-// int32 per 4 elements (vpdpbusd) on blocks held in registers; otherwise portable integer
-// loops over decoded rows in memory, which gcc vectorises for what -march=native offers.
+// int32 per 4 elements (vpdpbusd) on blocks held in registers; AVX2: vpmaddubsw + vpmaddwd
+// over decoded rows in memory (the Q4_K_M K-quants run in registers instead: avx2_k.h);
+// otherwise portable integer loops, which gcc vectorises for what -march=native offers.
 #pragma once
 
 #include "blocks.h"
@@ -135,14 +136,52 @@ inline float dot_row_narrow(const Decoded32* w, const Act32* x, int64_t nb) {
   return hsum256(acc) + acc_min;
 }
 
+// Wide formats (Q8_0, IQ4_NL, IQ4_XS) store u = v + 128 and their whole min term is that
+// shift (blocks.h), so the dot runs on the signed v = u ^ 0x80 instead: |v| x (q with v's
+// sign) pairs (at most 2 * 128 * 127) fit vpmaddubsw's int16 without saturating.
+inline __m256i signed_pairs(__m256i u, __m256i q) {
+  const __m256i v = _mm256_xor_si256(u, _mm256_set1_epi8(static_cast<char>(0x80)));
+  return _mm256_maddubs_epi16(_mm256_sign_epi8(v, v), _mm256_sign_epi8(q, v));
+}
+
+inline float dot_row_wide(const Decoded256* w, const Act256* x, int64_t nb) {
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i sum = _mm256_setzero_si256();
+    for (int c = 0; c < 8; ++c) {
+      const __m256i u = _mm256_load_si256(reinterpret_cast<const __m256i*>(w[b].u + 32 * c));
+      const __m256i q = _mm256_load_si256(reinterpret_cast<const __m256i*>(x[b].q + 32 * c));
+      const __m256i lanes = _mm256_load_si256(reinterpret_cast<const __m256i*>(w[b].sc_lanes + 8 * c));
+      sum = _mm256_add_epi32(sum, _mm256_madd_epi16(signed_pairs(u, q), _mm256_packs_epi32(lanes, lanes)));
+    }
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(w[b].d * x[b].d), acc);
+  }
+  return hsum256(acc);
+}
+
+inline float dot_row_wide(const Decoded32* w, const Act32* x, int64_t nb) {
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const __m256i u = _mm256_load_si256(reinterpret_cast<const __m256i*>(w[b].u));
+    const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[b].q));
+    const __m256i sum = _mm256_madd_epi16(signed_pairs(u, q), _mm256_set1_epi16(1));
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(w[b].d * x[b].d), acc);
+  }
+  return hsum256(acc);
+}
+
 #endif
 
 template <bool narrow, class Dec, class Act>
 inline float dot_row(const Dec* w, const Act* x, int64_t nb) {
 #ifdef MOESTREAM_AVX2
-  if constexpr (narrow) return dot_row_narrow(w, x, nb);
-#endif
+  if constexpr (narrow)
+    return dot_row_narrow(w, x, nb);
+  else
+    return dot_row_wide(w, x, nb);
+#else
   return dot_row_scalar(w, x, nb);
+#endif
 }
 
 #endif
