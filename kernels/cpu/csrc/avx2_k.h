@@ -25,10 +25,14 @@ struct Avx2Block {
   float d, dmin;
 };
 
-// int16 lanes 0-7 = `first`, 8-15 = `second`: the scales of the two groups of 16 elements
-// whose vpmaddubsw pairs fill those lanes.
-inline __m256i group_scales(int first, int second) {
-  return _mm256_set_m128i(_mm_set1_epi16(static_cast<int16_t>(second)), _mm_set1_epi16(static_cast<int16_t>(first)));
+// The int16 scales of a chunk's two groups of 16 elements (lanes 0-7: the first group,
+// 8-15: the second, where vpmaddubsw puts their pairs), picked from `words` by one byte
+// shuffle: word a of the low 128-bit half, word b of the high half (a, b constants once the
+// chunk loop is unrolled). Scalar broadcasts cost 3-4 instructions per chunk instead.
+inline __m256i pick_words(__m256i words, int a, int b) {
+  const __m256i index = _mm256_set_m128i(_mm_set1_epi16(static_cast<int16_t>((2 * b + 1) << 8 | 2 * b)),
+                                         _mm_set1_epi16(static_cast<int16_t>((2 * a + 1) << 8 | 2 * a)));
+  return _mm256_shuffle_epi8(words, index);
 }
 
 // Eight bytes, one per 32 elements -> sixteen int16, one per group of 16.
@@ -42,18 +46,23 @@ inline __m256i twice_u8_epi16(uint64_t bytes) {
 template <class F>
 struct Avx2Regs : std::false_type {};
 
+// Eight bytes (Q4_K/Q5_K scales, one per 32 elements) -> int16 words 0-7 in both halves.
+inline __m256i scale_words(uint64_t bytes) {
+  return _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(static_cast<int64_t>(bytes))));
+}
+
 template <>
 struct Avx2Regs<Q4K> : std::true_type {
   template <class Chunk>
   static Avx2Block decode(const uint8_t* block, Chunk&& chunk) {
     uint64_t scales, mins;  // byte i: scale / min of elements 32 i .. 32 i + 31
     k_scales_mins(block, scales, mins);
+    const __m256i words = scale_words(scales);
     const __m256i nibble = _mm256_set1_epi8(0x0F);
     for (int c = 0; c < 4; ++c) {  // 32 bytes: low nibbles are chunk 2c, high nibbles 2c + 1
       const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 16 + 32 * c));
-      const int low = (scales >> (16 * c)) & 0xFF, high = (scales >> (16 * c + 8)) & 0xFF;
-      chunk(2 * c, _mm256_and_si256(packed, nibble), group_scales(low, low));
-      chunk(2 * c + 1, _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble), group_scales(high, high));
+      chunk(2 * c, _mm256_and_si256(packed, nibble), pick_words(words, 2 * c, 2 * c));
+      chunk(2 * c + 1, _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble), pick_words(words, 2 * c + 1, 2 * c + 1));
     }
     return {twice_u8_epi16(mins), fp16(block), fp16(block + 2)};
   }
@@ -71,15 +80,16 @@ struct Avx2Regs<Q5K> : std::true_type {
   static Avx2Block decode(const uint8_t* block, Chunk&& chunk) {
     uint64_t scales, mins;
     k_scales_mins(block, scales, mins);
+    const __m256i words = scale_words(scales);
     const __m256i nibble = _mm256_set1_epi8(0x0F);
     const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 16));
     for (int c = 0; c < 4; ++c) {  // element 32 b + i takes bit b of qh[i] as its bit 4
       const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 48 + 32 * c));
-      const int low = (scales >> (16 * c)) & 0xFF, high = (scales >> (16 * c + 8)) & 0xFF;
-      chunk(2 * c, _mm256_or_si256(_mm256_and_si256(packed, nibble), bit_to_fifth(qh, 2 * c)), group_scales(low, low));
+      chunk(2 * c, _mm256_or_si256(_mm256_and_si256(packed, nibble), bit_to_fifth(qh, 2 * c)),
+            pick_words(words, 2 * c, 2 * c));
       chunk(2 * c + 1,
             _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble), bit_to_fifth(qh, 2 * c + 1)),
-            group_scales(high, high));
+            pick_words(words, 2 * c + 1, 2 * c + 1));
     }
     return {twice_u8_epi16(mins), fp16(block), fp16(block + 2)};
   }
@@ -89,7 +99,9 @@ template <>
 struct Avx2Regs<Q6K> : std::true_type {
   template <class Chunk>
   static Avx2Block decode(const uint8_t* block, Chunk&& chunk) {
-    const auto* sc = reinterpret_cast<const int8_t*>(block + 192);  // one per 16 elements
+    // int16 scales, one per 16 elements: groups 0-7 (both halves), groups 8-15 (both halves)
+    const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 192)));
+    const __m256i words[2] = {_mm256_permute2x128_si256(sc16, sc16, 0x00), _mm256_permute2x128_si256(sc16, sc16, 0x11)};
     const __m256i nibble = _mm256_set1_epi8(0x0F), two_bits = _mm256_set1_epi8(0x30);
     for (int h = 0; h < 2; ++h) {  // 128 elements: ql 64 bytes (low, high nibbles), qh 32 bytes
       const __m256i ql0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 64 * h));
@@ -104,11 +116,10 @@ struct Avx2Regs<Q6K> : std::true_type {
                           _mm256_and_si256(_mm256_srli_epi16(top, 2), two_bits))};
       for (int t = 0; t < 4; ++t) {
         const int k = 4 * h + t;
-        chunk(k, u[t], group_scales(sc[2 * k], sc[2 * k + 1]));
+        chunk(k, u[t], pick_words(words[h], 2 * t, 2 * t + 1));  // groups 2k, 2k + 1 = 8h + 2t, + 1
       }
     }
     // Signed values v = u - 32: the shift is the min term, mn = 32 sc, dmin = d.
-    const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc)));
     const float d = fp16(block + 208);
     return {_mm256_slli_epi16(sc16, 5), d, d};
   }
