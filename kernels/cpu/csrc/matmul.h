@@ -166,6 +166,22 @@ void run_rows(const Job& job, int64_t n0, int64_t n1) {
 
 #endif
 
+// The exact route: in registers on AVX2 for the K-quants of the Q4_K_M mixes (avx2_k.h),
+// else exact.h's path for the build.
+template <class F>
+void run_exact(const Job& job, int64_t n0, int64_t n1) {
+#ifdef MOESTREAM_AVX2
+  if constexpr (Avx2Regs<F>::value) {
+    const int64_t tile = std::max<int64_t>(1, ROW_TILE_BYTES / (job.K / F::block_size * F::type_size));
+    row_passes(job, n0, n1, tile, [&](int64_t t0, int64_t t1, int64_t m0, auto mt) {
+      avx2_exact_rows<F, decltype(mt)::value>(job, t0, t1, m0);
+    });
+    return;
+  }
+#endif
+  run_rows_exact<F>(job, n0, n1);
+}
+
 // Bytes of weights (times activation rows) per parallel task: small matrices stay on one core.
 constexpr int64_t TASK_WORK = 64 * 1024;
 
@@ -189,7 +205,7 @@ inline void run_jobs(const std::vector<Job>& jobs) {
         if (lo < hi)
           with_format(job.qtype, [&](auto fmt) {
             using F = decltype(fmt);
-            job.exact ? run_rows_exact<F>(job, lo, hi) : run_rows<F>(job, lo, hi);
+            job.exact ? run_exact<F>(job, lo, hi) : run_rows<F>(job, lo, hi);
           });
       }
       offset = job_end;
