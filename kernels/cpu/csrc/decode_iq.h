@@ -264,6 +264,7 @@ constexpr int IQ4_ZERO = 128;  // the non-linear values span -127..113
 
 struct IQ4XS : SuperBlockFormat {
   static constexpr int type_size = 136;
+  static constexpr bool narrow = false;
   static void decode_regs(const uint8_t* block, Regs256& out) {
     // 16-entry table lookup per 128-bit lane (vpshufb), then interleave each 16-byte group's
     // low and high nibbles: group s holds elements 32 s + (0..15 low, 16..31 high).

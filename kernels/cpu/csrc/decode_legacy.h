@@ -24,6 +24,7 @@ inline __m256i add_fifth_bit(const uint8_t* qh, __m256i u) {  // bit i of the ui
 
 struct Q80 : LegacyFormat {
   static constexpr int type_size = 34;
+  static constexpr bool narrow = false;
   static void decode_regs(const uint8_t* block, Regs32& out) {  // int8 q -> q + 128
     out.u = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 2)), _mm256_set1_epi8(-128));
     out.d = fp16(block);
@@ -69,6 +70,7 @@ struct Q51 : LegacyFormat {
 
 struct IQ4NL : LegacyFormat {
   static constexpr int type_size = 18;
+  static constexpr bool narrow = false;
   static void decode_regs(const uint8_t* block, Regs32& out) {  // 16-entry lookup per 128-bit lane
     const __m256i table = _mm256_broadcastsi128_si256(
         _mm_add_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(KVALUES_IQ4NL)), _mm_set1_epi8(-128)));

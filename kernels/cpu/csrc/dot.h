@@ -24,11 +24,21 @@ struct Acc256 {
   __m256 min = _mm256_setzero_ps();
 
   // main += d dx sum_j sc_j (u . q)_j; min += dmin dx sum_j mn_j bsum_j (see blocks.h).
+  // narrow (every u <= 127): u8 x s8 pairs -> int16 (vpmaddubsw, cannot saturate), then
+  // x the int16 group scales accumulated into int32 (vpdpwssd): two instructions per 64
+  // weights. Otherwise 4-element sums (vpdpbusd) times int32 scales (vpmulld, slow).
+  // Both give the same integers.
+  template <bool narrow>
   void add(const Regs256& w, const Act256& x) {
     __m512i sum = _mm512_setzero_si512();
-    for (int k = 0; k < 4; ++k) {  // 64 elements -> 16 lanes of 4; lanes carry their group scale
-      const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w.u[k], _mm512_load_si512(x.q + 64 * k));
-      sum = _mm512_add_epi32(sum, _mm512_mullo_epi32(p, w.sc[k]));
+    for (int k = 0; k < 4; ++k) {  // 64 elements; lanes carry their group scale
+      const __m512i q = _mm512_load_si512(x.q + 64 * k);
+      if constexpr (narrow) {
+        sum = _mm512_dpwssd_epi32(sum, _mm512_maddubs_epi16(w.u[k], q), w.sc_pairs[k]);
+      } else {
+        const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w.u[k], q);
+        sum = _mm512_add_epi32(sum, _mm512_mullo_epi32(p, w.sc[k]));
+      }
     }
     main = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(w.d * x.d), main);
     const __m256i mins = _mm256_madd_epi16(w.mn, _mm256_load_si256(reinterpret_cast<const __m256i*>(x.bsum)));
@@ -43,6 +53,7 @@ struct Acc32 {
   __m256 main = _mm256_setzero_ps();
   float min = 0.0f;
 
+  template <bool narrow>
   void add(const Regs32& w, const Act32& x) {
     const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q));
     const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w.u, q);

@@ -116,7 +116,7 @@ void fused_rows(const Job& job, int64_t n0, int64_t n1, int64_t m0) {
     for (int64_t b = 0; b < nb; ++b) {
       typename Kernel::Regs regs;
       F::decode_regs(row + b * F::type_size, regs);
-      for (int m = 0; m < MT; ++m) acc[m].add(regs, act[m * nb + b]);
+      for (int m = 0; m < MT; ++m) acc[m].template add<F::narrow>(regs, act[m * nb + b]);
     }
     for (int m = 0; m < MT; ++m) job.y[(m0 + m) * job.ldy + n] = acc[m].total();
   }
