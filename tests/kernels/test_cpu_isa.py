@@ -84,3 +84,19 @@ def test_environment_selects_the_avx2_path(builds: dict) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "avx2"
     assert "CPU quantized kernels loaded (avx2)" in done.stderr
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q5_K, Q.Q6_K], ids=lambda q: q.name)
+def test_avx2_register_path_over_several_weight_tiles(builds: dict, qtype: Q) -> None:
+    """More weight rows than one 256 KiB tile and 6 activation rows (passes of 4 + 2): the
+    AVX2 register path's tiling and row passes, both routes, against the native build."""
+    gen = torch.Generator().manual_seed(int(qtype))
+    rows, cols, m = 2100, 256, 6  # 2100 rows x 1 block > 256 KiB of blocks for every type here
+    raw, dense = _weights(qtype, rows, cols, gen)
+    x = _activations(m, cols, gen)
+    for exact in (False, True):
+        avx2 = _matmul(builds["avx2"], x, raw, qtype, rows, exact)
+        assert _relative(avx2, _matmul(builds["native"], x, raw, qtype, rows, exact)) <= EXACT_TOLERANCE
+    reference = torch.from_numpy(x.double().numpy() @ dense.T)
+    assert _relative(_matmul(builds["avx2"], x, raw, qtype, rows, True), reference) <= EXACT_TOLERANCE
+    _assert_within_int8_error(_matmul(builds["avx2"], x, raw, qtype, rows, False), x, dense, qtype, seed=int(qtype))
