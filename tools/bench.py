@@ -15,6 +15,7 @@ tools.llama_cpp_ref sets it in the model-params struct.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import statistics
@@ -29,6 +30,7 @@ from tqdm import tqdm
 from moestream.engine.engine_config import default_kernels, default_threads
 from moestream.kernels.errors import MoestreamError
 from moestream.offload.hybrid import MissPolicy
+from moestream.tools.decode_profile import StepProfiler, decode_breakdown_ms, format_breakdown
 from moestream.tools.measure import (WARMUP_GEN_TOKENS, WARMUP_PROMPT_TOKENS, BenchConfig, RunMetrics,
                                      host_rss_bytes, timing_metrics)
 
@@ -60,12 +62,15 @@ class MoestreamRunner:
             self.torch.cuda.reset_peak_memory_stats()
         before = self.engine.stats()
         params = SamplingParams(max_tokens=gen_tokens, temperature=0.0, ignore_eos=True)
-        start, times = time.perf_counter(), []
-        for _ in self.engine.generate(prompt_ids, params):
-            times.append(time.perf_counter())
+        profiler = StepProfiler(self.engine) if self.config.profile else None
+        with profiler.installed() if profiler else contextlib.nullcontext():
+            start, times = time.perf_counter(), []
+            for _ in self.engine.generate(prompt_ids, params):
+                times.append(time.perf_counter())
         after = self.engine.stats()
         return RunMetrics(
             **timing_metrics(len(prompt_ids), start, times),
+            decode_profile_ms=decode_breakdown_ms(profiler.steps, times) if profiler else None,
             peak_vram_bytes=self.torch.cuda.max_memory_allocated() if cuda else 0,
             peak_reserved_vram_bytes=self.torch.cuda.max_memory_reserved() if cuda else 0,
             host_rss_bytes=host_rss_bytes(),
@@ -174,11 +179,16 @@ def run_bench(config: BenchConfig, names: list[str], repeat: int, warmup: int, s
 
 
 def summarize(runs: list[RunMetrics]) -> dict:
-    """Median of each metric over the runs (None where a metric does not apply)."""
+    """Median of each metric over the runs (None where a metric does not apply). The per-part
+    profile is averaged instead: a mean of each part keeps the parts' sum the mean step."""
     summary = {}
     for f in fields(RunMetrics):
         values = [getattr(r, f.name) for r in runs if getattr(r, f.name) is not None]
-        summary[f.name] = statistics.median(values) if values else None
+        if values and isinstance(values[0], dict):
+            keys = dict.fromkeys(key for v in values for key in v)
+            summary[f.name] = {key: statistics.fmean([v.get(key, 0.0) for v in values]) for key in keys}
+        else:
+            summary[f.name] = statistics.median(values) if values else None
     return summary
 
 
@@ -231,6 +241,9 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
                         help="our engine routes from this real routing log (JSONL, shared/data/routing "
                              "or --record-routing) instead of its router: random-weight models route with "
                              "unrealistic locality; prefetch is off while replaying")
+    parser.add_argument("--profile", action="store_true",
+                        help="also time each part of our decode steps (expert kernels, attention, norms, "
+                             "routing, Python) and print where a token goes; adds ~1 us per timed call")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
@@ -249,7 +262,7 @@ def bench_main(args: argparse.Namespace) -> int:
         threads=args.threads or default_threads(),
         prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens, n_cpu_moe=args.n_cpu_moe,
         kernels=default_kernels(device, args.kernels), miss_policy=args.miss_policy,
-        replay_routing=args.replay_routing)
+        replay_routing=args.replay_routing, profile=args.profile)
     names = ["moestream", "llama_cpp"] if args.vs_llama_cpp else ["moestream"]
     results = run_bench(config, names, args.repeat, args.warmup, seed=args.seed, progress=not args.json)
     summaries = {name: summarize(runs) for name, runs in results.items()}
@@ -260,4 +273,7 @@ def bench_main(args: argparse.Namespace) -> int:
         print(f"{config.model}: {config.prompt_tokens} prompt + {config.gen_tokens} generated tokens, "
               f"{config.threads} threads, {config.device}, median of {args.repeat}")
         print(format_table(summaries))
+        if args.profile:
+            print(f"\nmoestream, mean of {args.repeat} (`--profile`: time exclusive of the parts nested inside)")
+            print(format_breakdown(summaries["moestream"]["decode_profile_ms"]))
     return 0

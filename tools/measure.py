@@ -23,6 +23,7 @@ class BenchConfig:
     miss_policy: str = "auto"  # our expert cache misses: auto | copy | cpu
     simulate_link_gbps: float | None = None  # CPU only: our cache's "device" behind a simulated link
     replay_routing: str | None = None  # ours: route from a real log (engine/replay.py)
+    profile: bool = False  # ours: time each part of the decode steps (tools/decode_profile.py)
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class RunMetrics:
     h2d_gb_s: float | None = None  # ours only: host->device expert bytes / copy time
     cpu_miss_share: float | None = None  # ours only: share of misses computed on the CPU
     peak_reserved_vram_bytes: int | None = None  # ours only: the caching allocator's peak, what a budget must hold
+    decode_profile_ms: dict[str, float] | None = None  # ours with --profile: ms per decode token by part
 
 
 def timing_metrics(n_prompt: int, start_s: float, token_times_s: list[float]) -> dict[str, float]:

@@ -1,6 +1,7 @@
 """CPU kernels: quantized matmuls straight from GGUF blocks, compiled at first use."""
 
 from moestream.kernels.cpu.moe_layer import cpu_moe_layer
-from moestream.kernels.cpu.qmatmul import cpu_dequantize, cpu_expert_ffn, cpu_qmatmul, has_cpu_kernel
+from moestream.kernels.cpu.qmatmul import (cpu_dequantize, cpu_expert_ffn, cpu_qmatmul, cpu_qmatmul_many,
+                                          has_cpu_kernel)
 
-__all__ = ["cpu_dequantize", "cpu_expert_ffn", "cpu_moe_layer", "cpu_qmatmul", "has_cpu_kernel"]
+__all__ = ["cpu_dequantize", "cpu_expert_ffn", "cpu_moe_layer", "cpu_qmatmul", "cpu_qmatmul_many", "has_cpu_kernel"]

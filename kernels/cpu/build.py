@@ -5,6 +5,11 @@ versions and the host CPU: `-march=native` code must not run on a different CPU,
 directory shared between machines (a home on NFS, a copied container layer) gets one build
 per CPU model and feature set. Without a working compiler `load_extension()` returns None
 after one logged warning and callers fall back to the torch reference path.
+
+MOESTREAM_CPU_ISA (read once, at the first kernel call) picks the code path: `native` (the
+default: the best this CPU has), `avx2` (the AVX2 path even on an AVX-512 host, as most
+consumer CPUs run it) or `portable` (plain C++). Each path is its own build (the flags are
+part of the cache key), so they coexist in the cache.
 """
 
 import hashlib
@@ -21,6 +26,8 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as Q, quants
 
+from moestream.kernels.errors import MoestreamError
+
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
@@ -30,6 +37,9 @@ LDFLAGS = ("-fopenmp",)  # torch's own libgomp.so.1 is already loaded: one OpenM
 # x86 builds of the code paths of older CPUs (the tests build them too): AVX2, plain C++.
 WITHOUT_AVX512 = ("-mno-avx512f",)
 WITHOUT_AVX2 = ("-mno-avx512f", "-mno-avx2")
+ISA_ENV = "MOESTREAM_CPU_ISA"
+# MOESTREAM_CPU_ISA value -> the flags that switch the faster instruction sets off.
+ISA_FLAGS: dict[str, tuple[str, ...]] = {"native": (), "avx2": WITHOUT_AVX512, "portable": WITHOUT_AVX2}
 
 
 def _array(ctype: str, name: str, values: np.ndarray, fmt: str) -> str:
@@ -129,15 +139,28 @@ def _copy_sources(dest: Path) -> Path:
     return dest
 
 
+def requested_isa() -> str:
+    """The code path MOESTREAM_CPU_ISA asks for (default `native`); a clear error if unknown."""
+    isa = os.environ.get(ISA_ENV, "").strip().lower() or "native"
+    if isa not in ISA_FLAGS:
+        raise MoestreamError(f"{ISA_ENV}={os.environ[ISA_ENV]!r} is not one of {', '.join(ISA_FLAGS)}: "
+                             "unset it for the best path this CPU has")
+    return isa
+
+
 @cache
 def load_extension() -> ModuleType | None:
-    """The compiled kernels, built once per machine; None (logged once) if they cannot be built."""
+    """The compiled kernels for the path MOESTREAM_CPU_ISA picks, built once per machine and
+    path; None (logged once) if they cannot be built."""
+    isa = requested_isa()
     try:
-        module = compile_extension()
+        module = compile_extension(without=ISA_FLAGS[isa])
     except Exception as error:  # compiler missing or failing: any of several exception types
         log.warning("CPU quantized kernels unavailable (%s); falling back to dequantize + F.linear, "
                     "which is much slower. Install g++ (and ninja) to enable them.",
                     str(error).splitlines()[0] if str(error) else type(error).__name__)
         return None
+    if isa != "native" and module.isa != isa:  # e.g. avx2 asked on a CPU without AVX2
+        log.warning("%s=%s: this CPU builds the %s path instead", ISA_ENV, isa, module.isa)
     log.info("CPU quantized kernels loaded (%s)", module.isa)
     return module

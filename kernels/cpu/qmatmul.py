@@ -66,6 +66,34 @@ def cpu_qmatmul(
     return y
 
 
+def cpu_qmatmul_many(
+    x: torch.Tensor,
+    weights: list[tuple[torch.Tensor, GGMLQuantizationType, tuple[int, int]]],
+    exact: bool = False,
+) -> list[torch.Tensor]:
+    """[x @ W_i.T for each (qweight, qtype, (N_i, K))]: several matrices of one input (the
+    attention's q, k and v) in one parallel region, x quantised once per block family.
+
+    Bitwise the results of one `cpu_qmatmul` per matrix (the same jobs on the same rows);
+    one fork/join instead of one per matrix, which a loaded machine makes costly.
+    """
+    if not weights:
+        return []
+    cols = weights[0][2][1]
+    x = _rows(x, cols)
+    checked = []
+    for qweight, qtype, shape in weights:
+        if shape[1] != cols:
+            raise ValueError(f"every matrix needs K = {cols} columns (x's), got {shape}")
+        checked.append((_checked(qweight, qtype, shape), qtype, shape))
+    if not all(has_cpu_kernel(qtype) for _, qtype, _ in checked):
+        return [cpu_qmatmul(x, w, qtype, shape, exact) for w, qtype, shape in checked]
+    ys = [torch.empty(x.shape[0], shape[0]) for _, _, shape in checked]
+    mats = [(w.data_ptr(), int(qtype), shape[0], y.data_ptr()) for (w, qtype, shape), y in zip(checked, ys)]
+    load_extension().qmatmul_many(x.data_ptr(), x.shape[0], cols, mats, exact)
+    return ys
+
+
 def cpu_dequantize(qweight: torch.Tensor, qtype: GGMLQuantizationType, shape: tuple[int, int]) -> torch.Tensor:
     """W [N, K] float32 from its GGUF bytes, decoded in C++ over all cores."""
     qweight = _checked(qweight, qtype, shape)

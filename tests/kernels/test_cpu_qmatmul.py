@@ -252,3 +252,19 @@ def test_rejects_wrong_sizes(generator: torch.Generator) -> None:
         cpu_qmatmul(torch.randn(1, 256), raw[:, :-1], Q.Q4_K, (4, 256))
     with pytest.raises(ValueError, match=r"\[M, 256\]"):
         cpu_qmatmul(torch.randn(1, 255), raw, Q.Q4_K, (4, 256))
+
+
+@pytest.mark.parametrize("exact", [False, True], ids=["int8", "exact"])
+def test_qmatmul_many_is_bitwise_one_call_per_matrix(exact: bool, generator: torch.Generator) -> None:
+    """q/k/v-style calls of mixed block families in one region give each matrix's own numbers."""
+    from moestream.kernels.cpu import cpu_qmatmul_many
+
+    cols = 512
+    mats = [(_weights(q, rows, cols, generator)[0], q, (rows, cols))
+            for q, rows in ((Q.Q4_K, 67), (Q.Q6_K, 13), (Q.Q8_0, 40), (Q.IQ4_XS, 5))]
+    x = _activations(3, cols, generator)
+    together = cpu_qmatmul_many(x, mats, exact)
+    for (raw, qtype, shape), y in zip(mats, together):
+        assert torch.equal(y, cpu_qmatmul(x, raw, qtype, shape, exact)), qtype.name
+    with pytest.raises(ValueError, match="K = 512"):
+        cpu_qmatmul_many(x, [mats[0], (mats[1][0], Q.Q6_K, (26, 256))])

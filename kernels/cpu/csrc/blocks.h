@@ -79,7 +79,9 @@ struct alignas(8) Act32 {
 
 // Formats derive from one of these: it names the decoded form and the activation blocks.
 // `narrow`: every u <= 127, so pairs of u8 x s8 products cannot saturate int16 (the AVX2 dot
-// relies on it); formats with a shift of 128 (Q8_0, IQ4_NL, IQ4_XS) are not.
+// relies on it); formats with a shift of 128 (Q8_0, IQ4_NL, IQ4_XS) are not, and their whole
+// min term is that shift (mn = 128 sc, dmin = d; m = -128 d): the AVX2 dot of these "wide"
+// formats works on the signed values instead (dot.h: dot_row_wide).
 struct SuperBlockFormat {
   using Decoded = Decoded256;
   using Act = Act256;

@@ -6,6 +6,7 @@
 #pragma once
 
 #include "blocks.h"
+#include "decode_legacy.h"
 #include "gguf_constants.h"
 #include "regs.h"
 
@@ -263,6 +264,7 @@ constexpr int IQ4_ZERO = 128;  // the non-linear values span -127..113
 
 struct IQ4XS : SuperBlockFormat {
   static constexpr int type_size = 136;
+  static constexpr bool narrow = false;
   static void decode_regs(const uint8_t* block, Regs256& out) {
     // 16-entry table lookup per 128-bit lane (vpshufb), then interleave each 16-byte group's
     // low and high nibbles: group s holds elements 32 s + (0..15 low, 16..31 high).
@@ -296,11 +298,8 @@ struct IQ4XS : SuperBlockFormat {
     const uint16_t scales_h = load_u16(block + 2);
     const uint8_t* scales_l = block + 4;
     const uint8_t* qs = block + 8;
-    for (int s = 0; s < 8; ++s)  // 16 bytes per 32 elements: low nibbles, then high
-      for (int i = 0; i < 16; ++i) {
-        out.u[32 * s + i] = KVALUES_IQ4NL[qs[16 * s + i] & 0x0F] + IQ4_ZERO;
-        out.u[32 * s + 16 + i] = KVALUES_IQ4NL[qs[16 * s + i] >> 4] + IQ4_ZERO;
-      }
+    static_assert(IQ4_ZERO == 128, "iq4_lookup stores kvalue + 128");
+    for (int s = 0; s < 8; ++s) iq4_lookup(qs + 16 * s, out.u + 32 * s);  // 16 bytes per 32 elements
     int32_t sc[NGROUP];
     for (int s = 0; s < 8; ++s)
       sc[2 * s] = sc[2 * s + 1] = (((scales_l[s / 2] >> (4 * (s % 2))) & 0x0F) | (((scales_h >> (2 * s)) & 3) << 4)) - 32;

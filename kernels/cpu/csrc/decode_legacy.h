@@ -24,6 +24,7 @@ inline __m256i add_fifth_bit(const uint8_t* qh, __m256i u) {  // bit i of the ui
 
 struct Q80 : LegacyFormat {
   static constexpr int type_size = 34;
+  static constexpr bool narrow = false;
   static void decode_regs(const uint8_t* block, Regs32& out) {  // int8 q -> q + 128
     out.u = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 2)), _mm256_set1_epi8(-128));
     out.d = fp16(block);
@@ -69,6 +70,7 @@ struct Q51 : LegacyFormat {
 
 struct IQ4NL : LegacyFormat {
   static constexpr int type_size = 18;
+  static constexpr bool narrow = false;
   static void decode_regs(const uint8_t* block, Regs32& out) {  // 16-entry lookup per 128-bit lane
     const __m256i table = _mm256_broadcastsi128_si256(
         _mm_add_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(KVALUES_IQ4NL)), _mm_set1_epi8(-128)));
@@ -90,6 +92,24 @@ inline void low_high_nibbles(const uint8_t* qs, uint8_t* u) {
   for (int i = 0; i < 16; ++i) {
     u[i] = qs[i] & 0x0F;
     u[16 + i] = qs[i] >> 4;
+  }
+#endif
+}
+
+// 16 bytes of IQ4 nibbles -> 32 elements u = kvalue + 128: low nibbles, then high nibbles.
+inline void iq4_lookup(const uint8_t* qs, uint8_t* u) {
+#ifdef MOESTREAM_AVX2  // one byte shuffle per 16 table lookups
+  const __m128i table = _mm_add_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(KVALUES_IQ4NL)),
+                                     _mm_set1_epi8(static_cast<char>(128)));
+  const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+  const __m128i nibble = _mm_set1_epi8(0x0F);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(u), _mm_shuffle_epi8(table, _mm_and_si128(packed, nibble)));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(u + 16),
+                   _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(packed, 4), nibble)));
+#else
+  for (int i = 0; i < 16; ++i) {
+    u[i] = KVALUES_IQ4NL[qs[i] & 0x0F] + 128;
+    u[16 + i] = KVALUES_IQ4NL[qs[i] >> 4] + 128;
   }
 #endif
 }
@@ -151,10 +171,7 @@ struct IQ4NL : LegacyFormat {
   static constexpr int type_size = 18;
   static constexpr bool narrow = false;
   static void decode(const uint8_t* block, Decoded32& out) {
-    for (int i = 0; i < 16; ++i) {
-      out.u[i] = KVALUES_IQ4NL[block[2 + i] & 0x0F] + 128;
-      out.u[16 + i] = KVALUES_IQ4NL[block[2 + i] >> 4] + 128;
-    }
+    iq4_lookup(block + 2, out.u);
     out.d = fp16(block);
     out.m = -128.0f * out.d;
   }

@@ -1,6 +1,7 @@
 // Dot products of decoded weight blocks with int8 activation blocks. AVX-512 VNNI: u8 x s8 ->
-// int32 per 4 elements (vpdpbusd) on blocks held in registers; otherwise portable integer
-// loops over decoded rows in memory, which gcc vectorises for what -march=native offers.
+// int32 per 4 elements (vpdpbusd) on blocks held in registers; AVX2: vpmaddubsw + vpmaddwd
+// over decoded rows in memory (the Q4_K_M K-quants run in registers instead: avx2_k.h);
+// otherwise portable integer loops, which gcc vectorises for what -march=native offers.
 #pragma once
 
 #include "blocks.h"
@@ -23,11 +24,21 @@ struct Acc256 {
   __m256 min = _mm256_setzero_ps();
 
   // main += d dx sum_j sc_j (u . q)_j; min += dmin dx sum_j mn_j bsum_j (see blocks.h).
+  // narrow (every u <= 127): u8 x s8 pairs -> int16 (vpmaddubsw, cannot saturate), then
+  // x the int16 group scales accumulated into int32 (vpdpwssd): two instructions per 64
+  // weights. Otherwise 4-element sums (vpdpbusd) times int32 scales (vpmulld, slow).
+  // Both give the same integers.
+  template <bool narrow>
   void add(const Regs256& w, const Act256& x) {
     __m512i sum = _mm512_setzero_si512();
-    for (int k = 0; k < 4; ++k) {  // 64 elements -> 16 lanes of 4; lanes carry their group scale
-      const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w.u[k], _mm512_load_si512(x.q + 64 * k));
-      sum = _mm512_add_epi32(sum, _mm512_mullo_epi32(p, w.sc[k]));
+    for (int k = 0; k < 4; ++k) {  // 64 elements; lanes carry their group scale
+      const __m512i q = _mm512_load_si512(x.q + 64 * k);
+      if constexpr (narrow) {
+        sum = _mm512_dpwssd_epi32(sum, _mm512_maddubs_epi16(w.u[k], q), w.sc_pairs[k]);
+      } else {
+        const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w.u[k], q);
+        sum = _mm512_add_epi32(sum, _mm512_mullo_epi32(p, w.sc[k]));
+      }
     }
     main = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(w.d * x.d), main);
     const __m256i mins = _mm256_madd_epi16(w.mn, _mm256_load_si256(reinterpret_cast<const __m256i*>(x.bsum)));
@@ -42,6 +53,7 @@ struct Acc32 {
   __m256 main = _mm256_setzero_ps();
   float min = 0.0f;
 
+  template <bool narrow>
   void add(const Regs32& w, const Act32& x) {
     const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q));
     const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w.u, q);
@@ -135,14 +147,52 @@ inline float dot_row_narrow(const Decoded32* w, const Act32* x, int64_t nb) {
   return hsum256(acc) + acc_min;
 }
 
+// Wide formats (Q8_0, IQ4_NL, IQ4_XS) store u = v + 128 and their whole min term is that
+// shift (blocks.h), so the dot runs on the signed v = u ^ 0x80 instead: |v| x (q with v's
+// sign) pairs (at most 2 * 128 * 127) fit vpmaddubsw's int16 without saturating.
+inline __m256i signed_pairs(__m256i u, __m256i q) {
+  const __m256i v = _mm256_xor_si256(u, _mm256_set1_epi8(static_cast<char>(0x80)));
+  return _mm256_maddubs_epi16(_mm256_sign_epi8(v, v), _mm256_sign_epi8(q, v));
+}
+
+inline float dot_row_wide(const Decoded256* w, const Act256* x, int64_t nb) {
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i sum = _mm256_setzero_si256();
+    for (int c = 0; c < 8; ++c) {
+      const __m256i u = _mm256_load_si256(reinterpret_cast<const __m256i*>(w[b].u + 32 * c));
+      const __m256i q = _mm256_load_si256(reinterpret_cast<const __m256i*>(x[b].q + 32 * c));
+      const __m256i lanes = _mm256_load_si256(reinterpret_cast<const __m256i*>(w[b].sc_lanes + 8 * c));
+      sum = _mm256_add_epi32(sum, _mm256_madd_epi16(signed_pairs(u, q), _mm256_packs_epi32(lanes, lanes)));
+    }
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(w[b].d * x[b].d), acc);
+  }
+  return hsum256(acc);
+}
+
+inline float dot_row_wide(const Decoded32* w, const Act32* x, int64_t nb) {
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const __m256i u = _mm256_load_si256(reinterpret_cast<const __m256i*>(w[b].u));
+    const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[b].q));
+    const __m256i sum = _mm256_madd_epi16(signed_pairs(u, q), _mm256_set1_epi16(1));
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(w[b].d * x[b].d), acc);
+  }
+  return hsum256(acc);
+}
+
 #endif
 
 template <bool narrow, class Dec, class Act>
 inline float dot_row(const Dec* w, const Act* x, int64_t nb) {
 #ifdef MOESTREAM_AVX2
-  if constexpr (narrow) return dot_row_narrow(w, x, nb);
-#endif
+  if constexpr (narrow)
+    return dot_row_narrow(w, x, nb);
+  else
+    return dot_row_wide(w, x, nb);
+#else
   return dot_row_scalar(w, x, nb);
+#endif
 }
 
 #endif

@@ -4,6 +4,10 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
 #include "dequant.h"
 #include "expert_ffn.h"
 #include "matmul.h"
@@ -20,6 +24,28 @@ T* address(uintptr_t p) {
 void qmatmul(uintptr_t x, uintptr_t weight, int64_t qtype, int64_t M, int64_t N, int64_t K, uintptr_t y, bool exact) {
   const Activations act(qtype, address<const float>(x), M, K, exact);
   run_jobs({Job{address<const uint8_t>(weight), qtype, N, K, act.data, M, address<float>(y), N, exact}});
+}
+
+// y_i [M, N_i] = x [M, K] @ W_i.T for several matrices of one input (attention q/k/v) in one
+// parallel region: x is quantised once per block family, each (weight, qtype, N_i, y_i).
+void qmatmul_many(uintptr_t x, int64_t M, int64_t K, const std::vector<std::tuple<uintptr_t, int64_t, int64_t, uintptr_t>>& mats,
+                  bool exact) {
+  std::vector<Activations> acts;  // one per block family: at most two
+  std::vector<int64_t> families;
+  acts.reserve(2);
+  std::vector<Job> jobs;
+  for (const auto& [weight, qtype, N, y] : mats) {
+    const int64_t family = exact ? 0 : block_size_of(qtype);
+    auto found = std::find(families.begin(), families.end(), family);
+    if (found == families.end()) {
+      families.push_back(family);
+      acts.emplace_back(qtype, address<const float>(x), M, K, exact);
+      found = families.end() - 1;
+    }
+    const Activations& act = acts[found - families.begin()];
+    jobs.push_back(Job{address<const uint8_t>(weight), qtype, N, K, act.data, M, address<float>(y), N, exact});
+  }
+  run_jobs(jobs);
 }
 
 void dequantize_weight(uintptr_t weight, int64_t qtype, int64_t N, int64_t K, uintptr_t out) {
@@ -61,6 +87,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "moestream CPU kernels: matmuls straight from GGUF blocks (raw addresses, checked by the caller)";
   // The kernels release the GIL: other Python threads (the HTTP server) keep running.
   m.def("qmatmul", &moestream_cpu::qmatmul, py::call_guard<py::gil_scoped_release>());
+  m.def("qmatmul_many", &moestream_cpu::qmatmul_many, py::call_guard<py::gil_scoped_release>());
   m.def("dequantize", &moestream_cpu::dequantize_weight, py::call_guard<py::gil_scoped_release>());
   m.def("expert_ffn", &moestream_cpu::expert_ffn, py::call_guard<py::gil_scoped_release>());
   m.def("moe_layer", &moestream_cpu::moe_layer, py::call_guard<py::gil_scoped_release>());

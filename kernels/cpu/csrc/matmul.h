@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "activations.h"
+#include "avx2_k.h"
 #include "decode_iq.h"
 #include "decode_k.h"
 #include "decode_legacy.h"
@@ -74,6 +75,30 @@ inline QuantizedRows quantize_for(int64_t qtype, const float* x, int64_t M, int6
   return rows;
 }
 
+// Activation rows per pass. For every M this beat decoding each block once into memory and
+// dequantize + sgemm (measured: docs/CPU-KERNELS.md).
+constexpr int FUSED_ROWS = 4;
+// With more than FUSED_ROWS activation rows the weights are read once per pass: passes run
+// over tiles of this many weight bytes, which stay in L2 between passes.
+constexpr int64_t ROW_TILE_BYTES = 256 * 1024;
+
+// Passes of up to FUSED_ROWS activation rows over tiles of weight rows: rows(t0, t1, m0, mt)
+// with a compile-time row count mt.
+template <class Rows>
+void row_passes(const Job& job, int64_t n0, int64_t n1, int64_t tile, Rows&& rows) {
+  for (int64_t t0 = n0; t0 < n1; t0 += tile) {
+    const int64_t t1 = std::min(n1, t0 + tile);
+    for (int64_t m0 = 0; m0 < job.M; m0 += FUSED_ROWS) {
+      switch (std::min<int64_t>(FUSED_ROWS, job.M - m0)) {
+        case 1: rows(t0, t1, m0, std::integral_constant<int, 1>{}); break;
+        case 2: rows(t0, t1, m0, std::integral_constant<int, 2>{}); break;
+        case 3: rows(t0, t1, m0, std::integral_constant<int, 3>{}); break;
+        default: rows(t0, t1, m0, std::integral_constant<int, 4>{}); break;
+      }
+    }
+  }
+}
+
 #ifdef MOESTREAM_AVX512_VNNI
 
 // Each block is decoded into registers once per FUSED_ROWS activation rows and dotted with
@@ -91,33 +116,18 @@ void fused_rows(const Job& job, int64_t n0, int64_t n1, int64_t m0) {
     for (int64_t b = 0; b < nb; ++b) {
       typename Kernel::Regs regs;
       F::decode_regs(row + b * F::type_size, regs);
-      for (int m = 0; m < MT; ++m) acc[m].add(regs, act[m * nb + b]);
+      for (int m = 0; m < MT; ++m) acc[m].template add<F::narrow>(regs, act[m * nb + b]);
     }
     for (int m = 0; m < MT; ++m) job.y[(m0 + m) * job.ldy + n] = acc[m].total();
   }
 }
 
-// Activation rows per pass. For every M this beat decoding each block once into memory and
-// dequantize + sgemm (measured: docs/CPU-KERNELS.md).
-constexpr int FUSED_ROWS = 4;
-// With more than FUSED_ROWS activation rows the weights are read once per pass: passes run
-// over tiles of this many weight bytes, which stay in L2 between passes.
-constexpr int64_t ROW_TILE_BYTES = 256 * 1024;
-
 template <class F>
 void run_rows(const Job& job, int64_t n0, int64_t n1) {
   const int64_t tile = std::max<int64_t>(1, ROW_TILE_BYTES / (job.K / F::block_size * F::type_size));
-  for (int64_t t0 = n0; t0 < n1; t0 += tile) {
-    const int64_t t1 = std::min(n1, t0 + tile);
-    for (int64_t m0 = 0; m0 < job.M; m0 += FUSED_ROWS) {
-      switch (std::min<int64_t>(FUSED_ROWS, job.M - m0)) {
-        case 1: fused_rows<F, 1>(job, t0, t1, m0); break;
-        case 2: fused_rows<F, 2>(job, t0, t1, m0); break;
-        case 3: fused_rows<F, 3>(job, t0, t1, m0); break;
-        default: fused_rows<F, 4>(job, t0, t1, m0); break;
-      }
-    }
-  }
+  row_passes(job, n0, n1, tile, [&](int64_t t0, int64_t t1, int64_t m0, auto mt) {
+    fused_rows<F, decltype(mt)::value>(job, t0, t1, m0);
+  });
 }
 
 #else
@@ -125,9 +135,19 @@ void run_rows(const Job& job, int64_t n0, int64_t n1) {
 // Decoded rows per tile: about half of L1, the rest holds activation and output rows.
 constexpr int64_t TILE_BYTES = 24 * 1024;
 
-// Decode a tile of rows once into memory, then dot every activation row against it.
+// Decode a tile of rows once into memory, then dot every activation row against it; on AVX2
+// the K-quants of the Q4_K_M mixes are decoded in registers instead (avx2_k.h).
 template <class F>
 void run_rows(const Job& job, int64_t n0, int64_t n1) {
+#ifdef MOESTREAM_AVX2
+  if constexpr (Avx2Regs<F>::value) {
+    const int64_t tile = std::max<int64_t>(1, ROW_TILE_BYTES / (job.K / F::block_size * F::type_size));
+    row_passes(job, n0, n1, tile, [&](int64_t t0, int64_t t1, int64_t m0, auto mt) {
+      avx2_rows<F, decltype(mt)::value>(job, t0, t1, m0);
+    });
+    return;
+  }
+#endif
   using Dec = typename F::Decoded;
   using Act = typename F::Act;
   const int64_t nb = job.K / F::block_size;
@@ -145,6 +165,22 @@ void run_rows(const Job& job, int64_t n0, int64_t n1) {
 }
 
 #endif
+
+// The exact route: in registers on AVX2 for the K-quants of the Q4_K_M mixes (avx2_k.h),
+// else exact.h's path for the build.
+template <class F>
+void run_exact(const Job& job, int64_t n0, int64_t n1) {
+#ifdef MOESTREAM_AVX2
+  if constexpr (Avx2Regs<F>::value) {
+    const int64_t tile = std::max<int64_t>(1, ROW_TILE_BYTES / (job.K / F::block_size * F::type_size));
+    row_passes(job, n0, n1, tile, [&](int64_t t0, int64_t t1, int64_t m0, auto mt) {
+      avx2_exact_rows<F, decltype(mt)::value>(job, t0, t1, m0);
+    });
+    return;
+  }
+#endif
+  run_rows_exact<F>(job, n0, n1);
+}
 
 // Bytes of weights (times activation rows) per parallel task: small matrices stay on one core.
 constexpr int64_t TASK_WORK = 64 * 1024;
@@ -169,7 +205,7 @@ inline void run_jobs(const std::vector<Job>& jobs) {
         if (lo < hi)
           with_format(job.qtype, [&](auto fmt) {
             using F = decltype(fmt);
-            job.exact ? run_rows_exact<F>(job, lo, hi) : run_rows<F>(job, lo, hi);
+            job.exact ? run_exact<F>(job, lo, hi) : run_rows<F>(job, lo, hi);
           });
       }
       offset = job_end;

@@ -11,6 +11,7 @@ namespace moestream_cpu {
 struct Regs256 {
   __m512i u[4];   // elements 64 k .. 64 k + 63
   __m512i sc[4];  // int32 lane l of vector k: the scale of elements 64 k + 4 l .. + 3
+  __m512i sc_pairs[4];  // int16 lane l of vector k: the scale of elements 64 k + 2 l, + 1
   __m256i mn;     // int16 per group of 16
   __m512i sc16;   // int32 per group of 16 (the exact route scales floats with it)
   float d;
@@ -21,6 +22,11 @@ struct Regs256 {
     this->sc16 = sc16;
     const __m512i quarter = _mm512_srli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 2);
     for (int k = 0; k < 4; ++k) sc[k] = _mm512_permutexvar_epi32(_mm512_add_epi32(_mm512_set1_epi32(4 * k), quarter), sc16);
+    const __m512i words = _mm512_castsi256_si512(_mm512_cvtepi32_epi16(sc16));
+    const __m512i eighth = _mm512_srli_epi16(_mm512_set_epi16(31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16,
+                                                              15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 3);
+    for (int k = 0; k < 4; ++k)
+      sc_pairs[k] = _mm512_permutexvar_epi16(_mm512_add_epi16(_mm512_set1_epi16(static_cast<int16_t>(4 * k)), eighth), words);
   }
 
   // Signed values v = u - zero: the shift becomes the min term (see blocks.h).
