@@ -38,6 +38,15 @@ CONV_KERNEL = Dim("{arch}.ssm.conv_kernel", lambda c: c.linear.conv_kernel)
 SSM_INNER = Dim("{arch}.ssm.inner_size", lambda c: c.linear.n_v_heads * c.linear.head_v_dim)
 V_HEADS = Dim("{arch}.ssm.time_step_rank", lambda c: c.linear.n_v_heads)
 V_HEAD_DIM = Dim("{arch}.ssm.inner_size / time_step_rank", lambda c: c.linear.head_v_dim)
+# multi-head latent attention (MLAConfig)
+N_HEADS = Dim("{arch}.attention.head_count", lambda c: c.n_heads)
+MLA_Q_WIDTH = Dim("{arch}.attention.head_count x key_length_mla", lambda c: c.n_heads * c.mla.qk_head_dim)
+Q_LORA = Dim("{arch}.attention.q_lora_rank", lambda c: c.mla.q_lora_rank)
+KV_LORA = Dim("{arch}.attention.kv_lora_rank", lambda c: c.mla.kv_lora_rank)
+KV_A_WIDTH = Dim("{arch}.attention.key_length", lambda c: c.mla.kv_width)
+QK_NOPE = Dim("{arch}.attention.key_length_mla - rope.dimension_count", lambda c: c.mla.qk_nope_dim)
+MLA_V_DIM = Dim("{arch}.attention.value_length_mla", lambda c: c.mla.v_head_dim)
+MLA_OUT_WIDTH = Dim("{arch}.attention.head_count x value_length_mla", lambda c: c.n_heads * c.mla.v_head_dim)
 
 
 def _always(spec: ArchSpec) -> bool:
@@ -136,7 +145,29 @@ GATED_ATTENTION_TENSORS = (
 )
 
 
+# deepseek2 as llama.cpp's converter writes it now: kv_b split into k_b (transposed, for
+# absorbing into q) and v_b, per head.
+MLA_TENSORS = (
+    TensorRule("blk.{i}.attn_norm.weight", (D_MODEL,)),
+    TensorRule("blk.{i}.attn_kv_a_mqa.weight", (KV_A_WIDTH, D_MODEL)),
+    TensorRule("blk.{i}.attn_kv_a_norm.weight", (KV_LORA,)),
+    TensorRule("blk.{i}.attn_k_b.weight", (N_HEADS, KV_LORA, QK_NOPE)),
+    TensorRule("blk.{i}.attn_v_b.weight", (N_HEADS, MLA_V_DIM, KV_LORA)),
+    TensorRule("blk.{i}.attn_output.weight", (D_MODEL, MLA_OUT_WIDTH)),
+)
+MLA_Q_TENSORS = (TensorRule("blk.{i}.attn_q.weight", (MLA_Q_WIDTH, D_MODEL)),)
+MLA_Q_LORA_TENSORS = (
+    TensorRule("blk.{i}.attn_q_a.weight", (Q_LORA, D_MODEL)),
+    TensorRule("blk.{i}.attn_q_a_norm.weight", (Q_LORA,)),
+    TensorRule("blk.{i}.attn_q_b.weight", (MLA_Q_WIDTH, Q_LORA)),
+)
+MOE_FFN_TENSORS = tuple(r for r in LAYER_TENSORS if r.name.startswith("blk.{i}.ffn_"))
+
+
 def layer_rules(config: ModelConfig, i: int) -> tuple[TensorRule, ...]:
+    if config.mla is not None:
+        q = MLA_Q_LORA_TENSORS if config.mla.q_lora_rank else MLA_Q_TENSORS
+        return MLA_TENSORS + q + MOE_FFN_TENSORS
     if config.linear is None:
         return LAYER_TENSORS
     mixer = DELTANET_TENSORS if config.linear.recurrent_layers[i] else GATED_ATTENTION_TENSORS

@@ -47,6 +47,9 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     # M-RoPE, which for text (one position per token in every section) is NEOX rope over
     # rope.dimension_count dims; the converter bakes the (1 + w) RMSNorm offset into the norms.
     "qwen35moe": ArchSpec(RopeStyle.NEOX, QKNorm.PER_HEAD, shared_expert=True, norm_topk_default=True),
+    # DeepSeek-V2(-Lite) and GLM-4.7-Flash: multi-head latent attention (MLAConfig; the forward
+    # is engine/models/deepseek2.py), adjacent-pair rope on the decoupled rope part only.
+    "deepseek2": ArchSpec(RopeStyle.NORM, QKNorm.NONE, shared_expert=True, norm_topk_default=False),
 }
 
 
@@ -103,6 +106,85 @@ class LinearAttnConfig:
                    head_v_dim=inner // n_v_heads, recurrent_layers=recurrent)
 
 
+@dataclass(frozen=True)
+class MLAConfig:
+    """Multi-head latent attention as llama.cpp's converter writes it: K and V of every head
+    come from one per-token latent of kv_lora_rank (stored with a shared rope part of
+    qk_rope_dim); k_b / v_b expand it per head, or are absorbed into q and the output."""
+
+    q_lora_rank: int  # 0: one attn_q projection (DeepSeek-V2-Lite)
+    kv_lora_rank: int
+    qk_nope_dim: int
+    qk_rope_dim: int
+    v_head_dim: int
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_dim + self.qk_rope_dim
+
+    @property
+    def kv_width(self) -> int:
+        """What the KV cache keeps per token and layer: the latent, then the roped part."""
+        return self.kv_lora_rank + self.qk_rope_dim
+
+    @classmethod
+    def from_metadata(cls, keys: _MetadataKeys) -> MLAConfig:
+        kv_lora_rank = keys.count("attention.kv_lora_rank")
+        rope_dim = keys.count("rope.dimension_count")
+        key_length = keys.count("attention.key_length")
+        keys.require(key_length == kv_lora_rank + rope_dim, "attention.key_length", key_length,
+                     f"attention.kv_lora_rank + rope.dimension_count ({kv_lora_rank + rope_dim})")
+        value_length = keys.count("attention.value_length")
+        keys.require(value_length == kv_lora_rank, "attention.value_length", value_length,
+                     f"attention.kv_lora_rank ({kv_lora_rank})")
+        qk_head_dim = keys.count("attention.key_length_mla")
+        keys.require(qk_head_dim > rope_dim, "attention.key_length_mla", qk_head_dim,
+                     f"more than rope.dimension_count ({rope_dim})")
+        q_lora_rank = keys.get("attention.q_lora_rank", 0)
+        if q_lora_rank:
+            q_lora_rank = keys.count("attention.q_lora_rank")
+        return cls(q_lora_rank=q_lora_rank, kv_lora_rank=kv_lora_rank, qk_nope_dim=qk_head_dim - rope_dim,
+                   qk_rope_dim=rope_dim, v_head_dim=keys.count("attention.value_length_mla"))
+
+
+# Architectures whose attention is MLAConfig's.
+MLA_ARCHS = ("deepseek2",)
+
+
+def mla_config(meta: dict[str, Any], arch: str, source: str) -> MLAConfig | None:
+    if arch not in MLA_ARCHS:
+        return None
+    return MLAConfig.from_metadata(_MetadataKeys(meta, arch, source))
+
+
+@dataclass(frozen=True)
+class YarnConfig:
+    """YaRN rope scaling (`rope.scaling.*`) as llama.cpp computes it: each rotary frequency
+    blends its interpolated (divided by `factor`) and original value by a ramp over the
+    dimensions whose wavelength lies between the beta_fast and beta_slow rotations of the
+    original context. For deepseek2 the attention scale also carries mscale squared,
+    mscale = 1 + 0.1 * mscale_all_dim * ln(factor) (`rope.scaling.yarn_log_multiplier` holds
+    0.1 * mscale_all_dim), while the rotation itself stays unscaled."""
+
+    factor: float
+    original_context: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    log_multiplier: float = 0.0  # 0.1 * mscale_all_dim
+
+    @property
+    def attention_mscale(self) -> float:
+        return 1.0 + self.log_multiplier * math.log(self.factor) if self.factor > 1 else 1.0
+
+    @classmethod
+    def from_metadata(cls, keys: _MetadataKeys, context_length: int) -> YarnConfig:
+        return cls(factor=keys.positive("rope.scaling.factor"),
+                   original_context=keys.count("rope.scaling.original_context_length", context_length),
+                   beta_fast=keys.positive("rope.scaling.yarn_beta_fast", 32.0),
+                   beta_slow=keys.positive("rope.scaling.yarn_beta_slow", 1.0),
+                   log_multiplier=float(keys.get("rope.scaling.yarn_log_multiplier", 0.0)))
+
+
 # Hybrid architectures: the ones with Gated DeltaNet layers described by LinearAttnConfig.
 LINEAR_ATTN_ARCHS = ("qwen35moe",)
 
@@ -136,6 +218,8 @@ class ModelConfig:
     norm_topk: bool
     spec: ArchSpec
     linear: LinearAttnConfig | None = None  # hybrid models only
+    mla: MLAConfig | None = None  # multi-head latent attention (deepseek2)
+    yarn: YarnConfig | None = None  # YaRN rope scaling
 
     def __post_init__(self) -> None:
         assert self.n_heads % self.n_kv_heads == 0, "heads must be a multiple of KV heads"
@@ -169,8 +253,12 @@ class ModelConfig:
             shared_ffn = keys.count(shared_name)
         keys.require(n_heads % n_kv_heads == 0, "attention.head_count_kv", n_kv_heads,
                      f"a divisor of attention.head_count ({n_heads})")
-        keys.require(keys.count("attention.value_length", head_dim) == head_dim, "attention.value_length",
-                     meta.get(f"{arch}.attention.value_length"), f"attention.key_length ({head_dim})")
+        mla = mla_config(meta, arch, source)
+        if mla is not None:  # llama.cpp's width: expert_shared_count experts of the routed width
+            shared_ffn = keys.count("expert_shared_count") * keys.count(ffn_name)
+        else:
+            keys.require(keys.count("attention.value_length", head_dim) == head_dim, "attention.value_length",
+                         meta.get(f"{arch}.attention.value_length"), f"attention.key_length ({head_dim})")
         n_experts_used = keys.count("expert_used_count")
         keys.require(n_experts_used <= n_experts, "expert_used_count", n_experts_used,
                      f"at most expert_count ({n_experts})")
@@ -180,9 +268,11 @@ class ModelConfig:
         rms_eps = keys.positive("attention.layer_norm_rms_epsilon")
         keys.require(rms_eps < 1, "attention.layer_norm_rms_epsilon", rms_eps, "below 1")
         scaling = meta.get(f"{arch}.rope.scaling.type", "none")
-        rope_scale = 1.0
+        rope_scale, yarn = 1.0, None
         if scaling == "linear":
             rope_scale = 1.0 / keys.positive("rope.scaling.factor")
+        elif scaling == "yarn":
+            yarn = YarnConfig.from_metadata(keys, keys.count("context_length", 4096))
         elif scaling not in ("none", None):
             raise MoestreamError(f"{source}: rope scaling {scaling!r} is not supported yet")
         return cls(
@@ -206,6 +296,8 @@ class ModelConfig:
             norm_topk=bool(meta.get(f"{arch}.expert_weights_norm", spec.norm_topk_default)),
             spec=spec,
             linear=linear_attn_config(meta, arch, source),
+            mla=mla,
+            yarn=yarn,
         )
 
     @property
@@ -214,6 +306,11 @@ class ModelConfig:
         if self.linear is None:
             return tuple(range(self.n_layers))
         return tuple(i for i, r in enumerate(self.linear.recurrent_layers) if not r)
+
+    @property
+    def kv_value_dim(self) -> int:
+        """Width of the V the KV cache keeps per KV head: none for MLA, whose V is its latent."""
+        return 0 if self.mla is not None else self.head_dim
 
     @property
     def n_kv_layers(self) -> int:

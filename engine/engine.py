@@ -62,7 +62,7 @@ class Engine:
         kv_start_s = time.perf_counter()
         self.kv = KVCache(self.config.n_kv_layers, self.config.n_kv_heads, self.config.head_dim,
                           self.memory.kv_tokens // config.kv_block_size, config.kv_block_size,
-                          KV_DTYPES[config.kv_dtype], self.device)
+                          KV_DTYPES[config.kv_dtype], self.device, value_dim=self.config.kv_value_dim)
         log.info("KV cache allocated in %.1f s", time.perf_counter() - kv_start_s)
         # hybrid models: one DeltaNet state per sequence that can run at once
         self.states = (RecurrentStatePool(self.config.linear, config.max_batch, self.device)

@@ -68,6 +68,7 @@ class ModelHeader:
     n_experts_used: int
     tensors: tuple[TensorInfo, ...]
     linear: LinearAttnConfig | None = None  # hybrid models: the DeltaNet layers (no KV, a state per sequence)
+    kv_lora_rank: int = 0  # multi-head latent attention: its K (latent + rope part) is also its V
 
     @classmethod
     def from_reader(cls, reader: GGUFReader, source: str = "model") -> ModelHeader:
@@ -109,6 +110,7 @@ class ModelHeader:
             tensors=tensors,
             linear=linear_attn_config({k: f.contents() for k, f in fields.items() if k.startswith(f"{arch}.")},
                                       arch, source),
+            kv_lora_rank=int(value(f"{arch}.attention.kv_lora_rank", 0)),
         )
 
     @classmethod
@@ -133,6 +135,14 @@ class ModelHeader:
     def n_kv_layers(self) -> int:
         """Layers the KV cache holds: a hybrid model's DeltaNet layers keep none."""
         return self.n_layers - (sum(self.linear.recurrent_layers) if self.linear is not None else 0)
+
+    @property
+    def kv_width(self) -> int:
+        """Values the KV cache keeps per token and layer: K and V of each KV head, or for
+        latent attention only the latent and its rope part (one KV head of key_length)."""
+        if self.kv_lora_rank:
+            return self.n_kv_heads * self.key_length
+        return self.n_kv_heads * (self.key_length + self.value_length)
 
     def recurrent_state_bytes(self, n_sequences: int) -> int:
         return self.linear.state_bytes_per_seq * n_sequences if self.linear is not None else 0

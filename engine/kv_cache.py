@@ -8,6 +8,9 @@ Reads and writes take a `SlotIndex`: a slice when the slots are one consecutive 
 read is a view and a write a plain copy; otherwise the slot ids, gathered with index_select
 (an order of magnitude faster on the CPU than advanced indexing). Blocks are handed out
 lowest id first, so a lone sequence always gets consecutive blocks.
+
+Multi-head latent attention keeps one latent per token that serves as K and V both: its
+cache has `value_dim=0`, K holds the latent and rope part, and V is empty.
 """
 
 from __future__ import annotations
@@ -23,11 +26,12 @@ SlotIndex = slice | torch.Tensor  # consecutive slots, or their ids
 class KVCache:
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, num_blocks: int,
                  block_size: int = 16, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", value_dim: int | None = None):
         self.block_size, self.num_blocks = block_size, num_blocks
         shape = (n_layers, num_blocks * block_size, n_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        v_dim = head_dim if value_dim is None else value_dim
+        self.v = torch.zeros(shape[:-1] + (v_dim,), dtype=dtype, device=device)
         self.free_blocks: list[int] = list(range(num_blocks))  # a heap: lowest id first
 
     @property

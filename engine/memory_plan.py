@@ -116,7 +116,7 @@ def kv_pool_tokens(header: ModelHeader, config: EngineConfig) -> int:
 
 
 def kv_pool_bytes(header: ModelHeader, n_tokens: int, kv_dtype: str) -> int:
-    per_token = header.n_kv_layers * header.n_kv_heads * (header.key_length + header.value_length)
+    per_token = header.n_kv_layers * header.kv_width
     return per_token * n_tokens * kv_dtype_bytes(kv_dtype)
 
 
@@ -153,7 +153,7 @@ def workspace_parts(header: ModelHeader, config: EngineConfig, device: torch.dev
     """Peak temporaries of one step, by kind (see docs/VRAM-PLANS.md for the reasoning)."""
     T, D, k = config.max_batched_tokens, header.d_model, max(1, header.n_experts_used)
     q_width = header.n_heads * header.key_length
-    kv_width = header.n_kv_heads * (header.key_length + header.value_length)
+    kv_width = header.kv_width
     ffn = max([t.dims[1] for t in header.tensors if t.name.endswith("ffn_gate_exps.weight")] or [0])
     shared_ffn = max([t.dims[0] for t in header.tensors if t.name.endswith("ffn_gate_shexp.weight")] or [0])
     parts = {
