@@ -1,0 +1,118 @@
+"""deepseek2 (multi-head latent attention) against references independent of our code:
+transformers' DeepseekV2 on the tiny models (with a q LoRA rank and YaRN; without, as
+V2-Lite), written to GGUF by llama.cpp's own converter and quantized by llama.cpp; llama.cpp
+on the same files. Then the engine's side: the KV cache holds only the latent and the rope
+part, prefill in chunks and token-by-token decode give the one-pass logits, and batched
+requests get what each gets alone."""
+
+import pytest
+import torch
+
+from moestream.engine import Engine, SamplingParams
+from moestream.engine.model import BatchInput, Segment
+from tests.engine.test_forward import assert_logits_match, rel_l2
+from tests.engine.test_generate import hf_greedy, run_all
+from tests.fixtures.dequant_gguf import dequantized_copy
+from tests.fixtures.models import get_fixture, hf_logits, llama_cpp_logits, sample_token_ids
+
+ARCHS = ("deepseek2", "deepseek2-lite")  # q LoRA + YaRN; attn_q without LoRA (26 layers)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_f32_matches_transformers(engine_for, arch):
+    """100 positions: past the YaRN fixture's original context of 64."""
+    fixture = get_fixture(arch)
+    ids = sample_token_ids(fixture, 100, seed=1)
+    ours, ref = engine_for(arch).score(ids), hf_logits(fixture, ids)
+    assert_logits_match(ours, ref)
+    assert rel_l2(ours, ref) <= 1e-3
+
+
+def test_f32_matches_llama_cpp(engine_for):
+    fixture = get_fixture("deepseek2")
+    ids = sample_token_ids(fixture, 40, seed=2)
+    assert rel_l2(engine_for("deepseek2").score(ids), llama_cpp_logits(fixture.gguf_path, ids)) <= 1e-3
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("quant", ["Q8_0", "Q4_K_M"])
+def test_quantized_matches_exact_decode_and_llama_cpp(engine_for, arch, quant):
+    fixture = get_fixture(arch, quant)
+    # 26 layers x 4 experts make near-ties in routing likely: with 32 tokens, token 19 of
+    # the Q4_K_M lite model has its 2nd and 3rd expert of layer 7 7e-6 apart in probability,
+    # and float rounding alone (compiled kernel vs torch reference) picks either.
+    ids = sample_token_ids(fixture, 32 if arch == "deepseek2" else 16, seed=3)
+    ours = engine_for(arch, quant).score(ids)
+    # llama.cpp in F32 on the tensors gguf.quants decodes: what an exact decoder computes
+    assert rel_l2(ours, llama_cpp_logits(dequantized_copy(fixture.gguf_path), ids)) <= 1e-3
+    # llama.cpp on the quantized file rounds activations to 8 bits
+    assert rel_l2(ours, llama_cpp_logits(fixture.gguf_path, ids)) <= 0.06
+
+
+def test_kv_cache_keeps_only_the_latent_and_the_rope_part(engine_for):
+    engine = engine_for("deepseek2")
+    mla = engine.config.mla
+    assert engine.kv.k.shape[2:] == (1, mla.kv_lora_rank + mla.qk_rope_dim)
+    assert engine.kv.v.shape[-1] == 0
+    n_layers, n_tokens = engine.kv.k.shape[:2]
+    # 288 values per token and layer; per-head K and V would be 4 heads x (96 + 64) = 640
+    assert engine.kv.nbytes == n_layers * n_tokens * (256 + 32) * engine.kv.k.element_size()
+
+
+def test_memory_plan_sizes_the_kv_by_the_latent():
+    engine = Engine.from_gguf(get_fixture("deepseek2").gguf_path, ctx_size=64, max_batch=2)
+    mla = engine.config.mla
+    assert engine.kv.nbytes == engine.memory.kv_bytes == 3 * 64 * mla.kv_width * engine.kv.k.element_size()
+
+
+def _step(engine, ids: list[int], start: int, table: list[int]) -> torch.Tensor:
+    """Feed ids[start:] of one sequence as one step; the logits of its last token."""
+    kv, end = engine.kv, len(ids)
+    kv.allocate(table, end)
+    segment = Segment(0, end - start, kv.index(table, start, end), kv.index(table, 0, end))
+    batch = BatchInput(torch.tensor(ids[start:]), torch.arange(start, end), [segment],
+                       torch.tensor([end - start - 1]))
+    return engine.model.forward(batch, kv)[0]
+
+
+def test_chunked_prefill_then_decode_equals_one_forward(engine_for):
+    """Prefill in two chunks, then decode in latent space token by token: each step's logits
+    are those of one full forward, and of transformers'."""
+    engine = engine_for("deepseek2")
+    fixture = get_fixture("deepseek2")
+    ids = sample_token_ids(fixture, 80, seed=4)
+    full, ref = engine.score(ids), hf_logits(fixture, ids)
+    table: list[int] = []
+    try:
+        for start, end in [(0, 37), (37, 70), *((n, n + 1) for n in range(70, 80))]:
+            got = _step(engine, ids[:end], start, table)
+            diff = (got - full[end - 1]).abs().max()
+            assert diff <= 1e-4 * full[end - 1].abs().max(), f"token {end - 1}: {diff:.3g} off the one-pass forward"
+            assert rel_l2(got[None], ref[end - 1][None]) <= 1e-3
+    finally:
+        engine.kv.free(table)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_generation_matches_transformers(engine_for, arch):
+    fixture = get_fixture(arch)
+    prompt = sample_token_ids(fixture, 11, seed=5)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    ours = [o.token_id for o in engine_for(arch).generate(prompt, params)]
+    assert ours == hf_greedy(fixture, prompt, params.max_tokens)
+
+
+@pytest.mark.parametrize("options", [
+    dict(max_batch=3, max_batched_tokens=16),  # chunked prefill beside batched decodes
+    dict(max_batch=2, ctx_size=48),  # KV for 96 tokens: decodes preempt and recompute
+], ids=["chunked", "preempting"])
+def test_continuous_batching_matches_requests_alone(engine_for, options):
+    fixture = get_fixture("deepseek2", "Q4_K_M")
+    engine = engine_for("deepseek2", "Q4_K_M", **options)
+    alone = engine_for("deepseek2", "Q4_K_M")
+    prompts = [sample_token_ids(fixture, n, seed=10 + n) for n in (3, 20, 9, 33, 14)]
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    results = run_all(engine, prompts, params)
+    for prompt, got in zip(prompts, results):
+        assert got == [o.token_id for o in alone.generate(prompt, params)]
+    assert engine.kv.usage == 0.0, "finished sequences must free their KV blocks"
