@@ -1,5 +1,7 @@
 """deepseek2 (DeepSeek-V2/V2-Lite, GLM-4.7-Flash): multi-head latent attention over the
-shared MoE blocks.
+shared blocks (leading dense layers, routed + shared experts, the router the metadata
+describes: softmax top-k for V2, sigmoid with a correction bias, normalised and scaled
+for GLM-4.7-Flash).
 
 Each token's K and V for all heads come from one latent of kv_lora_rank (RMS-normed) plus a
 rope part of qk_rope_dim shared by the heads; the KV cache keeps only those two, about 1/7
@@ -44,9 +46,11 @@ class MLALayerWeights:
     attn_norm: torch.Tensor
     attn: MLAWeights
     ffn_norm: torch.Tensor
-    router: torch.Tensor
+    router: torch.Tensor | None  # None in a leading dense layer
     shared: tuple[Linear, Linear, Linear] | None
-    shared_gate: torch.Tensor | None = None
+    expert_bias: torch.Tensor | None  # exp_probs_b: sigmoid routers' correction bias
+    dense_ffn: tuple[Linear, Linear, Linear] | None  # gate, up, down of a leading dense layer
+    shared_gate: torch.Tensor | None = None  # deepseek2's shared experts are ungated
 
 
 def latent_attention(q: torch.Tensor, cache: torch.Tensor, kv_lora_rank: int, scale: float) -> torch.Tensor:
@@ -89,13 +93,15 @@ class Deepseek2Model(MoEModel):
             v_b=self._dense(file, p + "attn_v_b.weight"),
             wo=self._linear(file, p + "attn_output.weight"),
         )
-        shared = tuple(self._linear(file, f"{p}ffn_{n}_shexp.weight") for n in ("gate", "up", "down"))
+        is_dense = i < self.config.n_dense_layers
         return MLALayerWeights(
             attn_norm=self._dense(file, p + "attn_norm.weight"),
             attn=attn,
             ffn_norm=self._dense(file, p + "ffn_norm.weight"),
-            router=self._dense(file, p + "ffn_gate_inp.weight"),
-            shared=shared,
+            router=None if is_dense else self._dense(file, p + "ffn_gate_inp.weight"),
+            shared=None if is_dense else self._swiglu(file, p + "ffn_{}_shexp.weight"),
+            expert_bias=None if is_dense else self._optional(file, p + "exp_probs_b.bias"),
+            dense_ffn=self._swiglu(file, p + "ffn_{}.weight") if is_dense else None,
         )
 
     def _attention(self, i: int, lw: MLALayerWeights, x: torch.Tensor, batch: BatchInput,
