@@ -44,9 +44,15 @@ def test_quantized_matches_exact_decode_and_llama_cpp(engine_for, arch, quant):
     ids = sample_token_ids(fixture, 32 if arch == "deepseek2" else 16, seed=3)
     ours = engine_for(arch, quant).score(ids)
     # llama.cpp in F32 on the tensors gguf.quants decodes: what an exact decoder computes
-    assert rel_l2(ours, llama_cpp_logits(dequantized_copy(fixture.gguf_path), ids)) <= 1e-3
-    # llama.cpp on the quantized file rounds activations to 8 bits
-    assert rel_l2(ours, llama_cpp_logits(fixture.gguf_path, ids)) <= 0.06
+    exact = llama_cpp_logits(dequantized_copy(fixture.gguf_path), ids)
+    assert rel_l2(ours, exact) <= 1e-3
+    # llama.cpp on the quantized file rounds activations to 8 bits: its distance from the
+    # exact logits (measured 1.1-1.7% over 3 layers, 3.4-8.3% over the lite model's 26) is its
+    # noise, and ours stand no further from it than the exact logits do
+    theirs = llama_cpp_logits(fixture.gguf_path, ids)
+    noise = rel_l2(theirs, exact)
+    assert noise <= 0.1
+    assert rel_l2(ours, theirs) <= noise + 2e-3
 
 
 def test_kv_cache_keeps_only_the_latent_and_the_rope_part(engine_for):
