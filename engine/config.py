@@ -51,6 +51,12 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     # M-RoPE, which for text (one position per token in every section) is NEOX rope over
     # rope.dimension_count dims; the converter bakes the (1 + w) RMSNorm offset into the norms.
     "qwen35moe": ArchSpec(RopeStyle.NEOX, QKNorm.PER_HEAD, shared_expert=True, norm_topk_default=True),
+    # GLM-4.5 / 4.5-Air: q/k/v biases, NEOX rope over rope.dimension_count (half of each
+    # head), per-head q/k norms where the file has them (4.5, not -Air), leading dense
+    # layers, an ungated shared expert, sigmoid routing with a correction bias (llama.cpp's
+    # default when expert_gating_func is absent); the pre-FFN norm is post_attention_norm.
+    "glm4moe": ArchSpec(RopeStyle.NEOX, QKNorm.PER_HEAD_IF_PRESENT, shared_expert=True, norm_topk_default=False,
+                        attn_bias=True, gating_default=Gating.SIGMOID, ffn_norm="post_attention_norm"),
 }
 
 
