@@ -55,6 +55,12 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     # DeepSeek-V2(-Lite) and GLM-4.7-Flash: multi-head latent attention (MLAConfig; the forward
     # is engine/models/deepseek2.py), adjacent-pair rope on the decoupled rope part only.
     "deepseek2": ArchSpec(RopeStyle.NORM, QKNorm.NONE, shared_expert=True, norm_topk_default=False),
+    # GLM-4.5 / 4.5-Air: q/k/v biases, NEOX rope over rope.dimension_count (half of each
+    # head), per-head q/k norms where the file has them (4.5, not -Air), leading dense
+    # layers, an ungated shared expert, sigmoid routing with a correction bias (llama.cpp's
+    # default when expert_gating_func is absent); the pre-FFN norm is post_attention_norm.
+    "glm4moe": ArchSpec(RopeStyle.NEOX, QKNorm.PER_HEAD_IF_PRESENT, shared_expert=True, norm_topk_default=False,
+                        attn_bias=True, gating_default=Gating.SIGMOID, ffn_norm="post_attention_norm"),
 }
 
 

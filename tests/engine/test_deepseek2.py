@@ -1,7 +1,8 @@
 """deepseek2 (multi-head latent attention) against references independent of our code:
 transformers' DeepseekV2 on the tiny models (with a q LoRA rank and YaRN; without, as
-V2-Lite), written to GGUF by llama.cpp's own converter and quantized by llama.cpp; llama.cpp
-on the same files. Then the engine's side: the KV cache holds only the latent and the rope
+V2-Lite) and its Glm4MoeLite (GLM-4.7-Flash: sigmoid routing with a correction bias,
+normalised, scaled; a NextN block to skip), written to GGUF by llama.cpp's own converter
+and quantized by llama.cpp; llama.cpp on the same files. Then the engine's side: the KV cache holds only the latent and the rope
 part, prefill in chunks and token-by-token decode give the one-pass logits, and batched
 requests get what each gets alone."""
 
@@ -15,7 +16,8 @@ from tests.engine.test_generate import hf_greedy, run_all
 from tests.fixtures.dequant_gguf import dequantized_copy
 from tests.fixtures.models import get_fixture, hf_logits, llama_cpp_logits, sample_token_ids
 
-ARCHS = ("deepseek2", "deepseek2-lite")  # q LoRA + YaRN; attn_q without LoRA (26 layers)
+# q LoRA + YaRN; attn_q without LoRA (26 layers); GLM-4.7-Flash
+ARCHS = ("deepseek2", "deepseek2-lite", "glm4moe-lite")
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -28,10 +30,11 @@ def test_f32_matches_transformers(engine_for, arch):
     assert rel_l2(ours, ref) <= 1e-3
 
 
-def test_f32_matches_llama_cpp(engine_for):
-    fixture = get_fixture("deepseek2")
+@pytest.mark.parametrize("arch", ["deepseek2", "glm4moe-lite"])
+def test_f32_matches_llama_cpp(engine_for, arch):
+    fixture = get_fixture(arch)
     ids = sample_token_ids(fixture, 40, seed=2)
-    assert rel_l2(engine_for("deepseek2").score(ids), llama_cpp_logits(fixture.gguf_path, ids)) <= 1e-3
+    assert rel_l2(engine_for(arch).score(ids), llama_cpp_logits(fixture.gguf_path, ids)) <= 1e-3
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -41,7 +44,7 @@ def test_quantized_matches_exact_decode_and_llama_cpp(engine_for, arch, quant):
     # 26 layers x 4 experts make near-ties in routing likely: with 32 tokens, token 19 of
     # the Q4_K_M lite model has its 2nd and 3rd expert of layer 7 7e-6 apart in probability,
     # and float rounding alone (compiled kernel vs torch reference) picks either.
-    ids = sample_token_ids(fixture, 32 if arch == "deepseek2" else 16, seed=3)
+    ids = sample_token_ids(fixture, 16 if arch == "deepseek2-lite" else 32, seed=3)
     ours = engine_for(arch, quant).score(ids)
     # llama.cpp in F32 on the tensors gguf.quants decodes: what an exact decoder computes
     exact = llama_cpp_logits(dequantized_copy(fixture.gguf_path), ids)
@@ -53,6 +56,13 @@ def test_quantized_matches_exact_decode_and_llama_cpp(engine_for, arch, quant):
     noise = rel_l2(theirs, exact)
     assert noise <= 0.1
     assert rel_l2(ours, theirs) <= noise + 2e-3
+
+
+def test_glm_flash_skips_its_nextn_block_and_routes_by_sigmoid(engine_for):
+    config = engine_for("glm4moe-lite").config
+    assert (config.n_layers, config.n_nextn_layers, config.n_dense_layers) == (3, 1, 1)
+    assert config.router.gating.name == "SIGMOID" and config.router.norm_topk
+    assert config.router.weights_scale == pytest.approx(1.8)
 
 
 def test_kv_cache_keeps_only_the_latent_and_the_rope_part(engine_for):
