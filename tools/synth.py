@@ -49,6 +49,12 @@ class MLA:
     n_dense_lead: int  # leading layers with a dense FFN of width n_ff
     n_shared_experts: int  # shared expert width = n_shared_experts * n_ff_exp
     yarn: tuple[float, int, float] | None = None  # (factor, original context, mscale_all_dim)
+    weights_scale: float = 1.0  # routed_scaling_factor
+    weights_norm: bool = False  # norm_topk_prob
+    # sigmoid routing with a correction bias (GLM-4.7-Flash, V3 style): exp_probs_b.bias in each
+    # MoE layer. Its converter writes no expert_gating_func: llama.cpp (and moestream) take
+    # sigmoid from the model's shape.
+    correction_bias: bool = False
 
 
 @dataclass(frozen=True)
@@ -101,8 +107,8 @@ class Preset:
 
 # Sources: each model's config.json on the Hugging Face hub (allenai/OLMoE-1B-7B-0924,
 # Qwen/Qwen1.5-MoE-A2.7B, Qwen/Qwen3-30B-A3B, mistralai/Mixtral-8x7B-v0.1,
-# deepseek-ai/DeepSeek-V2-Lite, zai-org/GLM-4.5-Air). Tiny presets keep rows multiples of
-# 256 so K-quants apply.
+# deepseek-ai/DeepSeek-V2-Lite, zai-org/GLM-4.5-Air, zai-org/GLM-4.7-Flash). Tiny presets keep
+# rows multiples of 256 so K-quants apply.
 PRESETS: dict[str, dict[str, Preset]] = {
     "olmoe": {
         "olmoe-1b-7b": Preset("olmoe", "OLMoE-1B-7B-0924 (synthetic)", 16, 2048, 16, 16, 128, 50304, 4096,
@@ -135,6 +141,12 @@ PRESETS: dict[str, dict[str, Preset]] = {
         # llama.cpp asks for q_lora_rank unless the model has 26/27 layers: the tiny one has it.
         "tiny": Preset("deepseek2", "tiny deepseek2 (synthetic)", 2, 256, 2, 1, 96, 320, 512, 4, 2, 512, 256,
                        10000.0, 1e-6, mla=MLA(256, 256, 64, 32, 64, 1, 1)),
+        # zai-org/GLM-4.7-Flash (transformers' Glm4MoeLite), converted as deepseek2 without its
+        # NextN block (as llama.cpp's converter did before it kept them)
+        "glm-4.7-flash": Preset("deepseek2", "GLM-4.7-Flash (synthetic)", 47, 2048, 20, 1, 256, 154880, 202752,
+                                64, 4, 10240, 1536, 1e6, 1e-5,
+                                mla=MLA(512, 768, 192, 64, 256, 1, 1, weights_scale=1.8, weights_norm=True,
+                                        correction_bias=True)),
     },
     # 46 layers + 1 NextN block; head_dim 128 with 96 heads (wider than hidden 4096)
     "glm4moe": {
@@ -173,6 +185,8 @@ def tensor_shapes(p: Preset) -> list[TensorShape]:
     for i in range(p.n_layers):
         layer = [*(_mla_attention(p) if p.mla else _attention(p)), ("ffn_norm.weight", (p.n_embd,))]
         layer += _dense_ffn(p) if p.mla and i < p.mla.n_dense_lead else _moe_ffn(p)
+        if p.mla and p.mla.correction_bias and i >= p.mla.n_dense_lead:
+            layer.append(("exp_probs_b.bias", (p.n_expert,)))
         shapes += [TensorShape(f"blk.{i}.{name}", shape) for name, shape in layer]
     shapes += [TensorShape("output_norm.weight", (p.n_embd,)), TensorShape("output.weight", (p.n_vocab, p.n_embd))]
     return shapes
@@ -312,13 +326,17 @@ def _add_mla_metadata(w: gguf.GGUFWriter, m: MLA) -> None:
     w.add_key_length_mla(m.qk_nope_dim + m.qk_rope_dim)
     w.add_value_length_mla(m.v_head_dim)
     w.add_expert_shared_count(m.n_shared_experts)
-    w.add_expert_weights_scale(1.0)
+    w.add_expert_weights_scale(m.weights_scale)
+    if m.weights_norm:
+        w.add_expert_weights_norm(True)
     w.add_rope_dimension_count(m.qk_rope_dim)
     if m.yarn:
         factor, original_ctx, mscale_all_dim = m.yarn
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         w.add_rope_scaling_factor(factor)
         w.add_rope_scaling_orig_ctx_len(original_ctx)
+        w.add_rope_scaling_yarn_beta_fast(32.0)
+        w.add_rope_scaling_yarn_beta_slow(1.0)
         w.add_rope_scaling_yarn_log_mul(0.1 * mscale_all_dim)
 
 
@@ -437,7 +455,7 @@ def _write_data(f, tensors: list[PlannedTensor], offset: int, alignment: int, se
 # -- command line -------------------------------------------------------------------------
 def add_synth_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", default=None, choices=sorted(PRESETS),
-                        help="GGUF architecture (Mixtral is 'llama'; deepseek2 is written but not served yet); "
+                        help="GGUF architecture (Mixtral is 'llama'; DeepSeek-V2-Lite and GLM-4.7-Flash are deepseek2); "
                              "needed only for a preset name several architectures have (tiny)")
     parser.add_argument("--preset", required=True,
                         help="model shape: " + "; ".join(f"{a}: {', '.join(p)}" for a, p in PRESETS.items()))
