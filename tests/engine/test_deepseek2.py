@@ -10,11 +10,13 @@ import pytest
 import torch
 
 from moestream.engine import Engine, SamplingParams
+from moestream.engine.config import YarnConfig
 from moestream.engine.model import BatchInput, Segment
+from moestream.engine.yarn import yarn_inv_freq
 from tests.engine.test_forward import assert_logits_match, rel_l2
 from tests.engine.test_generate import hf_greedy, run_all
 from tests.fixtures.dequant_gguf import dequantized_copy
-from tests.fixtures.models import get_fixture, hf_logits, llama_cpp_logits, sample_token_ids
+from tests.fixtures.models import get_fixture, hf_logits, hf_model, llama_cpp_logits, sample_token_ids
 
 # q LoRA + YaRN; attn_q without LoRA (26 layers); GLM-4.7-Flash
 ARCHS = ("deepseek2", "deepseek2-lite", "glm4moe-lite")
@@ -56,6 +58,35 @@ def test_quantized_matches_exact_decode_and_llama_cpp(engine_for, arch, quant):
     noise = rel_l2(theirs, exact)
     assert noise <= 0.1
     assert rel_l2(ours, theirs) <= noise + 2e-3
+
+
+def test_yarn_frequencies_match_transformers():
+    """DeepSeek-V2-Lite's YaRN (factor 40) over the fixture's short original context: the
+    frequencies transformers' yarn rope computes, and the attention mscale its DeepseekV2
+    attention multiplies its scale by (twice)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = hf_model(get_fixture("deepseek2")).config
+    theirs, cos_sin_scale = ROPE_INIT_FUNCTIONS["yarn"](config)
+    yarn = YarnConfig(factor=40.0, original_context=64, log_multiplier=0.1 * 0.707)
+    ours = yarn_inv_freq(config.qk_rope_head_dim, 10000.0, yarn)
+    torch.testing.assert_close(ours.float(), theirs.float(), rtol=1e-6, atol=0)
+    assert cos_sin_scale == pytest.approx(1.0)  # mscale == mscale_all_dim: the rotation is unscaled
+    scale = config.qk_head_dim**-0.5 * yarn.attention_mscale**2
+    assert hf_model(get_fixture("deepseek2")).model.layers[0].self_attn.scaling == pytest.approx(scale, rel=1e-6)
+
+
+def test_expert_cache_is_bitwise_identical_to_resident(engine_for):
+    """The MoE layers through a tiny VRAM expert cache (simulated on the CPU), with and
+    without prefetch past the leading dense layer: the all-resident logits, bit for bit."""
+    fixture = get_fixture("glm4moe-lite", "Q4_K_M")
+    ids = sample_token_ids(fixture, 24, seed=21)
+    resident = engine_for("glm4moe-lite", "Q4_K_M").score(ids)
+    for slots, prefetch in ((4, False), (1, True)):
+        cached = engine_for("glm4moe-lite", "Q4_K_M", vram_budget="1GiB", max_cached_experts=slots,
+                            prefetch=prefetch)
+        assert torch.equal(cached.score(ids), resident)
+        assert cached.stats()["expert_misses"] > 0
 
 
 def test_glm_flash_skips_its_nextn_block_and_routes_by_sigmoid(engine_for):
