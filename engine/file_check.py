@@ -90,6 +90,10 @@ def check_tensors(path: Path, config: ModelConfig, shapes: dict[str, tuple[int, 
     if n_tokens is not None and n_tokens != config.vocab_size:
         raise MoestreamError(f"{path}: tokenizer.ggml.tokens has {n_tokens} tokens but token_embd.weight "
                              f"has {config.vocab_size} rows; {_RECONVERT}")
+    if config.mla is not None and "blk.0.attn_kv_b.weight" in shapes and "blk.0.attn_k_b.weight" not in shapes:
+        raise MoestreamError(f"{path}: this deepseek2 file has the old attn_kv_b layout, written before "
+                             "llama.cpp's converter split it into attn_k_b and attn_v_b; download a newer "
+                             "conversion or re-convert with a current convert_hf_to_gguf.py")
     known, missing = set(), []
     for want in expected_tensors(config):
         known.add(want.name)

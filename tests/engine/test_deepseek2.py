@@ -6,13 +6,16 @@ and quantized by llama.cpp; llama.cpp on the same files. Then the engine's side:
 part, prefill in chunks and token-by-token decode give the one-pass logits, and batched
 requests get what each gets alone."""
 
+import gguf
 import pytest
 import torch
 
 from moestream.engine import Engine, SamplingParams
 from moestream.engine.config import YarnConfig
+from moestream.engine.loader import open_gguf
 from moestream.engine.model import BatchInput, Segment
 from moestream.engine.yarn import yarn_inv_freq
+from moestream.kernels.errors import MoestreamError
 from tests.engine.test_forward import assert_logits_match, rel_l2
 from tests.engine.test_generate import hf_greedy, run_all
 from tests.fixtures.dequant_gguf import dequantized_copy
@@ -163,3 +166,34 @@ def test_continuous_batching_matches_requests_alone(engine_for, options):
     for prompt, got in zip(prompts, results):
         assert got == [o.token_id for o in alone.generate(prompt, params)]
     assert engine.kv.usage == 0.0, "finished sequences must free their KV blocks"
+
+
+def _legacy_copy(src, dst) -> None:
+    """`src` as older llama.cpp converters wrote deepseek2: one attn_kv_b per layer where the
+    current layout has attn_k_b and attn_v_b."""
+    reader = gguf.GGUFReader(src)
+    writer = gguf.GGUFWriter(dst, "deepseek2")
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(name, field.contents(), field.types[0], sub_type=sub_type)
+    tensors = {t.name: torch.from_numpy(t.data.copy()) for t in reader.tensors}
+    for name in [n for n in tensors if n.endswith("attn_k_b.weight")]:
+        k_b, v_b = tensors.pop(name), tensors.pop(name.replace("k_b", "v_b"))  # [H, rank, nope], [H, v, rank]
+        kv_b = torch.cat([k_b.transpose(1, 2), v_b], dim=1)  # [H, nope + v, rank]
+        tensors[name.replace("k_b", "kv_b")] = kv_b.reshape(-1, kv_b.shape[-1])
+    for name, t in tensors.items():
+        writer.add_tensor(name, t.numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_a_file_in_the_old_kv_b_layout_is_refused_saying_to_reconvert(tmp_path):
+    legacy = tmp_path / "legacy.gguf"
+    _legacy_copy(get_fixture("deepseek2").gguf_path, legacy)
+    with pytest.raises(MoestreamError, match="old attn_kv_b layout.*re-convert"):
+        open_gguf(legacy)
+
