@@ -88,8 +88,8 @@ class HarmonySplit(OutputSplit):
                                        "function": {"name": self.calls[-1].name, "arguments": ""}}])
         if recipient is not None or (channel is not None and channel.group(1) == "analysis"):
             self._kind = "reasoning"  # thinking, or a call to a tool the request did not give
-            if self.reasoning_inline:
-                return Pieces(content=header + MESSAGE)
+            if self.reasoning_inline:  # as written, less the role that starts every message
+                return Pieces(content=header.removeprefix(START + "assistant") + MESSAGE)
             return Pieces()
         self._kind = "content"
         return Pieces()
