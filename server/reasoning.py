@@ -79,7 +79,7 @@ class ThinkSplit(OutputSplit):
 
 
 def uses_think_tags(template: str | None) -> bool:
-    return template is not None and THINK_OPEN in template and THINK_CLOSE in template
+    return template is not None and (THINK_OPEN in template or THINK_CLOSE in template)
 
 
 def is_control_text(text: str, tokenizer: Tokenizer) -> bool:
