@@ -349,7 +349,8 @@ class ChatFormat(_Format):
         text, records, finish_reason = await self.collect()
         if self.split is not None:
             pieces = self.split.whole(text)
-            message = {"role": "assistant", "content": pieces.content or (None if self.split.calls else ""),
+            content = pieces.content.strip() if self.split.calls else pieces.content
+            message = {"role": "assistant", "content": content or (None if self.split.calls else ""),
                        "reasoning_content": pieces.reasoning or None}
             if self.split.calls:
                 message["tool_calls"] = [c.as_dict() for c in self.split.calls]

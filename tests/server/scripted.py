@@ -36,14 +36,18 @@ PRESET = Preset(arch="olmoe", model="scripted", n_layers=1, n_embd=64, n_head=2,
                 rope_base=10000.0, rms_eps=1e-5, qk_norm="full")
 
 
+def template_dir() -> Path:
+    """llama.cpp's copies of chat templates in the sdist (absent until it is unpacked)."""
+    return Path(_from_ci() or _cache_dir() / _SDIST_ROOT) / "models" / "templates"
+
+
 def gpt_oss_template() -> str | None:
     """llama.cpp's copy of gpt-oss's chat template, or None when the sdist is not unpacked."""
-    llama_dir = _from_ci() or _cache_dir() / _SDIST_ROOT
-    path = Path(llama_dir) / "models" / "templates" / "openai-gpt-oss-120b.jinja"
+    path = template_dir() / "openai-gpt-oss-120b.jinja"
     return path.read_text() if path.is_file() else None
 
 
-GPT_OSS_ABSENT = "needs llama.cpp's gpt-oss template from the llama-cpp-python 0.3.36 sdist (not unpacked here)"
+TEMPLATES_ABSENT = "needs llama.cpp's chat templates from the llama-cpp-python 0.3.36 sdist (not unpacked here)"
 
 
 class HarmonyVocab(BpeVocab):
@@ -95,7 +99,10 @@ class ScriptedEngine(Engine):
     def _script_of(self, prompt_ids: list[int]) -> list[int]:
         prompt = self.tokenizer.decode(prompt_ids)
         last_turn = prompt[prompt.rfind("user"):]
-        return next(ids for key, ids in self.scripts.items() if key in last_turn)
+        script = next((ids for key, ids in self.scripts.items() if key in last_turn), None)
+        if script is None:
+            raise KeyError(f"no script's key is in the last user turn {last_turn!r}")
+        return script
 
 
 class InProcessServer:

@@ -14,7 +14,7 @@ from moestream.engine.chat_template import render_chat
 from moestream.engine.tokenizer import Tokenizer
 from moestream.server.harmony import harmony_messages
 from moestream.tools.gguf_write import CHATML_TEMPLATE, byte_level_bpe_vocab
-from tests.server.scripted import (GPT_OSS_ABSENT, N_VOCAB, InProcessServer, ScriptedEngine, gpt_oss_template, harmony_vocab,
+from tests.server.scripted import (TEMPLATES_ABSENT, N_VOCAB, InProcessServer, ScriptedEngine, gpt_oss_template, harmony_vocab,
                                    write_model)
 
 ANALYSIS, FINAL = "The user asks 2+2. That is 4.", "2 + 2 = 4."
@@ -45,7 +45,7 @@ def start(tmp_path_factory, name: str, vocab, template: str, scripts: dict, end:
 def gpt_oss(tmp_path_factory):
     template = gpt_oss_template()
     if template is None:
-        pytest.skip(GPT_OSS_ABSENT)
+        pytest.skip(TEMPLATES_ABSENT)
     server = start(tmp_path_factory, "harmony", harmony_vocab(), template, HARMONY_SCRIPTS, "<|return|>")
     server.template = template
     yield server

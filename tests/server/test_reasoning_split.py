@@ -18,7 +18,7 @@ from moestream.server.reasoning import ThinkSplit, plan_split
 from moestream.server.schemas import ChatCompletionRequest
 from moestream.server.tool_calls import Hermes
 from moestream.server.tools import plan_tools
-from tests.server.scripted import GPT_OSS_ABSENT, gpt_oss_template
+from tests.server.scripted import TEMPLATES_ABSENT, gpt_oss_template, template_dir
 
 # The harmony guide's example functions (without the parameter default: the template writes
 # "// default: celsius," with a stray comma where the guide has none).
@@ -51,7 +51,7 @@ def guide_system(effort: str) -> str:
 def gpt_oss() -> str:
     template = gpt_oss_template()
     if template is None:
-        pytest.skip(GPT_OSS_ABSENT)
+        pytest.skip(TEMPLATES_ABSENT)
     return template
 
 
@@ -253,3 +253,25 @@ def test_the_split_is_chosen_from_the_template(gpt_oss, template_name, reasoning
 def test_a_prompt_that_opens_think_starts_in_the_reasoning():
     plan = plan_split(THINK_TEMPLATE, "auto", None, _Tokenizer("<|im_start|>assistant\n<think>\n"), [1])
     assert plan.make().whole("Hmm.</think>Yes.") == Pieces("Hmm.", "Yes.")
+
+
+# Real templates (llama.cpp's copies): does the model's turn start inside <think>? Read off
+# each template's generation prompt by hand: Qwen3.5 and GLM-4.7-Flash open it, DeepSeek-V3.1
+# closes it at once (its default non-thinking mode), Qwen3 and GLM-4.6 leave it to the model.
+@pytest.mark.parametrize("name, kind, opens", [
+    ("Qwen-Qwen3-0.6B", ThinkSplit, False), ("Qwen3.5-4B", ThinkSplit, True),
+    ("GLM-4.7-Flash", ThinkSplit, True), ("GLM-4.6", ThinkSplit, False),
+    ("deepseek-ai-DeepSeek-V3.1", ThinkSplit, False), ("deepseek-ai-DeepSeek-R1-Distill-Qwen-32B", ThinkSplit, False),
+    ("Qwen-Qwen2.5-7B-Instruct", None, False), ("meta-llama-Llama-3.1-8B-Instruct", None, False),
+])
+def test_real_templates_get_their_split(name, kind, opens):
+    path = template_dir() / f"{name}.jinja"
+    if not path.is_file():
+        pytest.skip(TEMPLATES_ABSENT)
+    template = path.read_text()
+    prompt = render_chat(template, [{"role": "user", "content": "hi"}], bos_token="<s>", eos_token="</s>")
+    plan = plan_split(template, "auto", None, _Tokenizer(prompt), [1])
+    assert (plan is None) == (kind is None)
+    if kind is not None:
+        pieces = plan.make().whole("Hmm.</think>\n\nYes.")
+        assert pieces == (Pieces("Hmm.", "Yes.") if opens else Pieces("", "Hmm.</think>\n\nYes."))
