@@ -214,3 +214,16 @@ def test_reasoning_format_none_and_plain_models_leave_the_text_as_written(think_
             assert "reasoning_content" not in message.model_dump(exclude_unset=True)
             content = message.content
         assert content == text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_responses_api_answers_with_the_final_channel_only(gpt_oss, stream):
+    client = gpt_oss.client()
+    if stream:
+        events = list(client.responses.create(model="scripted", input="What is 2+2?", stream=True))
+        text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+        assert events[-1].type == "response.completed"
+        assert events[-1].response.output_text == text
+    else:
+        text = client.responses.create(model="scripted", input="What is 2+2?").output_text
+    assert text == FINAL
