@@ -14,8 +14,8 @@ from moestream.engine.chat_template import render_chat
 from moestream.engine.tokenizer import Tokenizer
 from moestream.server.harmony import harmony_messages
 from moestream.tools.gguf_write import CHATML_TEMPLATE, byte_level_bpe_vocab
-from tests.server.scripted import (TEMPLATES_ABSENT, N_VOCAB, InProcessServer, ScriptedEngine, gpt_oss_template, harmony_vocab,
-                                   write_model)
+from tests.server.scripted import (N_VOCAB, TEMPLATES_ABSENT, InProcessServer, ScriptedEngine, gpt_oss_template,
+                                   harmony_vocab, write_model)
 
 ANALYSIS, FINAL = "The user asks 2+2. That is 4.", "2 + 2 = 4."
 WEATHER_ARGS = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
