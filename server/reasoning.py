@@ -98,13 +98,15 @@ class SplitPlan:
 
 
 def plan_split(template: str | None, reasoning_format: str, dialect: ToolDialect | None,
-               tokenizer: Tokenizer, prompt_ids: list[int]) -> SplitPlan | None:
-    """None: the output is content (and the dialect's tool calls) as before."""
+               tokenizer: Tokenizer, prompt_ids: list[int], constrained: bool = False) -> SplitPlan | None:
+    """None: the output is content (and the dialect's tool calls) as before. `constrained`:
+    a grammar writes the output (response_format, a forced call), so it is the answer from
+    its first token even after a prompt that opened <think>."""
     if is_harmony(template):
         keep = reasoning_format == "none"
         return SplitPlan(lambda: HarmonySplit(dialect is not None, reasoning_inline=keep), True)
     if reasoning_format == "none" or not uses_think_tags(template):
         return None
     tail = tokenizer.decode(prompt_ids[-_PROMPT_TAIL_TOKENS:])
-    open_ = tail.rstrip().endswith(THINK_OPEN)
+    open_ = tail.rstrip().endswith(THINK_OPEN) and not constrained
     return SplitPlan(lambda: ThinkSplit(dialect, open_), is_control_text(THINK_OPEN, tokenizer))

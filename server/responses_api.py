@@ -153,7 +153,8 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
     gen = await state.start(prompt_ids, lambda n: chat.sampling_params(n, None, grammar),
                             chat.requested_max_tokens, [], arrival_s, "input")
     # a thinking model's reasoning is not part of the answer (not returned here yet)
-    split = plan_split(engine.chat_template, state.settings.reasoning_format, None, engine.tokenizer, prompt_ids)
+    split = plan_split(engine.chat_template, state.settings.reasoning_format, None, engine.tokenizer, prompt_ids,
+                       constrained=grammar is not None)
     if split is not None and split.needs_control_tokens:
         gen.show_special_tokens()
     answer = _Answer(body, model, split.make() if split is not None else None)

@@ -87,7 +87,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
                                 lambda n, i: body.sampling_params(n, logprobs, grammar, choice=i),
                                 body.requested_max_tokens, body.stop_strings, arrival_s, "messages")
     split: SplitPlan | None = plan_split(engine.chat_template, state.settings.reasoning_format, tools.dialect,
-                                         engine.tokenizer, prompt_ids)
+                                         engine.tokenizer, prompt_ids, constrained=grammar is not None)
     if (tools.dialect is not None and opener_is_control(tools.dialect, engine.tokenizer)) or (
             split is not None and split.needs_control_tokens):
         for gen in gens:

@@ -227,3 +227,15 @@ def test_responses_api_answers_with_the_final_channel_only(gpt_oss, stream):
     else:
         text = client.responses.create(model="scripted", input="What is 2+2?").output_text
     assert text == FINAL
+
+
+def test_a_structured_answer_after_an_opened_think_is_content(think):
+    """The prompt opens <think> but a grammar writes the output: it is all content."""
+    schema = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["a"]}
+    out = think.client().chat.completions.create(
+        model="scripted", messages=MATH, max_tokens=50, seed=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema, "strict": True}})
+    message = out.choices[0].message
+    assert out.choices[0].finish_reason == "stop" and message.reasoning_content is None
+    jsonschema.validate(json.loads(message.content), schema)

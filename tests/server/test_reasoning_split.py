@@ -275,3 +275,14 @@ def test_real_templates_get_their_split(name, kind, opens):
     if kind is not None:
         pieces = plan.make().whole("Hmm.</think>\n\nYes.")
         assert pieces == (Pieces("Hmm.", "Yes.") if opens else Pieces("", "Hmm.</think>\n\nYes."))
+
+
+def test_a_grammar_written_answer_is_content_even_after_an_opened_think():
+    """response_format or a forced call: the grammar writes the answer from the first token."""
+    tokenizer = _Tokenizer("<|im_start|>assistant\n<think>\n")
+    plan = plan_split(THINK_TEMPLATE, "auto", Hermes(), tokenizer, [1], constrained=True)
+    split = plan.make()
+    pieces = split.whole('<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>')
+    assert pieces.reasoning == "" and called(split.calls) == [("f", {"a": 1})]
+    assert plan_split(THINK_TEMPLATE, "auto", None, tokenizer, [1], constrained=True).make().whole('{"a": 1}') \
+        == Pieces("", '{"a": 1}')
