@@ -134,6 +134,9 @@ PRESETS: dict[str, dict[str, Preset]] = {
         "gpt-oss-120b": Preset("gpt-oss", "gpt-oss-120b (synthetic)", 36, 2880, 64, 8, 64, 201088, 131072,
                                128, 4, 2880, 2880, 150000.0, 1e-5, sliding_window=128,
                                yarn=(32.0, 4096, 32.0, 1.0)),
+        # a window of 4: shorter than the tests' prompts, so it matters
+        "tiny": Preset("gpt-oss", "tiny gpt-oss (synthetic)", 2, 256, 4, 2, 64, 320, 512, 4, 2, 256, 256,
+                       150000.0, 1e-5, sliding_window=4, yarn=(32.0, 4096, 32.0, 1.0)),
     },
 }
 
