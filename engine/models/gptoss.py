@@ -14,6 +14,7 @@ Tensor names: engine/arch_tensors.py (GPTOSS_LAYER_TENSORS).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from time import perf_counter
 
 import torch
 import torch.nn.functional as F
@@ -132,9 +133,11 @@ class GptOssModel(MoEModel):
         per_k = torch.zeros(*ids.shape, x.shape[1], dtype=x.dtype, device=x.device)  # [T, k, D]
         self._experts_into(per_k, lw, x, ids, weights, self.experts.load(i, plan.device))
         if plan.cpu:  # misses the hybrid policy keeps on the host: same FFN, host tensors
+            start = perf_counter()
             host = torch.zeros(per_k.shape, dtype=torch.float32)
             self._experts_into(host, lw, x.cpu().float(), ids.cpu(), weights.cpu(), plan.cpu)
             per_k += host.to(per_k.device, per_k.dtype)
+            self.experts.record_cpu(i, {e: tokens[e] for e in plan.cpu_ids}, perf_counter() - start)
         # each (token, k) result has its own row, summed in a fixed order: the result does
         # not depend on where or in what order experts ran
         return per_k.sum(1)

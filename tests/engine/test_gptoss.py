@@ -115,3 +115,26 @@ def test_continuous_batching_matches_requests_alone(engine_for):
     alone = engine_for(ARCH, "MXFP4_MOE", max_batch=1)
     assert batched == [[o.token_id for o in alone.generate(p, params)] for p in prompts]
     assert engine.kv.usage == 0.0, "finished sequences must free their KV blocks"
+
+
+def test_expert_cache_is_bitwise_identical_to_resident(engine_for):
+    """The experts through a tiny VRAM expert cache (simulated on the CPU), with and
+    without prefetch: the all-resident logits, bit for bit."""
+    fixture = get_fixture(ARCH, "MXFP4_MOE")
+    ids = sample_token_ids(fixture, 24, seed=21)
+    resident = engine_for(ARCH, "MXFP4_MOE").score(ids)
+    for slots, prefetch in ((4, False), (1, True)):
+        cached = engine_for(ARCH, "MXFP4_MOE", vram_budget="1GiB", max_cached_experts=slots, prefetch=prefetch)
+        assert torch.equal(cached.score(ids), resident)
+        assert cached.stats()["expert_misses"] > 0
+
+
+def test_misses_computed_on_the_host_match_resident(engine_for):
+    """miss_policy "cpu": cache misses run from host memory through the same biased,
+    clamped FFN (not the plain-SwiGLU compiled MoE layer)."""
+    fixture = get_fixture(ARCH, "MXFP4_MOE")
+    ids = sample_token_ids(fixture, 24, seed=22)
+    resident = engine_for(ARCH, "MXFP4_MOE").score(ids)
+    hybrid = engine_for(ARCH, "MXFP4_MOE", vram_budget="1GiB", max_cached_experts=2, miss_policy="cpu")
+    assert torch.allclose(hybrid.score(ids), resident, rtol=0, atol=1e-5 * resident.abs().max())
+    assert hybrid.stats()["cpu_compute_s"] > 0
