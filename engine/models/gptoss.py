@@ -19,7 +19,7 @@ from time import perf_counter
 import torch
 import torch.nn.functional as F
 
-from moestream.engine.kv_cache import KVCache
+from moestream.engine.kv_cache import KVCache, SlotIndex
 from moestream.engine.layers import Linear, rms_norm
 from moestream.engine.loader import GGUFModelFile
 from moestream.engine.model import BatchInput, MoEModel
@@ -78,6 +78,13 @@ def attend_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: 
     return out.reshape(n, H, hd).to(q.dtype)
 
 
+def _last(index: SlotIndex, n: int) -> SlotIndex:
+    """The last n slots of a sequence's context (all of them if it is shorter)."""
+    if isinstance(index, slice):
+        return slice(max(index.start, index.stop - n), index.stop)
+    return index[-n:]
+
+
 class GptOssModel(MoEModel):
     def __init__(self, file: GGUFModelFile, *args, **kwargs):
         super().__init__(file, *args, **kwargs)
@@ -111,7 +118,10 @@ class GptOssModel(MoEModel):
         for seg in batch.segments:
             rows = slice(seg.offset, seg.offset + seg.n_new)
             kv.write(i, seg.new_slots, k[rows], v[rows])
-            out[rows] = attend_with_sinks(q[rows], *kv.read(i, seg.context_slots), lw.sinks, lw.window)
+            context = seg.context_slots
+            if lw.window is not None:  # read only the keys some new token can still see
+                context = _last(context, lw.window + seg.n_new - 1)
+            out[rows] = attend_with_sinks(q[rows], *kv.read(i, context), lw.sinks, lw.window)
         return lw.wo(out.view(T, -1))
 
     def route(self, lw: GptOssLayerWeights, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
