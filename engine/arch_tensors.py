@@ -38,6 +38,7 @@ CONV_KERNEL = Dim("{arch}.ssm.conv_kernel", lambda c: c.linear.conv_kernel)
 SSM_INNER = Dim("{arch}.ssm.inner_size", lambda c: c.linear.n_v_heads * c.linear.head_v_dim)
 V_HEADS = Dim("{arch}.ssm.time_step_rank", lambda c: c.linear.n_v_heads)
 V_HEAD_DIM = Dim("{arch}.ssm.inner_size / time_step_rank", lambda c: c.linear.head_v_dim)
+N_HEADS = Dim("{arch}.attention.head_count", lambda c: c.n_heads)
 
 
 def _always(spec: ArchSpec) -> bool:
@@ -136,7 +137,36 @@ GATED_ATTENTION_TENSORS = (
 )
 
 
+# gpt-oss as llama.cpp's converter writes it: biases on q/k/v/o, the router and every expert
+# projection ([n_expert, rows]), one learned sink logit per head, post_attention_norm as the
+# pre-FFN norm.
+GPTOSS_LAYER_TENSORS = (
+    TensorRule("blk.{i}.attn_norm.weight", (D_MODEL,)),
+    TensorRule("blk.{i}.attn_q.weight", (Q_WIDTH, D_MODEL)),
+    TensorRule("blk.{i}.attn_k.weight", (KV_WIDTH, D_MODEL)),
+    TensorRule("blk.{i}.attn_v.weight", (KV_WIDTH, D_MODEL)),
+    TensorRule("blk.{i}.attn_output.weight", (D_MODEL, Q_WIDTH)),
+    TensorRule("blk.{i}.attn_q.bias", (Q_WIDTH,)),
+    TensorRule("blk.{i}.attn_k.bias", (KV_WIDTH,)),
+    TensorRule("blk.{i}.attn_v.bias", (KV_WIDTH,)),
+    TensorRule("blk.{i}.attn_output.bias", (D_MODEL,)),
+    TensorRule("blk.{i}.attn_sinks.weight", (N_HEADS,)),
+    TensorRule("blk.{i}.post_attention_norm.weight", (D_MODEL,)),
+    TensorRule("blk.{i}.ffn_gate_inp.weight", (N_EXPERTS, D_MODEL)),
+    TensorRule("blk.{i}.ffn_gate_inp.bias", (N_EXPERTS,)),
+    TensorRule("blk.{i}.ffn_gate_exps.weight", (N_EXPERTS, EXPERT_FFN, D_MODEL)),
+    TensorRule("blk.{i}.ffn_up_exps.weight", (N_EXPERTS, EXPERT_FFN, D_MODEL)),
+    TensorRule("blk.{i}.ffn_down_exps.weight", (N_EXPERTS, D_MODEL, EXPERT_FFN)),
+    TensorRule("blk.{i}.ffn_gate_exps.bias", (N_EXPERTS, EXPERT_FFN)),
+    TensorRule("blk.{i}.ffn_up_exps.bias", (N_EXPERTS, EXPERT_FFN)),
+    TensorRule("blk.{i}.ffn_down_exps.bias", (N_EXPERTS, D_MODEL)),
+)
+FAMILY_LAYER_TENSORS: dict[str, tuple[TensorRule, ...]] = {"gpt-oss": GPTOSS_LAYER_TENSORS}
+
+
 def layer_rules(config: ModelConfig, i: int) -> tuple[TensorRule, ...]:
+    if config.arch in FAMILY_LAYER_TENSORS:
+        return FAMILY_LAYER_TENSORS[config.arch]
     if config.linear is None:
         return LAYER_TENSORS
     mixer = DELTANET_TENSORS if config.linear.recurrent_layers[i] else GATED_ATTENTION_TENSORS

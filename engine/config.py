@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from moestream.engine.yarn import YarnScaling
 from moestream.kernels.errors import MoestreamError
 
 
@@ -33,6 +34,10 @@ class ArchSpec:
     shared_expert: bool
     norm_topk_default: bool
     attn_bias: bool = False  # q/k/v biases (Qwen2): used when present in the file
+    # Sliding-window attention on layers i with i % swa_pattern < swa_pattern - 1, over the
+    # last {arch}.attention.sliding_window tokens (llama.cpp's set_swa_pattern); 0: none.
+    swa_pattern: int = 0
+    yarn_truncate: bool = True  # YaRN's correction range rounded outward (engine/yarn.py)
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -47,6 +52,11 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     # M-RoPE, which for text (one position per token in every section) is NEOX rope over
     # rope.dimension_count dims; the converter bakes the (1 + w) RMSNorm offset into the norms.
     "qwen35moe": ArchSpec(RopeStyle.NEOX, QKNorm.PER_HEAD, shared_expert=True, norm_topk_default=True),
+    # gpt-oss: sliding-window layers (even) between full ones, attention sinks, biases
+    # everywhere, YaRN without truncation, its own router and clamped SwiGLU experts
+    # (engine/models/gptoss.py).
+    "gpt-oss": ArchSpec(RopeStyle.NEOX, QKNorm.NONE, shared_expert=False, norm_topk_default=False,
+                        attn_bias=True, swa_pattern=2, yarn_truncate=False),
 }
 
 
@@ -136,6 +146,8 @@ class ModelConfig:
     norm_topk: bool
     spec: ArchSpec
     linear: LinearAttnConfig | None = None  # hybrid models only
+    yarn: YarnScaling | None = None  # rope.scaling.type "yarn"
+    sliding_window: int = 0  # tokens a sliding-window layer attends to (ArchSpec.swa_pattern)
 
     def __post_init__(self) -> None:
         assert self.n_heads % self.n_kv_heads == 0, "heads must be a multiple of KV heads"
@@ -180,9 +192,16 @@ class ModelConfig:
         rms_eps = keys.positive("attention.layer_norm_rms_epsilon")
         keys.require(rms_eps < 1, "attention.layer_norm_rms_epsilon", rms_eps, "below 1")
         scaling = meta.get(f"{arch}.rope.scaling.type", "none")
-        rope_scale = 1.0
+        rope_scale, yarn = 1.0, None
         if scaling == "linear":
             rope_scale = 1.0 / keys.positive("rope.scaling.factor")
+        elif scaling == "yarn":
+            yarn = YarnScaling(factor=keys.positive("rope.scaling.factor"),
+                               original_context=keys.count("rope.scaling.original_context_length"),
+                               beta_fast=keys.positive("rope.scaling.yarn_beta_fast", 32.0),
+                               beta_slow=keys.positive("rope.scaling.yarn_beta_slow", 1.0),
+                               attn_factor=keys.positive("rope.scaling.attn_factor", 1.0),
+                               truncate=spec.yarn_truncate)
         elif scaling not in ("none", None):
             raise MoestreamError(f"{source}: rope scaling {scaling!r} is not supported yet")
         return cls(
@@ -206,6 +225,8 @@ class ModelConfig:
             norm_topk=bool(meta.get(f"{arch}.expert_weights_norm", spec.norm_topk_default)),
             spec=spec,
             linear=linear_attn_config(meta, arch, source),
+            yarn=yarn,
+            sliding_window=keys.count("attention.sliding_window") if spec.swa_pattern else 0,
         )
 
     @property
@@ -214,6 +235,11 @@ class ModelConfig:
         if self.linear is None:
             return tuple(range(self.n_layers))
         return tuple(i for i, r in enumerate(self.linear.recurrent_layers) if not r)
+
+    def is_sliding(self, layer: int) -> bool:
+        """Whether `layer` attends to the last `sliding_window` tokens only."""
+        pattern = self.spec.swa_pattern
+        return pattern > 0 and layer % pattern < pattern - 1
 
     @property
     def n_kv_layers(self) -> int:

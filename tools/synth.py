@@ -74,6 +74,9 @@ class Preset:
     qk_norm: str = "none"  # "full" (OLMoE: over all heads), "per_head" (Qwen3)
     qkv_bias: bool = False
     mla: MLA | None = None
+    sliding_window: int = 0  # gpt-oss: attention.sliding_window of its sliding layers
+    # gpt-oss: YaRN (factor, original context, beta_fast, beta_slow)
+    yarn: tuple[float, int, float, float] | None = None
 
     @property
     def expert_width(self) -> int:
@@ -120,6 +123,21 @@ PRESETS: dict[str, dict[str, Preset]] = {
         "tiny": Preset("deepseek2", "tiny deepseek2 (synthetic)", 2, 256, 2, 1, 96, 320, 512, 4, 2, 512, 256,
                        10000.0, 1e-6, mla=MLA(256, 256, 64, 32, 64, 1, 1)),
     },
+    # openai/gpt-oss-20b and gpt-oss-120b config.json: hidden 2880, 64 query heads and 8 KV
+    # heads of 64, 201088 tokens, expert width 2880, 32 / 128 experts, top-4, sliding window
+    # 128 on even layers, YaRN factor 32 over 4096, rope base 150000. Their release GGUFs
+    # are `--quant MXFP4_MOE` (tools/quant_mix.py).
+    "gpt-oss": {
+        "gpt-oss-20b": Preset("gpt-oss", "gpt-oss-20b (synthetic)", 24, 2880, 64, 8, 64, 201088, 131072,
+                              32, 4, 2880, 2880, 150000.0, 1e-5, sliding_window=128,
+                              yarn=(32.0, 4096, 32.0, 1.0)),
+        "gpt-oss-120b": Preset("gpt-oss", "gpt-oss-120b (synthetic)", 36, 2880, 64, 8, 64, 201088, 131072,
+                               128, 4, 2880, 2880, 150000.0, 1e-5, sliding_window=128,
+                               yarn=(32.0, 4096, 32.0, 1.0)),
+        # a window of 4: shorter than the tests' prompts, so it matters
+        "tiny": Preset("gpt-oss", "tiny gpt-oss (synthetic)", 2, 256, 4, 2, 64, 320, 512, 4, 2, 256, 256,
+                       150000.0, 1e-5, sliding_window=4, yarn=(32.0, 4096, 32.0, 1.0)),
+    },
 }
 
 
@@ -143,6 +161,10 @@ def get_preset(arch: str | None, name: str) -> Preset:
 def tensor_shapes(p: Preset) -> list[TensorShape]:
     """Every tensor of the model in file order; numpy shapes (the row is the last dim)."""
     shapes = [TensorShape("token_embd.weight", (p.n_vocab, p.n_embd))]
+    if p.arch == "gpt-oss":
+        shapes += [TensorShape(f"blk.{i}.{name}", shape) for i in range(p.n_layers) for name, shape in _gptoss_layer(p)]
+        return shapes + [TensorShape("output_norm.weight", (p.n_embd,)),
+                         TensorShape("output.weight", (p.n_vocab, p.n_embd))]
     for i in range(p.n_layers):
         layer = [*(_mla_attention(p) if p.mla else _attention(p)), ("ffn_norm.weight", (p.n_embd,))]
         layer += _dense_ffn(p) if p.mla and i < p.mla.n_dense_lead else _moe_ffn(p)
@@ -162,6 +184,18 @@ def _attention(p: Preset) -> list[tuple[str, tuple[int, ...]]]:
     elif p.qk_norm == "per_head":
         parts += [("attn_q_norm.weight", (p.head_dim,)), ("attn_k_norm.weight", (p.head_dim,))]
     return parts
+
+
+def _gptoss_layer(p: Preset) -> list[tuple[str, tuple[int, ...]]]:
+    """gpt-oss as llama.cpp's converter names it: biases everywhere, sinks, post_attention_norm."""
+    d, q, kv, e, f = p.n_embd, p.n_head * p.head_dim, p.n_head_kv * p.head_dim, p.n_expert, p.expert_width
+    return [("attn_norm.weight", (d,)), ("attn_q.weight", (q, d)), ("attn_q.bias", (q,)),
+            ("attn_k.weight", (kv, d)), ("attn_k.bias", (kv,)), ("attn_v.weight", (kv, d)), ("attn_v.bias", (kv,)),
+            ("attn_output.weight", (d, q)), ("attn_output.bias", (d,)), ("attn_sinks.weight", (p.n_head,)),
+            ("post_attention_norm.weight", (d,)), ("ffn_gate_inp.weight", (e, d)), ("ffn_gate_inp.bias", (e,)),
+            ("ffn_gate_exps.weight", (e, f, d)), ("ffn_gate_exps.bias", (e, f)),
+            ("ffn_up_exps.weight", (e, f, d)), ("ffn_up_exps.bias", (e, f)),
+            ("ffn_down_exps.weight", (e, d, f)), ("ffn_down_exps.bias", (e, d))]
 
 
 def _mla_attention(p: Preset) -> list[tuple[str, tuple[int, ...]]]:
@@ -249,6 +283,15 @@ def _add_metadata(w: gguf.GGUFWriter, p: Preset, quant: str) -> None:
         w.add_key_length(p.head_dim)
         w.add_value_length(p.head_dim)
         w.add_rope_dimension_count(p.head_dim)
+    if p.sliding_window:
+        w.add_sliding_window(p.sliding_window)
+    if p.yarn:
+        factor, original_ctx, beta_fast, beta_slow = p.yarn
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(factor)
+        w.add_rope_scaling_orig_ctx_len(original_ctx)
+        w.add_rope_scaling_yarn_beta_fast(beta_fast)
+        w.add_rope_scaling_yarn_beta_slow(beta_slow)
 
 
 def _add_mla_metadata(w: gguf.GGUFWriter, m: MLA) -> None:
@@ -284,6 +327,9 @@ def _random_blocks(qtype: Q, n_blocks: int, rng: np.random.Generator, factor: fl
         raise MoestreamError(f"synthetic {qtype.name} weights are not supported; pick another --quant")
     blocks = np.frombuffer(rng.bytes(n_blocks * fmt.type_size), dtype=np.uint8).reshape(n_blocks, fmt.type_size)
     blocks = blocks.copy()  # frombuffer views immutable bytes
+    if fmt.e8m0_scale_offset is not None:  # MXFP4: a power-of-two scale 2**(e - 128), near factor
+        exponent = 128 + round(math.log2(factor)) - rng.integers(0, 2, n_blocks)
+        blocks[:, fmt.e8m0_scale_offset] = np.clip(exponent, 1, 254).astype(np.uint8)
     for f in fmt.fields:
         if f.dtype.is_floating_point:
             count = f.size // f.dtype.itemsize

@@ -52,7 +52,8 @@ def test_full_preset_mix_matches_llama_quantize(tmp_path: Path, arch: str, name:
     preset = get_preset(arch, name)
     source = tmp_path / "f16.gguf"
     write_synthetic(source, preset, "F16", random_weights=False, progress=False)
-    for quant in ["Q4_K_M", "Q3_K_M", "IQ4_XS"] if arch == "olmoe" else ["Q4_K_M"]:
+    quants = {"olmoe": ["Q4_K_M", "Q3_K_M", "IQ4_XS"], "gpt-oss": ["MXFP4_MOE"]}.get(arch, ["Q4_K_M"])
+    for quant in quants:
         expected = {tensor: new for tensor, (_, new) in llama_quantize_types(source, quant).items()}
         assert {t.name: t.qtype.name for t in plan(preset, quant)} == expected, quant
 
@@ -116,7 +117,7 @@ def test_tiny_preset_runs_in_llama_cpp_and_engine(tiny_files: dict[str, Path], a
     assert torch.corrcoef(torch.stack([ours.flatten(), theirs.flatten()]))[0, 1] > 0.99
 
 
-@pytest.mark.parametrize("quant", ["Q4_K_M", "Q8_0", "Q5_K_M"])
+@pytest.mark.parametrize("quant", ["Q4_K_M", "Q8_0", "Q5_K_M", "MXFP4_MOE"])
 def test_fast_random_blocks_decode_finite_with_the_planned_spread(quant: str) -> None:
     """numpy's bulk bytes with finite scales: gguf's dequantizer reads finite weights whose
     standard deviation is about 1/sqrt(row length), as the forward needs."""
