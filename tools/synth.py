@@ -29,7 +29,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 from tqdm import tqdm
 
 from moestream.engine.config import ARCHITECTURES
-from moestream.tools.gguf_write import CHATML_TEMPLATE, add_tokenizer, byte_level_bpe_vocab
+from moestream.tools.gguf_write import (CHATML_TEMPLATE, HARMONY_CONTROL_TOKENS, HARMONY_TEMPLATE, BpeVocab,
+                                        add_tokenizer, byte_level_bpe_vocab)
 from moestream.tools.quant_mix import FILE_TYPES, ModelFacts, TensorShape, file_type, tensor_types
 from moestream.kernels.errors import MoestreamError
 from moestream.kernels.formats import block_format
@@ -372,6 +373,14 @@ def _chunks(t: PlannedTensor, rng: np.random.Generator) -> Iterator[bytes]:
 
 
 # -- the file -----------------------------------------------------------------------------
+def chat_format(preset: Preset) -> tuple[BpeVocab, str]:
+    """The vocab and chat template a synthetic file carries: gpt-oss speaks harmony (so the
+    server splits reasoning from the answer as on the real file), every other arch ChatML."""
+    if preset.arch == "gpt-oss":
+        return byte_level_bpe_vocab(preset.n_vocab, HARMONY_CONTROL_TOKENS, "<|return|>"), HARMONY_TEMPLATE
+    return byte_level_bpe_vocab(preset.n_vocab), CHATML_TEMPLATE
+
+
 def write_synthetic(path: str | Path, preset: Preset, quant: str, seed: int = 0,
                     random_weights: bool = True, progress: bool = True) -> list[PlannedTensor]:
     """Write the model to `path` and return its tensors.
@@ -384,7 +393,7 @@ def write_synthetic(path: str | Path, preset: Preset, quant: str, seed: int = 0,
     tensors = plan(preset, quant)
     writer = gguf.GGUFWriter(path, preset.arch)
     _add_metadata(writer, preset, quant)
-    add_tokenizer(writer, byte_level_bpe_vocab(preset.n_vocab), CHATML_TEMPLATE)
+    add_tokenizer(writer, *chat_format(preset))
     for t in tensors:
         byte_shape = (*t.shape[:-1], t.row_bytes)
         writer.add_tensor_info(t.name, byte_shape, np.dtype(np.uint8), t.nbytes, raw_dtype=t.qtype)

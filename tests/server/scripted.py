@@ -13,7 +13,6 @@ import threading
 import time
 from pathlib import Path
 
-import gguf
 import httpx
 import numpy as np
 import openai
@@ -24,12 +23,12 @@ from moestream.engine.engine_config import EngineConfig
 from moestream.engine.loader import open_gguf
 from moestream.server.app import create_app
 from moestream.server.state import ServerSettings
-from moestream.tools.gguf_write import BpeVocab, ModelMetadata, byte_level_bpe_vocab, write_gguf
+from moestream.tools.gguf_write import (HARMONY_CONTROL_TOKENS, BpeVocab, ModelMetadata, byte_level_bpe_vocab,
+                                        write_gguf)
 from moestream.tools.synth import Preset, tensor_shapes
 from tests.fixtures.llama_convert import _SDIST_ROOT, _cache_dir, _from_ci
 from tests.server.conftest import free_port
 
-HARMONY_TOKENS = ("<|start|>", "<|channel|>", "<|message|>", "<|constrain|>", "<|end|>", "<|return|>", "<|call|>")
 N_VOCAB = 512
 PRESET = Preset(arch="olmoe", model="scripted", n_layers=1, n_embd=64, n_head=2, n_head_kv=2, head_dim=32,
                 n_vocab=N_VOCAB, n_ctx=4096, n_expert=4, n_expert_used=2, n_ff=64, n_ff_exp=None,
@@ -50,18 +49,9 @@ def gpt_oss_template() -> str | None:
 TEMPLATES_ABSENT = "needs llama.cpp's chat templates from the llama-cpp-python 0.3.36 sdist (not unpacked here)"
 
 
-class HarmonyVocab(BpeVocab):
+def harmony_vocab() -> BpeVocab:
     """Byte-level BPE plus harmony's control tokens; generation ends at <|return|>."""
-
-    @property
-    def eos_id(self) -> int:
-        return self.tokens.index("<|return|>")
-
-
-def harmony_vocab() -> HarmonyVocab:
-    base = byte_level_bpe_vocab(N_VOCAB - len(HARMONY_TOKENS))
-    return HarmonyVocab([*base.tokens, *HARMONY_TOKENS],
-                        [*base.token_types, *[gguf.TokenType.CONTROL] * len(HARMONY_TOKENS)], base.merges)
+    return byte_level_bpe_vocab(N_VOCAB, HARMONY_CONTROL_TOKENS, "<|return|>")
 
 
 def write_model(path: Path, vocab: BpeVocab, template: str) -> Path:

@@ -133,3 +133,26 @@ def test_fast_random_blocks_decode_finite_with_the_planned_spread(quant: str) ->
         w = gguf.quants.dequantize(np.frombuffer(data, np.uint8).reshape(t.n_rows, t.row_bytes), t.qtype)
         assert np.isfinite(w).all()
         assert np.std(w) == pytest.approx(1 / np.sqrt(t.shape[-1]), rel=0.15), t.name
+
+
+def test_synthetic_gpt_oss_speaks_harmony(tiny_files: dict[str, Path]) -> None:
+    """The gpt-oss file carries harmony's control tokens and a harmony template, so a served
+    synthetic gpt-oss splits reasoning from content as the real file does; llama.cpp reads
+    the same tokens and the same end of generation."""
+    from moestream.engine.loader import open_gguf
+    from moestream.engine.tokenizer import Tokenizer
+    from moestream.server.harmony import is_harmony
+
+    path = tiny_files["gpt-oss"]
+    tok = Tokenizer.from_gguf(path)
+    assert is_harmony(open_gguf(path).meta.get("tokenizer.chat_template"))
+    prompt = "<|start|>user<|message|>hello there<|end|><|start|>assistant"
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, vocab_only=True, verbose=False)
+    try:
+        theirs = llm.tokenize(prompt.encode(), add_bos=False, special=True)
+        assert tok.encode(prompt, parse_special=True) == theirs
+        assert tok.token_text(llm.token_eos()) == "<|return|>"
+    finally:
+        llm.close()
+    ends = {tok.token_text(i) for i in tok.eos_ids}
+    assert {"<|return|>", "<|call|>"} <= ends and "<|end|>" not in ends, "<|end|> ends a message, not the turn"
