@@ -199,11 +199,39 @@ MLA_Q_LORA_TENSORS = (
 FFN_NORM = TensorRule("blk.{i}.{ffn_norm}.weight", (D_MODEL,))
 DENSE_FFN_TENSORS = DENSE_LAYER_TENSORS[len(ATTENTION_TENSORS):]
 
+# gpt-oss as llama.cpp's converter writes it: biases on q/k/v/o, the router and every expert
+# projection ([n_expert, rows]), one learned sink logit per head, post_attention_norm as the
+# pre-FFN norm.
+GPTOSS_LAYER_TENSORS = (
+    TensorRule("blk.{i}.attn_norm.weight", (D_MODEL,)),
+    TensorRule("blk.{i}.attn_q.weight", (Q_WIDTH, D_MODEL)),
+    TensorRule("blk.{i}.attn_k.weight", (KV_WIDTH, D_MODEL)),
+    TensorRule("blk.{i}.attn_v.weight", (KV_WIDTH, D_MODEL)),
+    TensorRule("blk.{i}.attn_output.weight", (D_MODEL, Q_WIDTH)),
+    TensorRule("blk.{i}.attn_q.bias", (Q_WIDTH,)),
+    TensorRule("blk.{i}.attn_k.bias", (KV_WIDTH,)),
+    TensorRule("blk.{i}.attn_v.bias", (KV_WIDTH,)),
+    TensorRule("blk.{i}.attn_output.bias", (D_MODEL,)),
+    TensorRule("blk.{i}.attn_sinks.weight", (N_HEADS,)),
+    TensorRule("blk.{i}.post_attention_norm.weight", (D_MODEL,)),
+    TensorRule("blk.{i}.ffn_gate_inp.weight", (N_EXPERTS, D_MODEL)),
+    TensorRule("blk.{i}.ffn_gate_inp.bias", (N_EXPERTS,)),
+    TensorRule("blk.{i}.ffn_gate_exps.weight", (N_EXPERTS, EXPERT_FFN, D_MODEL)),
+    TensorRule("blk.{i}.ffn_up_exps.weight", (N_EXPERTS, EXPERT_FFN, D_MODEL)),
+    TensorRule("blk.{i}.ffn_down_exps.weight", (N_EXPERTS, D_MODEL, EXPERT_FFN)),
+    TensorRule("blk.{i}.ffn_gate_exps.bias", (N_EXPERTS, EXPERT_FFN)),
+    TensorRule("blk.{i}.ffn_up_exps.bias", (N_EXPERTS, EXPERT_FFN)),
+    TensorRule("blk.{i}.ffn_down_exps.bias", (N_EXPERTS, D_MODEL)),
+)
+FAMILY_LAYER_TENSORS: dict[str, tuple[TensorRule, ...]] = {"gpt-oss": GPTOSS_LAYER_TENSORS}
+
 
 def layer_rules(config: ModelConfig, i: int) -> tuple[TensorRule, ...]:
     if i >= config.n_layers:  # a next-token-prediction block
         rules = layer_rules(config, config.n_layers - 1) + NEXTN_TENSORS
         return tuple(replace(rule, is_required=False) for rule in rules)
+    if config.arch in FAMILY_LAYER_TENSORS:
+        return FAMILY_LAYER_TENSORS[config.arch]
     if config.mla is not None:
         q = MLA_Q_LORA_TENSORS if config.mla.q_lora_rank else MLA_Q_TENSORS
         ffn = DENSE_FFN_TENSORS if i < config.n_dense_layers else MOE_TENSORS

@@ -14,6 +14,7 @@ from enum import Enum
 from typing import Any
 
 from moestream.engine.router import Gating, RouterConfig
+from moestream.engine.yarn import YarnScaling
 from moestream.kernels.errors import MoestreamError
 
 
@@ -36,6 +37,10 @@ class ArchSpec:
     shared_expert: bool
     norm_topk_default: bool
     attn_bias: bool = False  # q/k/v biases (Qwen2): used when present in the file
+    # Sliding-window attention on layers i with i % swa_pattern < swa_pattern - 1, over the
+    # last {arch}.attention.sliding_window tokens (llama.cpp's set_swa_pattern); 0: none.
+    swa_pattern: int = 0
+    yarn_truncate: bool = True  # YaRN's correction range rounded outward (engine/yarn.py)
     gating_default: Gating = Gating.SOFTMAX  # router scores when expert_gating_func is absent
     ffn_norm: str = "ffn_norm"  # the pre-FFN norm's tensor name, blk.N.{ffn_norm}.weight
 
@@ -55,6 +60,11 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     # DeepSeek-V2(-Lite) and GLM-4.7-Flash: multi-head latent attention (MLAConfig; the forward
     # is engine/models/deepseek2.py), adjacent-pair rope on the decoupled rope part only.
     "deepseek2": ArchSpec(RopeStyle.NORM, QKNorm.NONE, shared_expert=True, norm_topk_default=False),
+    # gpt-oss: sliding-window layers (even) between full ones, attention sinks, biases
+    # everywhere, YaRN without truncation, its own router and clamped SwiGLU experts
+    # (engine/models/gptoss.py).
+    "gpt-oss": ArchSpec(RopeStyle.NEOX, QKNorm.NONE, shared_expert=False, norm_topk_default=False,
+                        attn_bias=True, swa_pattern=2, yarn_truncate=False),
     # GLM-4.5 / 4.5-Air: q/k/v biases, NEOX rope over rope.dimension_count (half of each
     # head), per-head q/k norms where the file has them (4.5, not -Air), leading dense
     # layers, an ungated shared expert, sigmoid routing with a correction bias (llama.cpp's
@@ -128,6 +138,9 @@ class MLAConfig:
     qk_nope_dim: int
     qk_rope_dim: int
     v_head_dim: int
+    # YaRN's 1 + 0.1 * mscale_all_dim * ln(factor), squared into the attention scale as llama.cpp
+    # does for deepseek2 (rope.scaling.yarn_log_multiplier holds 0.1 * mscale_all_dim)
+    attention_mscale: float = 1.0
 
     @property
     def qk_head_dim(self) -> int:
@@ -154,8 +167,16 @@ class MLAConfig:
         q_lora_rank = keys.get("attention.q_lora_rank", 0)
         if q_lora_rank:
             q_lora_rank = keys.count("attention.q_lora_rank")
+        mscale = 1.0
+        if keys.meta.get(f"{keys.arch}.rope.scaling.type") == "yarn":
+            factor = keys.positive("rope.scaling.factor")
+            log_multiplier = keys.get("rope.scaling.yarn_log_multiplier", 0.0)
+            keys.require(isinstance(log_multiplier, (int, float)) and math.isfinite(log_multiplier),
+                         "rope.scaling.yarn_log_multiplier", log_multiplier, "a finite number")
+            mscale = 1.0 + log_multiplier * math.log(factor) if factor > 1 else 1.0
         return cls(q_lora_rank=q_lora_rank, kv_lora_rank=kv_lora_rank, qk_nope_dim=qk_head_dim - rope_dim,
-                   qk_rope_dim=rope_dim, v_head_dim=keys.count("attention.value_length_mla"))
+                   qk_rope_dim=rope_dim, v_head_dim=keys.count("attention.value_length_mla"),
+                   attention_mscale=mscale)
 
 
 # Architectures whose attention is MLAConfig's.
@@ -166,34 +187,6 @@ def mla_config(meta: dict[str, Any], arch: str, source: str) -> MLAConfig | None
     if arch not in MLA_ARCHS:
         return None
     return MLAConfig.from_metadata(_MetadataKeys(meta, arch, source))
-
-
-@dataclass(frozen=True)
-class YarnConfig:
-    """YaRN rope scaling (`rope.scaling.*`) as llama.cpp computes it: each rotary frequency
-    blends its interpolated (divided by `factor`) and original value by a ramp over the
-    dimensions whose wavelength lies between the beta_fast and beta_slow rotations of the
-    original context. For deepseek2 the attention scale also carries mscale squared,
-    mscale = 1 + 0.1 * mscale_all_dim * ln(factor) (`rope.scaling.yarn_log_multiplier` holds
-    0.1 * mscale_all_dim), while the rotation itself stays unscaled."""
-
-    factor: float
-    original_context: int
-    beta_fast: float = 32.0
-    beta_slow: float = 1.0
-    log_multiplier: float = 0.0  # 0.1 * mscale_all_dim
-
-    @property
-    def attention_mscale(self) -> float:
-        return 1.0 + self.log_multiplier * math.log(self.factor) if self.factor > 1 else 1.0
-
-    @classmethod
-    def from_metadata(cls, keys: _MetadataKeys, context_length: int) -> YarnConfig:
-        return cls(factor=keys.positive("rope.scaling.factor"),
-                   original_context=keys.count("rope.scaling.original_context_length", context_length),
-                   beta_fast=keys.positive("rope.scaling.yarn_beta_fast", 32.0),
-                   beta_slow=keys.positive("rope.scaling.yarn_beta_slow", 1.0),
-                   log_multiplier=float(keys.get("rope.scaling.yarn_log_multiplier", 0.0)))
 
 
 # Hybrid architectures: the ones with Gated DeltaNet layers described by LinearAttnConfig.
@@ -230,7 +223,8 @@ class ModelConfig:
     spec: ArchSpec
     linear: LinearAttnConfig | None = None  # hybrid models only
     mla: MLAConfig | None = None  # multi-head latent attention (deepseek2)
-    yarn: YarnConfig | None = None  # YaRN rope scaling
+    yarn: YarnScaling | None = None  # rope.scaling.type "yarn"
+    sliding_window: int = 0  # tokens a sliding-window layer attends to (ArchSpec.swa_pattern)
     n_dense_layers: int = 0  # leading layers with a plain SwiGLU FFN instead of experts
     dense_ffn: int = 0  # their FFN width (feed_forward_length)
     n_nextn_layers: int = 0  # next-token-prediction blocks after the n_layers the forward runs
@@ -292,7 +286,12 @@ class ModelConfig:
         if scaling == "linear":
             rope_scale = 1.0 / keys.positive("rope.scaling.factor")
         elif scaling == "yarn":
-            yarn = YarnConfig.from_metadata(keys, keys.count("context_length", 4096))
+            yarn = YarnScaling(factor=keys.positive("rope.scaling.factor"),
+                               original_context=keys.count("rope.scaling.original_context_length"),
+                               beta_fast=keys.positive("rope.scaling.yarn_beta_fast", 32.0),
+                               beta_slow=keys.positive("rope.scaling.yarn_beta_slow", 1.0),
+                               attn_factor=keys.positive("rope.scaling.attn_factor", 1.0),
+                               truncate=spec.yarn_truncate)
         elif scaling not in ("none", None):
             raise MoestreamError(f"{source}: rope scaling {scaling!r} is not supported yet")
         return cls(
@@ -319,6 +318,7 @@ class ModelConfig:
             linear=linear_attn_config(meta, arch, source),
             mla=mla,
             yarn=yarn,
+            sliding_window=keys.count("attention.sliding_window") if spec.swa_pattern else 0,
             n_dense_layers=n_dense_layers,
             dense_ffn=dense_ffn,
             n_nextn_layers=n_nextn_layers,
@@ -330,6 +330,11 @@ class ModelConfig:
         if self.linear is None:
             return tuple(range(self.n_layers))
         return tuple(i for i, r in enumerate(self.linear.recurrent_layers) if not r)
+
+    def is_sliding(self, layer: int) -> bool:
+        """Whether `layer` attends to the last `sliding_window` tokens only."""
+        pattern = self.spec.swa_pattern
+        return pattern > 0 and layer % pattern < pattern - 1
 
     @property
     def kv_value_dim(self) -> int:

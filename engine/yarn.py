@@ -1,39 +1,53 @@
-"""YaRN rotary frequencies, as ggml's rope computes them (`rope_yarn`, `ggml_rope_yarn_corr_dims`).
+"""YaRN rope scaling (GGUF `{arch}.rope.scaling.type` = "yarn"), as data and the frequencies it gives.
 
-Pairs that turn fast over the original context keep their frequency (extrapolation), slow
-ones are divided by the scaling factor (interpolation), and a linear ramp over the pair
-index blends the two in between. The rotation is not rescaled here: deepseek2's mscale
-goes into the attention scale (YarnConfig.attention_mscale), as llama.cpp does.
+Pairs whose wavelength fits the original context many times keep their frequency
+(extrapolation), pairs with long wavelengths are divided by the factor (interpolation),
+with a linear ramp between the correction dims of beta_fast and beta_slow; cos and sin are
+scaled by 0.1 ln(factor) + 1 (times the file's rope.scaling.attn_factor, as llama.cpp does).
+llama.cpp floors/ceils the correction range; transformers does so unless the config says
+`truncate: false`, which gpt-oss's does (so does OpenAI's reference): `truncate` is data on
+the architecture (ArchSpec.yarn_truncate).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from moestream.engine.config import RopeStyle, YarnConfig
-from moestream.engine.layers import Rope
 
+@dataclass(frozen=True)
+class YarnScaling:
+    factor: float  # rope.scaling.factor: context extension, > 1
+    original_context: int  # rope.scaling.original_context_length
+    beta_fast: float  # rope.scaling.yarn_beta_fast: rotations where extrapolation ends
+    beta_slow: float  # rope.scaling.yarn_beta_slow: rotations where interpolation starts
+    attn_factor: float  # rope.scaling.attn_factor: extra cos/sin scale (1 if absent)
+    truncate: bool  # round the correction range outward to whole dims (llama.cpp always does)
 
-def _correction_dim(n_rotations: float, dims: int, base: float, original_context: int) -> float:
-    """The pair index whose wavelength fits `n_rotations` times into the original context."""
-    return dims * math.log(original_context / (n_rotations * 2 * math.pi)) / (2 * math.log(base))
+    def __post_init__(self) -> None:
+        assert self.factor > 0 and self.original_context > 0 and self.beta_fast > 0 and self.beta_slow > 0
 
+    @property
+    def mscale(self) -> float:
+        """The factor on cos and sin: attention logits grow by its square."""
+        grow = 1.0 if self.factor <= 1 else 0.1 * math.log(self.factor) + 1.0
+        return grow * self.attn_factor
 
-def yarn_inv_freq(dims: int, base: float, yarn: YarnConfig) -> torch.Tensor:
-    """[dims / 2] float64 frequencies, the extrapolated and interpolated ones blended."""
-    inv_freq = base ** (-torch.arange(0, dims, 2, dtype=torch.float64) / dims)
-    low = max(0.0, math.floor(_correction_dim(yarn.beta_fast, dims, base, yarn.original_context)))
-    high = min(dims - 1.0, math.ceil(_correction_dim(yarn.beta_slow, dims, base, yarn.original_context)))
-    pair = torch.arange(dims // 2, dtype=torch.float64)
-    keep = 1 - ((pair - low) / max(0.001, high - low)).clamp(0, 1)  # 1: extrapolate, 0: interpolate
-    return inv_freq * keep + inv_freq / yarn.factor * (1 - keep)
+    def _correction_dim(self, rotations: float, dims: int, base: float) -> float:
+        return dims * math.log(self.original_context / (rotations * 2 * math.pi)) / (2 * math.log(base))
 
-
-class YarnRope(Rope):
-    """Rope whose frequencies are YaRN's."""
-
-    def __init__(self, style: RopeStyle, dims: int, base: float, yarn: YarnConfig, device: torch.device):
-        super().__init__(style, dims, base, 1.0, device)
-        self.inv_freq = yarn_inv_freq(dims, base, yarn).to(device)
+    def inv_freq(self, dims: int, base: float, device: torch.device) -> torch.Tensor:
+        """float64 [dims / 2]: each pair's frequency after YaRN's blend."""
+        low = self._correction_dim(self.beta_fast, dims, base)
+        high = self._correction_dim(self.beta_slow, dims, base)
+        if self.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dims - 1)
+        if low == high:
+            high += 0.001  # keeps the ramp finite, as both references do
+        extrapolated = base ** (-torch.arange(0, dims, 2, dtype=torch.float64, device=device) / dims)
+        ramp = ((torch.arange(dims // 2, dtype=torch.float64, device=device) - low) / (high - low)).clamp(0, 1)
+        keep = 1 - ramp  # 1: the pair keeps its frequency, 0: divided by the factor
+        return extrapolated / self.factor * (1 - keep) + extrapolated * keep

@@ -29,7 +29,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 from tqdm import tqdm
 
 from moestream.engine.config import ARCHITECTURES
-from moestream.tools.gguf_write import CHATML_TEMPLATE, add_tokenizer, byte_level_bpe_vocab
+from moestream.tools.gguf_write import (CHATML_TEMPLATE, HARMONY_CONTROL_TOKENS, HARMONY_TEMPLATE, BpeVocab,
+                                        add_tokenizer, byte_level_bpe_vocab)
 from moestream.tools.quant_mix import FILE_TYPES, ModelFacts, TensorShape, file_type, tensor_types
 from moestream.kernels.errors import MoestreamError
 from moestream.kernels.formats import block_format
@@ -94,6 +95,9 @@ class Preset:
     qk_norm: str = "none"  # "full" (OLMoE: over all heads), "per_head" (Qwen3)
     qkv_bias: bool = False
     mla: MLA | None = None
+    sliding_window: int = 0  # gpt-oss: attention.sliding_window of its sliding layers
+    # gpt-oss: YaRN (factor, original context, beta_fast, beta_slow)
+    yarn: tuple[float, int, float, float] | None = None
     glm: GlmMoe | None = None  # n_layers then counts the NextN blocks too (block_count)
 
     @property
@@ -148,6 +152,21 @@ PRESETS: dict[str, dict[str, Preset]] = {
                                 mla=MLA(512, 768, 192, 64, 256, 1, 1, weights_scale=1.8, weights_norm=True,
                                         correction_bias=True)),
     },
+    # openai/gpt-oss-20b and gpt-oss-120b config.json: hidden 2880, 64 query heads and 8 KV
+    # heads of 64, 201088 tokens, expert width 2880, 32 / 128 experts, top-4, sliding window
+    # 128 on even layers, YaRN factor 32 over 4096, rope base 150000. Their release GGUFs
+    # are `--quant MXFP4_MOE` (tools/quant_mix.py).
+    "gpt-oss": {
+        "gpt-oss-20b": Preset("gpt-oss", "gpt-oss-20b (synthetic)", 24, 2880, 64, 8, 64, 201088, 131072,
+                              32, 4, 2880, 2880, 150000.0, 1e-5, sliding_window=128,
+                              yarn=(32.0, 4096, 32.0, 1.0)),
+        "gpt-oss-120b": Preset("gpt-oss", "gpt-oss-120b (synthetic)", 36, 2880, 64, 8, 64, 201088, 131072,
+                               128, 4, 2880, 2880, 150000.0, 1e-5, sliding_window=128,
+                               yarn=(32.0, 4096, 32.0, 1.0)),
+        # a window of 4: shorter than the tests' prompts, so it matters
+        "tiny": Preset("gpt-oss", "tiny gpt-oss (synthetic)", 2, 256, 4, 2, 64, 320, 512, 4, 2, 256, 256,
+                       150000.0, 1e-5, sliding_window=4, yarn=(32.0, 4096, 32.0, 1.0)),
+    },
     # 46 layers + 1 NextN block; head_dim 128 with 96 heads (wider than hidden 4096)
     "glm4moe": {
         "glm-4.5-air": Preset("glm4moe", "GLM-4.5-Air (synthetic)", 47, 4096, 96, 8, 128, 151552, 131072,
@@ -180,6 +199,9 @@ def get_preset(arch: str | None, name: str) -> Preset:
 def tensor_shapes(p: Preset) -> list[TensorShape]:
     """Every tensor of the model in file order; numpy shapes (the row is the last dim)."""
     shapes = [TensorShape("token_embd.weight", (p.n_vocab, p.n_embd))]
+    if p.arch == "gpt-oss":
+        shapes += [TensorShape(f"blk.{i}.{name}", shape) for i in range(p.n_layers) for name, shape in _gptoss_layer(p)]
+        return shapes + _output(p)
     if p.glm:
         return shapes + _glm_layers(p) + _output(p)
     for i in range(p.n_layers):
@@ -188,8 +210,7 @@ def tensor_shapes(p: Preset) -> list[TensorShape]:
         if p.mla and p.mla.correction_bias and i >= p.mla.n_dense_lead:
             layer.append(("exp_probs_b.bias", (p.n_expert,)))
         shapes += [TensorShape(f"blk.{i}.{name}", shape) for name, shape in layer]
-    shapes += [TensorShape("output_norm.weight", (p.n_embd,)), TensorShape("output.weight", (p.n_vocab, p.n_embd))]
-    return shapes
+    return shapes + _output(p)
 
 
 def _output(p: Preset) -> list[TensorShape]:
@@ -223,6 +244,18 @@ def _attention(p: Preset) -> list[tuple[str, tuple[int, ...]]]:
     elif p.qk_norm == "per_head":
         parts += [("attn_q_norm.weight", (p.head_dim,)), ("attn_k_norm.weight", (p.head_dim,))]
     return parts
+
+
+def _gptoss_layer(p: Preset) -> list[tuple[str, tuple[int, ...]]]:
+    """gpt-oss as llama.cpp's converter names it: biases everywhere, sinks, post_attention_norm."""
+    d, q, kv, e, f = p.n_embd, p.n_head * p.head_dim, p.n_head_kv * p.head_dim, p.n_expert, p.expert_width
+    return [("attn_norm.weight", (d,)), ("attn_q.weight", (q, d)), ("attn_q.bias", (q,)),
+            ("attn_k.weight", (kv, d)), ("attn_k.bias", (kv,)), ("attn_v.weight", (kv, d)), ("attn_v.bias", (kv,)),
+            ("attn_output.weight", (d, q)), ("attn_output.bias", (d,)), ("attn_sinks.weight", (p.n_head,)),
+            ("post_attention_norm.weight", (d,)), ("ffn_gate_inp.weight", (e, d)), ("ffn_gate_inp.bias", (e,)),
+            ("ffn_gate_exps.weight", (e, f, d)), ("ffn_gate_exps.bias", (e, f)),
+            ("ffn_up_exps.weight", (e, f, d)), ("ffn_up_exps.bias", (e, f)),
+            ("ffn_down_exps.weight", (e, d, f)), ("ffn_down_exps.bias", (e, d))]
 
 
 def _mla_attention(p: Preset) -> list[tuple[str, tuple[int, ...]]]:
@@ -311,6 +344,15 @@ def _add_metadata(w: gguf.GGUFWriter, p: Preset, quant: str) -> None:
         w.add_key_length(p.head_dim)
         w.add_value_length(p.head_dim)
         w.add_rope_dimension_count(p.glm.rope_dims if p.glm else p.head_dim)
+    if p.sliding_window:
+        w.add_sliding_window(p.sliding_window)
+    if p.yarn:
+        factor, original_ctx, beta_fast, beta_slow = p.yarn
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(factor)
+        w.add_rope_scaling_orig_ctx_len(original_ctx)
+        w.add_rope_scaling_yarn_beta_fast(beta_fast)
+        w.add_rope_scaling_yarn_beta_slow(beta_slow)
     if p.glm:
         _add_glm_metadata(w, p.glm)
 
@@ -362,6 +404,9 @@ def _random_blocks(qtype: Q, n_blocks: int, rng: np.random.Generator, factor: fl
         raise MoestreamError(f"synthetic {qtype.name} weights are not supported; pick another --quant")
     blocks = np.frombuffer(rng.bytes(n_blocks * fmt.type_size), dtype=np.uint8).reshape(n_blocks, fmt.type_size)
     blocks = blocks.copy()  # frombuffer views immutable bytes
+    if fmt.e8m0_scale_offset is not None:  # MXFP4: a power-of-two scale 2**(e - 128), near factor
+        exponent = 128 + round(math.log2(factor)) - rng.integers(0, 2, n_blocks)
+        blocks[:, fmt.e8m0_scale_offset] = np.clip(exponent, 1, 254).astype(np.uint8)
     for f in fmt.fields:
         if f.dtype.is_floating_point:
             count = f.size // f.dtype.itemsize
@@ -404,6 +449,14 @@ def _chunks(t: PlannedTensor, rng: np.random.Generator) -> Iterator[bytes]:
 
 
 # -- the file -----------------------------------------------------------------------------
+def chat_format(preset: Preset) -> tuple[BpeVocab, str]:
+    """The vocab and chat template a synthetic file carries: gpt-oss speaks harmony (so the
+    server splits reasoning from the answer as on the real file), every other arch ChatML."""
+    if preset.arch == "gpt-oss":
+        return byte_level_bpe_vocab(preset.n_vocab, HARMONY_CONTROL_TOKENS, "<|return|>"), HARMONY_TEMPLATE
+    return byte_level_bpe_vocab(preset.n_vocab), CHATML_TEMPLATE
+
+
 def write_synthetic(path: str | Path, preset: Preset, quant: str, seed: int = 0,
                     random_weights: bool = True, progress: bool = True) -> list[PlannedTensor]:
     """Write the model to `path` and return its tensors.
@@ -416,7 +469,7 @@ def write_synthetic(path: str | Path, preset: Preset, quant: str, seed: int = 0,
     tensors = plan(preset, quant)
     writer = gguf.GGUFWriter(path, preset.arch)
     _add_metadata(writer, preset, quant)
-    add_tokenizer(writer, byte_level_bpe_vocab(preset.n_vocab), CHATML_TEMPLATE)
+    add_tokenizer(writer, *chat_format(preset))
     for t in tensors:
         byte_shape = (*t.shape[:-1], t.row_bytes)
         writer.add_tensor_info(t.name, byte_shape, np.dtype(np.uint8), t.nbytes, raw_dtype=t.qtype)

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from moestream.engine.model import MoEModel
 from moestream.engine.models.deepseek2 import Deepseek2Model
+from moestream.engine.models.gptoss import GptOssModel
 from moestream.engine.models.qwen35moe import Qwen35MoeModel
 
 FAMILIES: dict[str, type[MoEModel]] = {
     "qwen35moe": Qwen35MoeModel,
     "deepseek2": Deepseek2Model,
+    "gpt-oss": GptOssModel,
 }
 
 

@@ -14,6 +14,7 @@ only the latents.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -25,7 +26,7 @@ from moestream.engine.kv_cache import KVCache
 from moestream.engine.layers import Linear, rms_norm
 from moestream.engine.loader import GGUFModelFile
 from moestream.engine.model import BatchInput, MoEModel
-from moestream.engine.yarn import YarnRope
+from moestream.engine.yarn_rope import YarnRope
 
 
 @dataclass
@@ -74,9 +75,13 @@ class Deepseek2Model(MoEModel):
         super().__init__(file, *args, **kwargs)
         cfg = self.config
         if cfg.yarn is not None:
-            self.rope = YarnRope(cfg.spec.rope, cfg.rope_dims, cfg.rope_base, cfg.yarn, self.device)
-        mscale = cfg.yarn.attention_mscale if cfg.yarn is not None else 1.0
-        self.attn_scale = mscale * mscale / math.sqrt(cfg.mla.qk_head_dim)
+            # llama.cpp cancels YaRN's cos/sin scale for deepseek2 (its attention factor times
+            # 1 / (1 + 0.1 ln factor)): the scale goes into the attention instead
+            yarn = cfg.yarn
+            grow = yarn.mscale / yarn.attn_factor
+            unscaled = dataclasses.replace(yarn, attn_factor=yarn.attn_factor / grow)
+            self.rope = YarnRope(cfg.spec.rope, cfg.rope_dims, cfg.rope_base, unscaled, self.device)
+        self.attn_scale = cfg.mla.attention_mscale**2 / math.sqrt(cfg.mla.qk_head_dim)
 
     def _layer(self, file: GGUFModelFile, i: int) -> MLALayerWeights:
         p = f"blk.{i}."

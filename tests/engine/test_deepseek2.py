@@ -11,10 +11,8 @@ import pytest
 import torch
 
 from moestream.engine import Engine, SamplingParams
-from moestream.engine.config import YarnConfig
 from moestream.engine.loader import open_gguf
 from moestream.engine.model import BatchInput, Segment
-from moestream.engine.yarn import yarn_inv_freq
 from moestream.kernels.errors import MoestreamError
 from tests.engine.test_forward import assert_logits_match, rel_l2
 from tests.engine.test_generate import hf_greedy, run_all
@@ -23,6 +21,10 @@ from tests.fixtures.models import get_fixture, hf_logits, hf_model, llama_cpp_lo
 
 # q LoRA + YaRN; attn_q without LoRA (26 layers); GLM-4.7-Flash
 ARCHS = ("deepseek2", "deepseek2-lite", "glm4moe-lite")
+# The references keep K and V in fp32; the engine's default f16 KV cache rounds the latents,
+# which over the lite model's 26 layers flips a near-tied routing choice (measured: token 15,
+# 6% off with f16, 5.5e-6 overall with f32). Comparisons with them use an fp32 KV cache.
+F32_KV = {"kv_dtype": "f32"}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -30,7 +32,7 @@ def test_f32_matches_transformers(engine_for, arch):
     """100 positions: past the YaRN fixture's original context of 64."""
     fixture = get_fixture(arch)
     ids = sample_token_ids(fixture, 100, seed=1)
-    ours, ref = engine_for(arch).score(ids), hf_logits(fixture, ids)
+    ours, ref = engine_for(arch, **F32_KV).score(ids), hf_logits(fixture, ids)
     assert_logits_match(ours, ref)
     assert rel_l2(ours, ref) <= 1e-3
 
@@ -39,7 +41,7 @@ def test_f32_matches_transformers(engine_for, arch):
 def test_f32_matches_llama_cpp(engine_for, arch):
     fixture = get_fixture(arch)
     ids = sample_token_ids(fixture, 40, seed=2)
-    assert rel_l2(engine_for(arch).score(ids), llama_cpp_logits(fixture.gguf_path, ids)) <= 1e-3
+    assert rel_l2(engine_for(arch, **F32_KV).score(ids), llama_cpp_logits(fixture.gguf_path, ids)) <= 1e-3
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -50,33 +52,34 @@ def test_quantized_matches_exact_decode_and_llama_cpp(engine_for, arch, quant):
     # the Q4_K_M lite model has its 2nd and 3rd expert of layer 7 7e-6 apart in probability,
     # and float rounding alone (compiled kernel vs torch reference) picks either.
     ids = sample_token_ids(fixture, 16 if arch == "deepseek2-lite" else 32, seed=3)
-    ours = engine_for(arch, quant).score(ids)
+    ours = engine_for(arch, quant, **F32_KV).score(ids)
     # llama.cpp in F32 on the tensors gguf.quants decodes: what an exact decoder computes
     exact = llama_cpp_logits(dequantized_copy(fixture.gguf_path), ids)
     assert rel_l2(ours, exact) <= 1e-3
     # llama.cpp on the quantized file rounds activations to 8 bits: its distance from the
-    # exact logits (measured 1.1-1.7% over 3 layers, 3.4-8.3% over the lite model's 26) is its
-    # noise, and ours stand no further from it than the exact logits do
+    # exact logits is its noise, and ours stand no further from it than the exact logits do.
+    # Measured: 2.2% / 3.6% (deepseek2 Q8_0 / Q4_K_M), 2.1% / 25% (glm4moe-lite), 33% / 46%
+    # over the lite model's 26 layers, whose expert gate/up weights (std 0.4) amplify it;
+    # logits of unrelated models would be ~140% apart. Ours: 0.5-4e-6 from the exact ones.
     theirs = llama_cpp_logits(fixture.gguf_path, ids)
     noise = rel_l2(theirs, exact)
-    assert noise <= 0.1
+    assert noise <= 0.5
     assert rel_l2(ours, theirs) <= noise + 2e-3
 
 
-def test_yarn_frequencies_match_transformers():
+def test_yarn_frequencies_and_scale_match_transformers(engine_for):
     """DeepSeek-V2-Lite's YaRN (factor 40) over the fixture's short original context: the
-    frequencies transformers' yarn rope computes, and the attention mscale its DeepseekV2
-    attention multiplies its scale by (twice)."""
+    frequencies transformers' yarn rope computes, cos and sin unscaled (mscale equals
+    mscale_all_dim), and the attention scale its DeepseekV2 attention uses (mscale squared)."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    config = hf_model(get_fixture("deepseek2")).config
-    theirs, cos_sin_scale = ROPE_INIT_FUNCTIONS["yarn"](config)
-    yarn = YarnConfig(factor=40.0, original_context=64, log_multiplier=0.1 * 0.707)
-    ours = yarn_inv_freq(config.qk_rope_head_dim, 10000.0, yarn)
-    torch.testing.assert_close(ours.float(), theirs.float(), rtol=1e-6, atol=0)
-    assert cos_sin_scale == pytest.approx(1.0)  # mscale == mscale_all_dim: the rotation is unscaled
-    scale = config.qk_head_dim**-0.5 * yarn.attention_mscale**2
-    assert hf_model(get_fixture("deepseek2")).model.layers[0].self_attn.scaling == pytest.approx(scale, rel=1e-6)
+    hf = hf_model(get_fixture("deepseek2"))
+    theirs, cos_sin_scale = ROPE_INIT_FUNCTIONS["yarn"](hf.config)
+    model = engine_for("deepseek2").model
+    torch.testing.assert_close(model.rope.inv_freq.float(), theirs.float(), rtol=1e-6, atol=0)
+    assert cos_sin_scale == pytest.approx(1.0) and model.rope.mscale == pytest.approx(1.0)
+    assert model.attn_scale == pytest.approx(hf.model.layers[0].self_attn.scaling, rel=1e-6)
+    assert model.attn_scale > 1.5 * hf.config.qk_head_dim**-0.5  # the mscale is there to check
 
 
 def test_expert_cache_is_bitwise_identical_to_resident(engine_for):
@@ -148,7 +151,7 @@ def test_greedy_generation_matches_transformers(engine_for, arch):
     fixture = get_fixture(arch)
     prompt = sample_token_ids(fixture, 11, seed=5)
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
-    ours = [o.token_id for o in engine_for(arch).generate(prompt, params)]
+    ours = [o.token_id for o in engine_for(arch, **F32_KV).generate(prompt, params)]
     assert ours == hf_greedy(fixture, prompt, params.max_tokens)
 
 

@@ -13,8 +13,10 @@ import torch
 from moestream.engine import Engine, SamplingParams
 from moestream.engine.header import ModelHeader
 from moestream.engine.loader import open_gguf
+from moestream.engine.tokenizer import StreamDecoder
 from moestream.kernels.errors import MoestreamError
 from moestream.offload.store import HostExpertStore
+from moestream.server.cli import main
 from tests.engine.test_forward import assert_logits_match, rel_l2
 from tests.engine.test_generate import hf_greedy, run_all
 from tests.engine.test_qwen35moe import _step
@@ -138,6 +140,36 @@ def test_the_nextn_block_and_dense_layer_hold_no_experts_kv_or_memory():
     assert engine.kv.nbytes == engine.memory.kv_bytes
 
 
+def _without_nextn_tensors(src, dst):
+    """A copy of the GGUF `src` without its NextN block's tensors, metadata unchanged."""
+    reader = gguf.GGUFReader(src)
+    writer = gguf.GGUFWriter(dst, reader.fields["general.architecture"].contents())
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(name, field.contents(), field.types[0], sub_type=sub_type)
+    for t in reader.tensors:
+        if not t.name.startswith("blk.3."):
+            writer.add_tensor(t.name, t.data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
+
+
+def test_a_file_without_its_nextn_tensors_runs_as_llama_cpp_runs_it(engine_for, tmp_path):
+    """nextn_predict_layers = 1 but no blk.3 tensors (llama.cpp's trunk-only case): loaded,
+    and the same logits as the file with them."""
+    fixture = get_fixture(ARCH)
+    trunk = _without_nextn_tensors(fixture.gguf_path, tmp_path / "trunk.gguf")
+    ids = sample_token_ids(fixture, 20, seed=8)
+    ours = Engine.from_gguf(trunk, ctx_size=64, max_batch=1).score(ids)
+    assert torch.equal(ours, engine_for(ARCH).score(ids))
+    assert_logits_match(ours, llama_cpp_logits(trunk, ids))
+
+
 def test_a_header_that_disagrees_with_its_tensors_is_refused(tmp_path):
     """leading_dense_block_count 1 -> 0: layer 0 would need experts it does not have."""
     path = get_fixture(ARCH).gguf_path
@@ -146,3 +178,19 @@ def test_a_header_that_disagrees_with_its_tensors_is_refused(tmp_path):
     with pytest.raises(MoestreamError) as err:
         open_gguf(bad)
     assert "'blk.0.ffn_gate_inp.weight' is missing" in str(err.value)
+
+
+def test_generate_runs_a_synthetic_glm4moe_file_on_the_cpu(tmp_path, capsys):
+    """`moestream synth` writes the tiny glm4moe preset (Q4_K_M, with its NextN block) and
+    `moestream generate` streams greedy text from it: the engine's own tokens."""
+    path = tmp_path / "tiny-glm4moe.gguf"
+    assert main(["--log-level", "WARNING", "synth", "--arch", "glm4moe", "--preset", "tiny", "-o", str(path)]) == 0
+    capsys.readouterr()
+    assert main(["--log-level", "WARNING", "generate", "-m", str(path), "--device", "cpu", "-p", "hello there",
+                 "-n", "6", "--temperature", "0"]) == 0
+    printed = capsys.readouterr().out
+    engine = Engine.from_gguf(path, ctx_size=64, max_batch=1, kernel_backend="q8")  # the CLI's CPU default
+    params = SamplingParams(max_tokens=6, temperature=0.0)
+    tokens = [o.token_id for o in engine.generate(engine.tokenizer.encode("hello there", add_special=True), params)]
+    decoder = StreamDecoder(engine.tokenizer)
+    assert printed == "".join(decoder.push(t) for t in tokens) + decoder.flush() + "\n"
