@@ -52,6 +52,20 @@ class MLA:
 
 
 @dataclass(frozen=True)
+class GlmMoe:
+    """GLM-4.5's layout as llama.cpp's converter writes it: leading dense layers, an ungated
+    shared expert, sigmoid routing with a correction bias (exp_probs_b), NEOX rope on part of
+    each head, post_attention_norm before the FFN, and NextN blocks after the last layer
+    (counted in block_count, as the converter does unless told --no-mtp)."""
+
+    n_dense_lead: int
+    n_shared_experts: int  # shared expert width = n_shared_experts * n_ff_exp
+    rope_dims: int
+    weights_scale: float  # routed_scaling_factor
+    n_nextn: int = 1
+
+
+@dataclass(frozen=True)
 class Preset:
     """A model's config.json facts, in GGUF terms."""
 
@@ -74,6 +88,7 @@ class Preset:
     qk_norm: str = "none"  # "full" (OLMoE: over all heads), "per_head" (Qwen3)
     qkv_bias: bool = False
     mla: MLA | None = None
+    glm: GlmMoe | None = None  # n_layers then counts the NextN blocks too (block_count)
 
     @property
     def expert_width(self) -> int:
@@ -86,7 +101,8 @@ class Preset:
 
 # Sources: each model's config.json on the Hugging Face hub (allenai/OLMoE-1B-7B-0924,
 # Qwen/Qwen1.5-MoE-A2.7B, Qwen/Qwen3-30B-A3B, mistralai/Mixtral-8x7B-v0.1,
-# deepseek-ai/DeepSeek-V2-Lite). Tiny presets keep rows multiples of 256 so K-quants apply.
+# deepseek-ai/DeepSeek-V2-Lite, zai-org/GLM-4.5-Air). Tiny presets keep rows multiples of
+# 256 so K-quants apply.
 PRESETS: dict[str, dict[str, Preset]] = {
     "olmoe": {
         "olmoe-1b-7b": Preset("olmoe", "OLMoE-1B-7B-0924 (synthetic)", 16, 2048, 16, 16, 128, 50304, 4096,
@@ -120,6 +136,15 @@ PRESETS: dict[str, dict[str, Preset]] = {
         "tiny": Preset("deepseek2", "tiny deepseek2 (synthetic)", 2, 256, 2, 1, 96, 320, 512, 4, 2, 512, 256,
                        10000.0, 1e-6, mla=MLA(256, 256, 64, 32, 64, 1, 1)),
     },
+    # 46 layers + 1 NextN block; head_dim 128 with 96 heads (wider than hidden 4096)
+    "glm4moe": {
+        "glm-4.5-air": Preset("glm4moe", "GLM-4.5-Air (synthetic)", 47, 4096, 96, 8, 128, 151552, 131072,
+                              128, 8, 10944, 1408, 1e6, 1e-5, qkv_bias=True,
+                              glm=GlmMoe(n_dense_lead=1, n_shared_experts=1, rope_dims=64, weights_scale=1.0)),
+        "tiny": Preset("glm4moe", "tiny glm4moe (synthetic)", 4, 256, 4, 2, 128, 320, 512, 8, 2, 768, 256,
+                       1e6, 1e-5, qkv_bias=True,
+                       glm=GlmMoe(n_dense_lead=1, n_shared_experts=1, rope_dims=64, weights_scale=2.5)),
+    },
 }
 
 
@@ -143,11 +168,33 @@ def get_preset(arch: str | None, name: str) -> Preset:
 def tensor_shapes(p: Preset) -> list[TensorShape]:
     """Every tensor of the model in file order; numpy shapes (the row is the last dim)."""
     shapes = [TensorShape("token_embd.weight", (p.n_vocab, p.n_embd))]
+    if p.glm:
+        return shapes + _glm_layers(p) + _output(p)
     for i in range(p.n_layers):
         layer = [*(_mla_attention(p) if p.mla else _attention(p)), ("ffn_norm.weight", (p.n_embd,))]
         layer += _dense_ffn(p) if p.mla and i < p.mla.n_dense_lead else _moe_ffn(p)
         shapes += [TensorShape(f"blk.{i}.{name}", shape) for name, shape in layer]
     shapes += [TensorShape("output_norm.weight", (p.n_embd,)), TensorShape("output.weight", (p.n_vocab, p.n_embd))]
+    return shapes
+
+
+def _output(p: Preset) -> list[TensorShape]:
+    return [TensorShape("output_norm.weight", (p.n_embd,)), TensorShape("output.weight", (p.n_vocab, p.n_embd))]
+
+
+def _glm_layers(p: Preset) -> list[TensorShape]:
+    g, d = p.glm, p.n_embd
+    shapes = []
+    for i in range(p.n_layers):
+        layer = [*_attention(p), ("post_attention_norm.weight", (d,))]
+        if i < g.n_dense_lead:
+            layer += _dense_ffn(p)
+        else:
+            layer += [*_moe_ffn(p), ("exp_probs_b.bias", (p.n_expert,))]
+        if i >= p.n_layers - g.n_nextn:
+            layer += [("nextn.eh_proj.weight", (d, 2 * d)), ("nextn.enorm.weight", (d,)),
+                      ("nextn.hnorm.weight", (d,)), ("nextn.shared_head_norm.weight", (d,))]
+        shapes += [TensorShape(f"blk.{i}.{name}", shape) for name, shape in layer]
     return shapes
 
 
@@ -189,7 +236,8 @@ def _moe_ffn(p: Preset) -> list[tuple[str, tuple[int, ...]]]:
     d, e, f = p.n_embd, p.n_expert, p.expert_width
     parts = [("ffn_gate_inp.weight", (e, d)), ("ffn_gate_exps.weight", (e, f, d)),
              ("ffn_up_exps.weight", (e, f, d)), ("ffn_down_exps.weight", (e, d, f))]
-    shared = p.n_ff_shexp or (p.mla.n_shared_experts * f if p.mla else 0)
+    n_shared = p.mla.n_shared_experts if p.mla else p.glm.n_shared_experts if p.glm else 0
+    shared = p.n_ff_shexp or n_shared * f
     if p.n_ff_shexp:
         parts.append(("ffn_gate_inp_shexp.weight", (d,)))
     if shared:
@@ -248,7 +296,9 @@ def _add_metadata(w: gguf.GGUFWriter, p: Preset, quant: str) -> None:
     else:
         w.add_key_length(p.head_dim)
         w.add_value_length(p.head_dim)
-        w.add_rope_dimension_count(p.head_dim)
+        w.add_rope_dimension_count(p.glm.rope_dims if p.glm else p.head_dim)
+    if p.glm:
+        _add_glm_metadata(w, p.glm)
 
 
 def _add_mla_metadata(w: gguf.GGUFWriter, m: MLA) -> None:
@@ -270,6 +320,16 @@ def _add_mla_metadata(w: gguf.GGUFWriter, m: MLA) -> None:
         w.add_rope_scaling_factor(factor)
         w.add_rope_scaling_orig_ctx_len(original_ctx)
         w.add_rope_scaling_yarn_log_mul(0.1 * mscale_all_dim)
+
+
+def _add_glm_metadata(w: gguf.GGUFWriter, g: GlmMoe) -> None:
+    """What convert_hf_to_gguf writes for GLM-4.5 (conversion/glm.py, Glm4MoeModel)."""
+    w.add_expert_shared_count(g.n_shared_experts)
+    w.add_leading_dense_block_count(g.n_dense_lead)
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    w.add_expert_weights_scale(g.weights_scale)
+    w.add_expert_weights_norm(True)
+    w.add_nextn_predict_layers(g.n_nextn)
 
 
 # -- weights ------------------------------------------------------------------------------
