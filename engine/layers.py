@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 
 from moestream import kernels
+from moestream.kernels.cpu import cpu_qmatmul_many
 from moestream.kernels.dispatch import uses_cpu_kernel
 from moestream.kernels.triton_configs import TRITON_QTYPES
 from moestream.engine.config import RopeStyle
@@ -14,8 +15,10 @@ from moestream.engine.loader import RawTensor
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+    """x * rsqrt(mean(x^2) + eps) over the last dim, in fp32, then * weight in x's dtype:
+    torch's op computes exactly that, in one call instead of seven (a decode token runs
+    ~70 of them on OLMoE)."""
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
 def dequantize_tensor(t: RawTensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -121,3 +124,20 @@ class Linear:
         else:
             y = kernels.qmatmul(x, self.raw, self.qtype, self.shape, backend=self.backend)
         return y if self.bias is None else y + self.bias
+
+
+def project_many(linears: tuple[Linear, ...], x: torch.Tensor) -> list[torch.Tensor]:
+    """[linear(x) for each linear] (an attention layer's q, k and v): where all of them run
+    the compiled CPU kernels, one call and one parallel region for all (bitwise the separate
+    calls' results, kernels/cpu: cpu_qmatmul_many), else one call each."""
+    backends = {lin.backend for lin in linears}
+    if len(backends) > 1 or not all(lin.weight is None and uses_cpu_kernel(lin.qtype, x.device, lin.backend)
+                                    for lin in linears):
+        return [lin(x) for lin in linears]
+    x2 = x.reshape(-1, x.shape[-1])
+    ys = cpu_qmatmul_many(x2, [(lin.raw, lin.qtype, lin.shape) for lin in linears], exact=backends == {"auto"})
+    out = []
+    for lin, y in zip(linears, ys):
+        y = y.to(x.dtype).reshape(*x.shape[:-1], lin.shape[0])
+        out.append(y if lin.bias is None else y + lin.bias)
+    return out

@@ -12,6 +12,7 @@ which the MoE layer asks for by id without knowing where they live.
 
 from __future__ import annotations
 
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields, is_dataclass
 from time import perf_counter
@@ -21,12 +22,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from moestream.kernels.cpu import cpu_expert_ffn, cpu_moe_layer
+from moestream.kernels.cpu import attends_in_place, cpu_attend_one, cpu_expert_ffn, cpu_moe_layer
 from moestream.kernels.dispatch import qmatmul, use_triton, uses_cpu_kernel
 from moestream.kernels.moe_ffn import moe_ffn
 from moestream.engine.config import QKNorm
 from moestream.engine.kv_cache import KVCache, SlotIndex
-from moestream.engine.layers import Embedding, Linear, Rope, dequantize_tensor, rms_norm
+from moestream.engine.layers import Embedding, Linear, Rope, dequantize_tensor, project_many, rms_norm
 from moestream.engine.loader import GGUFModelFile
 from moestream.engine.replay import RoutingReplay
 from moestream.engine.router import select_experts
@@ -203,7 +204,7 @@ class MoEModel:
                    kv: KVCache, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         cfg = self.config
         T = x.shape[0]
-        q, k, v = lw.wq(x), lw.wk(x), lw.wv(x)
+        q, k, v = project_many((lw.wq, lw.wk, lw.wv), x)
         if cfg.spec.qk_norm is QKNorm.FULL:
             q, k = rms_norm(q, lw.q_norm, cfg.rms_eps), rms_norm(k, lw.k_norm, cfg.rms_eps)
         q = q.view(T, cfg.n_heads, cfg.head_dim)  # [T, H, hd]
@@ -225,7 +226,7 @@ class MoEModel:
         k, v = k.to(q.dtype), v.to(q.dtype)
         n, ctx = q.shape[0], k.shape[0]
         if n == 1:
-            return _attend_one(q, k, v)
+            return cpu_attend_one(q, k, v) if attends_in_place(q, k, v) else _attend_one(q, k, v)
         qpos = torch.arange(ctx - n, ctx, device=q.device)[:, None]
         mask = torch.arange(ctx, device=q.device)[None, :] <= qpos  # [n, ctx]
         out = F.scaled_dot_product_attention(
@@ -249,8 +250,9 @@ class MoEModel:
             ids, weights = self.route(lw, x)
         if self.routing_hook is not None:
             self.routing_hook(i, ids, weights)
-        counts = torch.bincount(ids.flatten(), minlength=self.config.n_experts).tolist()
-        tokens = {e: n for e, n in enumerate(counts) if n}  # expert -> tokens routed to it
+        # expert -> tokens routed to it, lowest id first (a decode step has k ids: counting
+        # them in Python is cheaper than a bincount over every expert)
+        tokens = dict(sorted(Counter(ids.flatten().tolist()).items()))
         plan = self.experts.plan(i, tokens)
         # The CPU side (misses not worth a copy) starts first and runs while the device side
         # computes hits and copies; its rows are filled in when it is done.

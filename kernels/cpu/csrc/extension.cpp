@@ -8,6 +8,7 @@
 #include <tuple>
 #include <vector>
 
+#include "attention.h"
 #include "dequant.h"
 #include "expert_ffn.h"
 #include "matmul.h"
@@ -72,6 +73,14 @@ void moe_layer(uintptr_t x, int64_t T, int64_t D, int64_t I, int64_t k, uintptr_
                 address<float>(out), exact);
 }
 
+// out [H, hd] = attention of one token's q [H, hd] over ctx cached slots of k and v (float32,
+// slot t of KV head j at t * slot_stride + j * hd elements from their bases).
+void attend_one_token(uintptr_t q, int64_t H, int64_t hd, uintptr_t k, uintptr_t v, int64_t ctx, int64_t n_kv,
+                      int64_t slot_stride, double scale, uintptr_t out) {
+  attend_one(address<const float>(q), H, hd, address<const float>(k), address<const float>(v), ctx, n_kv,
+             slot_stride, static_cast<float>(scale), address<float>(out));
+}
+
 std::vector<int64_t> supported_types() {
   std::vector<int64_t> types;
   for (int64_t t = 0; t < 64; ++t)
@@ -91,6 +100,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize", &moestream_cpu::dequantize_weight, py::call_guard<py::gil_scoped_release>());
   m.def("expert_ffn", &moestream_cpu::expert_ffn, py::call_guard<py::gil_scoped_release>());
   m.def("moe_layer", &moestream_cpu::moe_layer, py::call_guard<py::gil_scoped_release>());
+  m.def("attend_one", &moestream_cpu::attend_one_token, py::call_guard<py::gil_scoped_release>());
   m.def("supported_types", &moestream_cpu::supported_types);
   m.attr("isa") = moestream_cpu::ISA;
 }
