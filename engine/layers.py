@@ -68,32 +68,34 @@ class Rope:
         self.inv_freq = base ** (-torch.arange(0, dims, 2, dtype=torch.float64, device=device) / dims)
 
     def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin [T, 1, dims] of a batch's positions, each angle repeated where its
-        pair's two values sit: made once per step, used by every layer."""
+        """cos and signed sin [T, 1, dims] of a batch's positions, each angle repeated where
+        its pair's two values sit, the sine negated where the pair's first value sits: made
+        once per step, used by every layer."""
         angles = (positions.to(torch.float64)[:, None] * self.scale) * self.inv_freq[None, :]
         if self.style is RopeStyle.NEOX:
             angles = torch.cat([angles, angles], dim=-1)
+            first = torch.arange(self.dims, device=angles.device) < self.dims // 2
         else:
             angles = angles.repeat_interleave(2, dim=-1)
-        return angles.cos().to(torch.float32)[:, None, :], angles.sin().to(torch.float32)[:, None, :]
+            first = torch.arange(self.dims, device=angles.device) % 2 == 0
+        sin = torch.where(first, -angles.sin(), angles.sin())
+        return angles.cos().to(torch.float32)[:, None, :], sin.to(torch.float32)[:, None, :]
 
     def __call__(self, x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         # x: [T, H, head_dim]; tables from `tables(positions)`
         if self.dims < x.shape[-1]:  # partial rotary: the tail passes through
             return torch.cat([self(x[..., : self.dims], tables), x[..., self.dims :]], dim=-1)
-        cos, sin = tables
+        cos, signed_sin = tables
         xf = x.float()
-        # pair (a, b) -> (a cos - b sin, b cos + a sin), written as x cos + rotated(x) sin
-        return (xf * cos + self._rotated(xf) * sin).to(x.dtype)
+        # pair (a, b) -> (a cos - b sin, b cos + a sin), written as x cos + swapped(x) signed_sin:
+        # the sign sits in the table (exact), so a layer runs three ops instead of eight
+        return (xf * cos + self._swapped(xf) * signed_sin).to(x.dtype)
 
-    def _rotated(self, x: torch.Tensor) -> torch.Tensor:
-        """Each pair (a, b) -> (-b, a)."""
+    def _swapped(self, x: torch.Tensor) -> torch.Tensor:
+        """Each pair (a, b) -> (b, a)."""
         if self.style is RopeStyle.NEOX:
-            a, b = x.chunk(2, dim=-1)
-            return torch.cat([-b, a], dim=-1)
-        pairs = x.unflatten(-1, (-1, 2))
-        return torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
-
+            return x.roll(self.dims // 2, dims=-1)
+        return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
 
 
 class Linear:

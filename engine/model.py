@@ -22,10 +22,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from moestream.kernels.cpu import attends_in_place, cpu_attend_one, cpu_expert_ffn, cpu_moe_layer
+from moestream.kernels.cpu import (attends_in_place, cpu_attend_one, cpu_decode_attention, cpu_expert_ffn,
+                                   cpu_moe_layer, has_compiled_attention)
 from moestream.kernels.dispatch import qmatmul, use_triton, uses_cpu_kernel
 from moestream.kernels.moe_ffn import moe_ffn
-from moestream.engine.config import QKNorm
+from moestream.engine.config import QKNorm, RopeStyle
 from moestream.engine.kv_cache import KVCache, SlotIndex
 from moestream.engine.layers import Embedding, Linear, Rope, dequantize_tensor, project_many, rms_norm
 from moestream.engine.loader import GGUFModelFile
@@ -205,6 +206,8 @@ class MoEModel:
         cfg = self.config
         T = x.shape[0]
         q, k, v = project_many((lw.wq, lw.wk, lw.wv), x)
+        if self._fused_decode(x, batch, kv):
+            return lw.wo(self._decode_attention(i, lw, q, k, v, batch.segments[0], kv, rope).view(1, -1))
         if cfg.spec.qk_norm is QKNorm.FULL:
             q, k = rms_norm(q, lw.q_norm, cfg.rms_eps), rms_norm(k, lw.k_norm, cfg.rms_eps)
         q = q.view(T, cfg.n_heads, cfg.head_dim)  # [T, H, hd]
@@ -219,6 +222,32 @@ class MoEModel:
             kv.write(i, seg.new_slots, k[rows], v[rows])
             out[rows] = self._attend(q[rows], *kv.read(i, seg.context_slots))
         return lw.wo(out.view(T, -1))
+
+    def _fused_decode(self, x: torch.Tensor, batch: BatchInput, kv: KVCache) -> bool:
+        """Whether a step's attention runs as one compiled call (cpu_decode_attention): one
+        token of one sequence, fp32 on the CPU, its KV slots one run in an fp32 or fp16 cache."""
+        if x.shape[0] != 1 or x.device.type != "cpu" or x.dtype != torch.float32:
+            return False
+        if kv.k.dtype not in (torch.float32, torch.float16):
+            return False
+        seg = batch.segments[0]
+        new, context = seg.new_slots, seg.context_slots
+        return (isinstance(new, slice) and isinstance(context, slice) and new.start == context.stop - 1
+                and has_compiled_attention())
+
+    def _decode_attention(self, i: int, lw: LayerWeights, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          seg: Segment, kv: KVCache, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """[1, H, hd]: q/k norm, rope, the KV cache write and the attention of one token in
+        one compiled call, in place of ~25 small torch ops (their dispatch, cold after the
+        expert kernels, was most of a decode token's time outside the matmuls)."""
+        cfg = self.config
+        qk_norm = None
+        if lw.q_norm is not None:
+            qk_norm = (lw.q_norm, lw.k_norm, cfg.spec.qk_norm is not QKNorm.FULL)
+        k_ctx, v_ctx = kv.read(i, seg.context_slots)
+        shape = (1, -1, cfg.head_dim)
+        return cpu_decode_attention(q.view(shape), k.view(shape), v.view(shape), k_ctx, v_ctx, rope,
+                                    self.rope.style is RopeStyle.NEOX, qk_norm, cfg.rms_eps)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q: [n, H, hd] (the last n positions); k, v: [ctx, KV, hd], stored in the KV dtype,

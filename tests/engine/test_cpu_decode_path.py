@@ -1,16 +1,23 @@
-"""project_many (an attention layer's q, k and v in one compiled call) against one Linear
-call per matrix: bitwise the same on both CPU kernel routes, biases included, and, checked
-independently, the q8 route within its int8 error of gguf's dequantized weights."""
+"""The CPU decode path's compiled shortcuts. project_many (an attention layer's q, k and v
+in one compiled call) against one Linear call per matrix: bitwise the same on both CPU
+kernel routes, biases included, and, checked independently, the q8 route within its int8
+error of gguf's dequantized weights. The one-call decode attention (cpu_decode_attention,
+checked against float64 formulas in tests/kernels/test_cpu_attention.py) is what the
+fixtures' decode steps run, and their greedy tokens still match transformers'."""
 
 import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q, quants
 
+from moestream.engine import SamplingParams
+from moestream.engine import model as model_module
 from moestream.engine.layers import Linear, project_many
 from moestream.engine.loader import RawTensor
 from moestream.kernels import block_format, random_blocks
 from moestream.kernels.cpu.build import load_extension
+from tests.engine.test_generate import hf_greedy
+from tests.fixtures.models import get_fixture, sample_token_ids
 
 pytestmark = pytest.mark.skipif(load_extension() is None, reason="no C++ compiler: the CPU kernels did not build")
 
@@ -52,3 +59,23 @@ def test_dense_weights_take_one_call_each():
     assert all(lin.weight is not None for lin in linears)
     x = torch.randn(3, K, generator=gen)
     assert all(torch.equal(y, lin(x)) for lin, y in zip(linears, project_many(tuple(linears), x)))
+
+
+# OLMoE: q/k norm over all heads; Qwen3: per head, NEOX rope; Mixtral: GQA, no norm
+@pytest.mark.parametrize("arch", ["olmoe", "qwen3moe", "mixtral"])
+def test_decode_steps_run_the_one_call_attention(engine_for, arch, monkeypatch):
+    calls = []
+    fused = model_module.cpu_decode_attention
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(model_module, "cpu_decode_attention", counted)
+    fixture = get_fixture(arch)
+    engine = engine_for(arch)
+    prompt = sample_token_ids(fixture, 9, seed=21)
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    ours = [o.token_id for o in engine.generate(prompt, params)]
+    assert len(calls) == 5 * engine.model.config.n_layers  # every decode step, every layer
+    assert ours == hf_greedy(fixture, prompt, 6)
