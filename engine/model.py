@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from moestream.kernels.cpu import (attends_in_place, cpu_attend_one, cpu_decode_attention, cpu_expert_ffn,
-                                   cpu_moe_layer, has_compiled_attention)
+from moestream.kernels.cpu import (attends_in_place, cpu_add_rms_norm, cpu_attend_one, cpu_decode_attention,
+                                   cpu_expert_ffn, cpu_moe_layer, has_compiled_attention)
 from moestream.kernels.dispatch import qmatmul, use_triton, uses_cpu_kernel
 from moestream.kernels.moe_ffn import moe_ffn
 from moestream.engine.config import QKNorm, RopeStyle
@@ -192,14 +192,23 @@ class MoEModel:
         h = self.embed(batch.token_ids)  # [T, D]
         rope = self.rope.tables(batch.positions)
         for i, layer in enumerate(self.layers):
-            x = rms_norm(h, layer.attn_norm, self.config.rms_eps)
-            h = h + self._attention(i, layer, x, batch, kv, rope)
-            x = rms_norm(h, layer.ffn_norm, self.config.rms_eps)
+            h, x = self._add_norm(h, None, layer.attn_norm)
+            h, x = self._add_norm(h, self._attention(i, layer, x, batch, kv, rope), layer.ffn_norm)
             h = h + self._ffn(i, layer, x)
             if self.prefetch and i + 1 < len(self.layers):
                 self._prefetch(i + 1, h)
         h = rms_norm(h[batch.logits_rows], self.output_norm, self.config.rms_eps)
         return self.lm_head(h).float()
+
+    def _add_norm(self, h: torch.Tensor, delta: torch.Tensor | None,
+                  weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h + delta (h when delta is None) and its RMSNorm: one compiled call on the CPU in
+        fp32 (two to eight torch ops otherwise, each slow to dispatch right after a kernel)."""
+        if h.device.type == "cpu" and h.dtype == torch.float32 and has_compiled_attention():
+            return cpu_add_rms_norm(h, delta, weight, self.config.rms_eps)
+        if delta is not None:
+            h = h + delta
+        return h, rms_norm(h, weight, self.config.rms_eps)
 
     def _attention(self, i: int, lw: LayerWeights, x: torch.Tensor, batch: BatchInput,
                    kv: KVCache, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

@@ -59,6 +59,7 @@ PROBES = (
     Probe("moestream.engine.model:MoEModel", "route", ROUTING),
     Probe("moestream.engine.model:MoEModel", "_moe", MOE_PY),
     Probe("moestream.engine.model", "rms_norm", NORM_ROPE),
+    Probe("moestream.engine.model", "cpu_add_rms_norm", NORM_ROPE),  # with the residual add
     Probe("moestream.engine.layers:Rope", "__call__", NORM_ROPE),
     Probe("moestream.engine.layers:Rope", "tables", NORM_ROPE),
     Probe("moestream.engine.layers:Embedding", "__call__", EMBEDDING),

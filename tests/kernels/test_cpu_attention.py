@@ -1,11 +1,12 @@
 """The compiled one-token decode attention against torch's scaled_dot_product_attention in
-float64, on the KV cache's own layout (a slice of [slots, KV, hd] read in place)."""
+float64, on the KV cache's own layout (a slice of [slots, KV, hd] read in place); the whole
+decode attention step and the add + RMSNorm between layer halves against float64 formulas."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from moestream.kernels.cpu import attends_in_place, cpu_attend_one, cpu_decode_attention
+from moestream.kernels.cpu import attends_in_place, cpu_add_rms_norm, cpu_attend_one, cpu_decode_attention
 from moestream.kernels.cpu.build import load_extension
 
 pytestmark = pytest.mark.skipif(load_extension() is None, reason="no C++ compiler: the CPU kernels did not build")
@@ -120,3 +121,16 @@ def test_decode_attention_matches_float64_formulas(H, KV, hd, dims, neox, norm, 
     assert torch.equal(v_ctx[-1], v[0].to(cache_dtype))
     written = 4 + ctx - 1  # the one slot the call may change
     assert torch.equal(cache_k[0, :written], untouched[0, :written]) and torch.equal(cache_k[1], untouched[1])
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("with_delta", [False, True])
+def test_add_rms_norm_matches_float64(rows, with_delta):
+    g = torch.Generator().manual_seed(rows)
+    h, delta = torch.randn(rows, 2048, generator=g) * 4, torch.randn(rows, 2048, generator=g)
+    weight, eps = 1 + 0.2 * torch.randn(2048, generator=g), 1e-5
+    h_out, x = cpu_add_rms_norm(h, delta if with_delta else None, weight, eps)
+    hd = h.double() + (delta.double() if with_delta else 0)
+    want = hd * torch.rsqrt(hd.pow(2).mean(-1, keepdim=True) + eps) * weight.double()
+    assert torch.equal(h_out, h + delta if with_delta else h)  # the fp32 sum, as torch adds
+    assert (x.double() - want).abs().max() <= 1e-6 * want.abs().max()

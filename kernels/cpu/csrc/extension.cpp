@@ -12,6 +12,7 @@
 #include "dequant.h"
 #include "expert_ffn.h"
 #include "matmul.h"
+#include "norm.h"
 
 namespace moestream_cpu {
 namespace {
@@ -100,6 +101,13 @@ void decode_attention_token(uintptr_t q, uintptr_t k, uintptr_t v, int64_t H, in
   }
 }
 
+// h_out = h + delta (no delta: 0), x_out = RMSNorm(h_out) * w, rows of D (norm.h).
+void add_rms_norm_rows(uintptr_t h, uintptr_t delta, uintptr_t w, int64_t M, int64_t D, double eps, uintptr_t h_out,
+                       uintptr_t x_out) {
+  add_rms_norm(address<const float>(h), address<const float>(delta), address<const float>(w), M, D,
+               static_cast<float>(eps), address<float>(h_out), address<float>(x_out));
+}
+
 std::vector<int64_t> supported_types() {
   std::vector<int64_t> types;
   for (int64_t t = 0; t < 64; ++t)
@@ -121,6 +129,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("moe_layer", &moestream_cpu::moe_layer, py::call_guard<py::gil_scoped_release>());
   m.def("attend_one", &moestream_cpu::attend_one_token, py::call_guard<py::gil_scoped_release>());
   m.def("decode_attention", &moestream_cpu::decode_attention_token, py::call_guard<py::gil_scoped_release>());
+  m.def("add_rms_norm", &moestream_cpu::add_rms_norm_rows, py::call_guard<py::gil_scoped_release>());
   m.def("supported_types", &moestream_cpu::supported_types);
   m.attr("isa") = moestream_cpu::ISA;
 }
