@@ -13,8 +13,10 @@ import torch
 from moestream.engine import Engine, SamplingParams
 from moestream.engine.header import ModelHeader
 from moestream.engine.loader import open_gguf
+from moestream.engine.tokenizer import StreamDecoder
 from moestream.kernels.errors import MoestreamError
 from moestream.offload.store import HostExpertStore
+from moestream.server.cli import main
 from tests.engine.test_forward import assert_logits_match, rel_l2
 from tests.engine.test_generate import hf_greedy, run_all
 from tests.engine.test_qwen35moe import _step
@@ -146,3 +148,19 @@ def test_a_header_that_disagrees_with_its_tensors_is_refused(tmp_path):
     with pytest.raises(MoestreamError) as err:
         open_gguf(bad)
     assert "'blk.0.ffn_gate_inp.weight' is missing" in str(err.value)
+
+
+def test_generate_runs_a_synthetic_glm4moe_file_on_the_cpu(tmp_path, capsys):
+    """`moestream synth` writes the tiny glm4moe preset (Q4_K_M, with its NextN block) and
+    `moestream generate` streams greedy text from it: the engine's own tokens."""
+    path = tmp_path / "tiny-glm4moe.gguf"
+    assert main(["--log-level", "WARNING", "synth", "--arch", "glm4moe", "--preset", "tiny", "-o", str(path)]) == 0
+    capsys.readouterr()
+    assert main(["--log-level", "WARNING", "generate", "-m", str(path), "--device", "cpu", "-p", "hello there",
+                 "-n", "6", "--temperature", "0"]) == 0
+    printed = capsys.readouterr().out
+    engine = Engine.from_gguf(path, ctx_size=64, max_batch=1, kernel_backend="q8")  # the CLI's CPU default
+    params = SamplingParams(max_tokens=6, temperature=0.0)
+    tokens = [o.token_id for o in engine.generate(engine.tokenizer.encode("hello there", add_special=True), params)]
+    decoder = StreamDecoder(engine.tokenizer)
+    assert printed == "".join(decoder.push(t) for t in tokens) + decoder.flush() + "\n"
