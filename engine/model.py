@@ -191,12 +191,14 @@ class MoEModel:
         """Logits [len(batch.logits_rows), vocab] (float32) for the rows asked for."""
         h = self.embed(batch.token_ids)  # [T, D]
         rope = self.rope.tables(batch.positions)
+        ffn_out = None  # the previous layer's, added to h together with the next norm
         for i, layer in enumerate(self.layers):
-            h, x = self._add_norm(h, None, layer.attn_norm)
+            h, x = self._add_norm(h, ffn_out, layer.attn_norm)
             h, x = self._add_norm(h, self._attention(i, layer, x, batch, kv, rope), layer.ffn_norm)
-            h = h + self._ffn(i, layer, x)
+            ffn_out = self._ffn(i, layer, x)
             if self.prefetch and i + 1 < len(self.layers):
-                self._prefetch(i + 1, h)
+                self._prefetch(i + 1, h + ffn_out)
+        h = h + ffn_out
         h = rms_norm(h[batch.logits_rows], self.output_norm, self.config.rms_eps)
         return self.lm_head(h).float()
 
