@@ -8,7 +8,9 @@
 
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
+#ifdef __F16C__
 #include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
