@@ -108,9 +108,10 @@ def _weight_bytes(item) -> int:
 
 
 def _attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Attention of one new token (decode) as two batched matmuls over the KV heads. On the
-    CPU they read the cache's strided views in place; scaled_dot_product_attention's general
-    path took 25-90% longer on them in the decode loop (OLMoE, 160 tokens of context)."""
+    """Attention of one new token (decode) as two batched matmuls over the KV heads, where
+    the compiled CPU attention does not run (CUDA, no compiler); they read the cache's strided
+    views in place: scaled_dot_product_attention's general path took 25-90% longer on them in
+    the CPU decode loop (OLMoE, 160 tokens of context)."""
     # q: [1, H, hd]; k, v: [ctx, KV, hd], views into the cache
     _, H, hd = q.shape
     n_kv = k.shape[1]

@@ -64,7 +64,8 @@ def cpu_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_ct
     """
     H, hd = q.shape[1], q.shape[2]
     cos, signed_sin = (t.reshape(-1) for t in rope)
-    if not (_reads_in_place(q, k_ctx, v_ctx, (torch.float32, torch.float16)) and k.shape == v.shape == (1, *k_ctx.shape[1:])
+    cache_ok = _reads_in_place(q, k_ctx, v_ctx, (torch.float32, torch.float16))
+    if not (cache_ok and k.shape == v.shape == (1, *k_ctx.shape[1:])
             and all(t.dtype == torch.float32 and t.is_contiguous() for t in (q, k, v, cos, signed_sin))
             and cos.shape == signed_sin.shape and cos.numel() <= hd and cos.numel() % 2 == 0):
         raise ValueError("cpu_decode_attention needs contiguous float32 q [1, H, hd], k and v [1, KV, hd], "
