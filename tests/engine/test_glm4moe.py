@@ -140,6 +140,36 @@ def test_the_nextn_block_and_dense_layer_hold_no_experts_kv_or_memory():
     assert engine.kv.nbytes == engine.memory.kv_bytes
 
 
+def _without_nextn_tensors(src, dst):
+    """A copy of the GGUF `src` without its NextN block's tensors, metadata unchanged."""
+    reader = gguf.GGUFReader(src)
+    writer = gguf.GGUFWriter(dst, reader.fields["general.architecture"].contents())
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(name, field.contents(), field.types[0], sub_type=sub_type)
+    for t in reader.tensors:
+        if not t.name.startswith("blk.3."):
+            writer.add_tensor(t.name, t.data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
+
+
+def test_a_file_without_its_nextn_tensors_runs_as_llama_cpp_runs_it(engine_for, tmp_path):
+    """nextn_predict_layers = 1 but no blk.3 tensors (llama.cpp's trunk-only case): loaded,
+    and the same logits as the file with them."""
+    fixture = get_fixture(ARCH)
+    trunk = _without_nextn_tensors(fixture.gguf_path, tmp_path / "trunk.gguf")
+    ids = sample_token_ids(fixture, 20, seed=8)
+    ours = Engine.from_gguf(trunk, ctx_size=64, max_batch=1).score(ids)
+    assert torch.equal(ours, engine_for(ARCH).score(ids))
+    assert_logits_match(ours, llama_cpp_logits(trunk, ids))
+
+
 def test_a_header_that_disagrees_with_its_tensors_is_refused(tmp_path):
     """leading_dense_block_count 1 -> 0: layer 0 would need experts it does not have."""
     path = get_fixture(ARCH).gguf_path
