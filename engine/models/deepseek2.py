@@ -4,7 +4,7 @@ describes: softmax top-k for V2, sigmoid with a correction bias, normalised and 
 for GLM-4.7-Flash).
 
 Each token's K and V for all heads come from one latent of kv_lora_rank (RMS-normed) plus a
-rope part of qk_rope_dim shared by the heads; the KV cache keeps only those two, about 1/7
+rope part of qk_rope_dim shared by the heads; the KV cache keeps only those two, about 1/9
 of V2-Lite's per-head K and V. llama.cpp's converter stores kv_b as k_b (transposed) and
 v_b, so both are absorbed, as llama.cpp does: the query's no-rope part goes through k_b into
 latent space, attention runs there against the cached latents (scores over latent + rope
