@@ -231,6 +231,9 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vs-llama-cpp", action="store_true", help="run llama-cpp-python on the same prompt")
     parser.add_argument("--n-cpu-moe", type=int, default=None,
                         help="llama.cpp on a GPU: layers whose experts stay on the CPU (default: all)")
+    parser.add_argument("--llama-cpp-no-repack", action="store_true",
+                        help="llama.cpp without its repacked copy of the weights (--no-repack), reading the "
+                             "mapped blocks as we do: for files whose copy does not fit in host memory")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompt token ids")
     parser.add_argument("--kernels", default=None, choices=("auto", "q8", "torch", "triton"),
                         help="our matmul kernels (default: q8 on the CPU, auto on CUDA; see "
@@ -262,7 +265,7 @@ def bench_main(args: argparse.Namespace) -> int:
         threads=args.threads or default_threads(),
         prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens, n_cpu_moe=args.n_cpu_moe,
         kernels=default_kernels(device, args.kernels), miss_policy=args.miss_policy,
-        replay_routing=args.replay_routing, profile=args.profile)
+        replay_routing=args.replay_routing, profile=args.profile, llama_cpp_repack=not args.llama_cpp_no_repack)
     names = ["moestream", "llama_cpp"] if args.vs_llama_cpp else ["moestream"]
     results = run_bench(config, names, args.repeat, args.warmup, seed=args.seed, progress=not args.json)
     summaries = {name: summarize(runs) for name, runs in results.items()}

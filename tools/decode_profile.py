@@ -35,13 +35,17 @@ EMBEDDING = "embedding"
 MOE_PY = "MoE layer Python (plan, gather, sum)"
 FORWARD_PY = "forward Python (residuals, layer loop)"
 STEP_PY = "step Python (schedule, batch, sample)"
-# Table order; the parts a model without a shared expert never reaches are left out of it.
-PARTS = (EXPERTS, ATTN_PROJ, LM_HEAD, SHARED, ATTN_MATHS, NORM_ROPE, ROUTING, EMBEDDING, MOE_PY, FORWARD_PY,
-         STEP_PY)
+DELTANET = "DeltaNet recurrence (conv, state update)"
+DELTANET_GATES = "DeltaNet gates, norm and Python"
+# Table order; the parts a model never reaches (a shared expert, DeltaNet layers) are left out of it.
+PARTS = (EXPERTS, ATTN_PROJ, LM_HEAD, SHARED, ATTN_MATHS, DELTANET, DELTANET_GATES, NORM_ROPE, ROUTING, EMBEDDING,
+         MOE_PY, FORWARD_PY, STEP_PY)
 # The weight-reading matmuls (with their Python calls); the rest is what issue 17 wants under 3 ms.
 MATMUL_PARTS = (EXPERTS, ATTN_PROJ, LM_HEAD, SHARED)
-# Always reached by a decode step of every supported architecture.
-REQUIRED_PARTS = tuple(p for p in PARTS if p != SHARED)
+# Reached by a decode step of every supported architecture.
+REQUIRED_PARTS = tuple(p for p in PARTS if p not in (SHARED, DELTANET, DELTANET_GATES))
+# Hybrid models (qwen35moe): the token mixers' projections count as attention projections.
+_MIXER_LINEARS = ("wq", "wk", "wv", "wo", "qkv", "z", "alpha", "beta", "out")
 STEP_MEASURED = "decode step, measured between tokens"
 
 
@@ -68,6 +72,12 @@ PROBES = (
     Probe("moestream.engine.model", "cpu_moe_layer", EXPERTS),
     Probe("moestream.engine.model", "expert_ffn", EXPERTS),
     Probe("moestream.engine.model", "moe_ffn", EXPERTS),
+    Probe("moestream.engine.models.qwen35moe:Qwen35MoeModel", "forward", FORWARD_PY),
+    Probe("moestream.engine.models.qwen35moe:Qwen35MoeModel", "_gated_attention", ATTN_MATHS),
+    Probe("moestream.engine.models.qwen35moe:Qwen35MoeModel", "_deltanet", DELTANET_GATES),
+    Probe("moestream.engine.models.qwen35moe:Qwen35MoeModel", "_deltanet_step", DELTANET),
+    Probe("moestream.engine.models.qwen35moe:Qwen35MoeModel", "_deltanet_prefill", DELTANET),
+    Probe("moestream.engine.models.qwen35moe", "rms_norm", NORM_ROPE),
 )
 
 
@@ -89,7 +99,8 @@ class StepProfiler:
     def __init__(self, engine):
         model = engine.model
         self._lm_head = id(model.lm_head)
-        self._attention = {id(getattr(layer, n)) for layer in model.layers for n in ("wq", "wk", "wv", "wo")}
+        mixers = [getattr(layer, "mixer", layer) for layer in model.layers]
+        self._attention = {id(getattr(m, n)) for m in mixers for n in _MIXER_LINEARS if hasattr(m, n)}
         self._thread = threading.get_ident()  # other threads (the hybrid CPU side) pass through
         self._stack: list[list[float]] = []  # [start, time of nested timers] per open timer
         self._current: dict[str, float] = {}

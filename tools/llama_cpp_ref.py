@@ -79,6 +79,29 @@ def experts_on_cpu(n_cpu_moe: int | None) -> Iterator[None]:
         module.llama_model_default_params = original
 
 
+@contextmanager
+def without_repack(is_off: bool) -> Iterator[None]:
+    """While open (and `is_off`), llama_cpp.Llama(...) leaves its extra buffer types unused:
+    no repacked copy of the weights beside the memory map (use_extra_bufts = false, what
+    llama.cpp's --no-repack sets), for files whose copy would not fit in host memory."""
+    if not is_off:
+        yield
+        return
+    module = _llama_cpp().llama_cpp
+    original = module.llama_model_default_params
+
+    def default_params():
+        params = original()
+        params.use_extra_bufts = False
+        return params
+
+    module.llama_model_default_params = default_params
+    try:
+        yield
+    finally:
+        module.llama_model_default_params = original
+
+
 def process_gpu_bytes() -> int | None:
     """GPU memory this process holds, from NVML (llama.cpp allocates outside torch); None
     when nvidia-ml-py is not installed."""
@@ -104,7 +127,7 @@ class LlamaCppRunner:
     def __init__(self, config: BenchConfig):
         self.llama_cpp, self.on_gpu = _llama_cpp(), config.device == "cuda"
         n_batch = max(config.prompt_tokens, WARMUP_PROMPT_TOKENS)
-        with experts_on_cpu(config.n_cpu_moe if self.on_gpu else 0):
+        with experts_on_cpu(config.n_cpu_moe if self.on_gpu else 0), without_repack(not config.llama_cpp_repack):
             self.llm = self.llama_cpp.Llama(
                 model_path=config.model, n_ctx=config.prompt_tokens + config.gen_tokens + 16,
                 n_batch=n_batch, n_ubatch=n_batch, n_threads=config.threads,

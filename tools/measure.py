@@ -24,6 +24,7 @@ class BenchConfig:
     simulate_link_gbps: float | None = None  # CPU only: our cache's "device" behind a simulated link
     replay_routing: str | None = None  # ours: route from a real log (engine/replay.py)
     profile: bool = False  # ours: time each part of the decode steps (tools/decode_profile.py)
+    llama_cpp_repack: bool = True  # llama.cpp on the CPU: its repacked copy of the weights (extra buffer types)
 
 
 @dataclass(frozen=True)

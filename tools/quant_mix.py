@@ -5,8 +5,9 @@ norms and routers in F32, gives the output head Q6_K, some attn_v and ffn_down l
 and the rest Q4_K, and falls back to 32-block types where a row is not a multiple of 256.
 This module restates those rules (llama.cpp `src/llama-quant.cpp`,
 `llama_tensor_get_type_impl` and `tensor_type_fallback`, as vendored in llama-cpp-python
-0.3.36) for the file types listed in FILE_TYPES, without an importance matrix. It decides
-types only; `tools.synth` writes the bytes.
+0.3.36) for the file types listed in FILE_TYPES, without an importance matrix except for
+the types llama-quantize makes only with one (IMATRIX_FILE_TYPES). It decides types only;
+`tools.synth` writes the bytes.
 """
 
 from __future__ import annotations
@@ -35,15 +36,20 @@ FILE_TYPES: dict[str, tuple[FT, Q]] = {
     "Q2_K": (FT.MOSTLY_Q2_K, Q.Q2_K),
     "IQ4_XS": (FT.MOSTLY_IQ4_XS, Q.IQ4_XS),
     "IQ4_NL": (FT.MOSTLY_IQ4_NL, Q.IQ4_NL),
+    "IQ3_XXS": (FT.MOSTLY_IQ3_XXS, Q.IQ3_XXS),
     # gpt-oss's release mix: routed experts MXFP4, every other quantizable tensor Q8_0 (read
     # off llama-quantize MXFP4_MOE of a converted gpt-oss; ggml-org's gpt-oss-20b/120b GGUFs
     # carry Q8_0 embeddings and attention beside MXFP4 experts)
     "MXFP4_MOE": (FT.MOSTLY_MXFP4_MOE, Q.Q8_0),
 }
 
+# llama-quantize refuses these without an importance matrix ("this quantization requires an
+# imatrix"), so every such file was made with one: their mix is the with-imatrix one.
+IMATRIX_FILE_TYPES = frozenset({"IQ3_XXS"})
+
 # A 256-block type that does not fit a row falls back to a 32-block one (tensor_type_fallback).
 _FALLBACK: dict[Q, Q] = {
-    Q.IQ4_XS: Q.IQ4_NL, Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1,
+    Q.IQ4_XS: Q.IQ4_NL, Q.IQ3_XXS: Q.IQ4_NL, Q.IQ3_S: Q.IQ4_NL, Q.IQ2_S: Q.IQ4_NL, Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1,
     Q.Q6_K: Q.Q8_0,
 }
 
@@ -110,9 +116,9 @@ def file_type(quant: str) -> tuple[FT, Q]:
 
 def is_quantizable(t: TensorShape) -> bool:
     """tensor_allows_quantization for the tensors MoE models have: 2-D/3-D weights that are
-    neither norms nor expert routers."""
+    neither norms, expert routers nor DeltaNet's small convolution (ssm_conv1d)."""
     return (len(t.shape) >= 2 and t.name.endswith("weight") and "_norm.weight" not in t.name
-            and "ffn_gate_inp.weight" not in t.name)
+            and "ffn_gate_inp.weight" not in t.name and "ssm_conv1d" not in t.name)
 
 
 def llama_cpp_order(names: Sequence[str]) -> list[str]:
@@ -136,7 +142,7 @@ def tensor_types(tensors: Sequence[TensorShape], quant: str, facts: ModelFacts) 
     names = [t.name for t in tensors]
     attn_v_names = [n for n in llama_cpp_order(names) if category(n) in _ATTN_V_LIKE]
     attn_v_index = {name: i for i, name in enumerate(attn_v_names)}
-    rule = _Rule(ftype, default, facts, len(attn_v_names), "output.weight" in names)
+    rule = _Rule(ftype, default, facts, len(attn_v_names), "output.weight" in names, quant in IMATRIX_FILE_TYPES)
     return {t.name: rule.quantized_type(t, attn_v_index.get(t.name, 0)) if is_quantizable(t) else Q.F32
             for t in tensors}
 
@@ -170,6 +176,7 @@ class _Rule:
     facts: ModelFacts
     n_attn_v: int
     has_output: bool
+    has_imatrix: bool
 
     def quantized_type(self, t: TensorShape, i_attn_v: int) -> Q:
         if self.default in (Q.F16, Q.BF16, Q.F32):  # float file types have no mix
@@ -180,10 +187,14 @@ class _Rule:
         cat = category(t.name)
         if cat == Category.OUTPUT or (cat == Category.TOKEN_EMBD and not self.has_output):
             return self._output(t)
+        if cat == Category.TOKEN_EMBD and self.ftype == FT.MOSTLY_IQ3_XXS:
+            return Q.IQ3_S
         if cat in _ATTN_V_LIKE:
             return self._attn_v(i_attn_v)
         if cat == Category.ATTN_K and self.facts.n_expert == 8:
             return Q.Q8_0  # "for the 8-expert model, bumping this to Q8_0 trades just ~128MB"
+        if cat in (Category.ATTN_K, Category.ATTN_Q) and self.ftype == FT.MOSTLY_IQ3_XXS:
+            return Q.IQ2_S
         if cat == Category.FFN_DOWN:
             return self._ffn_down(_layer(t.name))
         if cat == Category.ATTN_OUTPUT:
@@ -193,6 +204,8 @@ class _Rule:
     def _output(self, t: TensorShape) -> Q:
         if t.n_cols % GGML_QUANT_SIZES[self.default][0]:
             return Q.Q8_0
+        if self.ftype == FT.MOSTLY_IQ3_XXS:
+            return Q.Q5_K
         return self.default if self.default == Q.Q8_0 else Q.Q6_K
 
     def _attn_v(self, i: int) -> Q:
@@ -200,6 +213,8 @@ class _Rule:
         new = self.default
         if ft == FT.MOSTLY_Q2_K:
             new = Q.Q4_K if gqa >= 4 else Q.Q3_K
+        elif ft == FT.MOSTLY_IQ3_XXS:
+            new = Q.Q4_K if gqa >= 4 else (Q.IQ3_XXS if self.has_imatrix else Q.IQ3_S)
         elif ft == FT.MOSTLY_Q3_K_M:
             new = Q.Q5_K if i < 2 else Q.Q4_K
         elif ft == FT.MOSTLY_Q3_K_L:
@@ -216,13 +231,15 @@ class _Rule:
         ft, n = self.ftype, self.facts.n_layers
         if ft == FT.MOSTLY_Q2_K:
             return Q.Q3_K
+        if ft == FT.MOSTLY_IQ3_XXS and not self.has_imatrix:
+            return Q.Q4_K if layer < n // 8 else Q.Q3_K
         if ft == FT.MOSTLY_Q3_K_M:
             return Q.Q5_K if layer < n // 16 else Q.Q4_K
         if ft == FT.MOSTLY_Q3_K_L:
             return Q.Q5_K
         if ft == FT.MOSTLY_Q4_K_M:
             return Q.Q6_K if _use_more_bits(layer, n) else self.default
-        if ft in (FT.MOSTLY_IQ4_NL, FT.MOSTLY_IQ4_XS) and layer < n // 8:
+        if ft in (FT.MOSTLY_IQ4_NL, FT.MOSTLY_IQ4_XS) and layer < n // 8 and not self.has_imatrix:
             return Q.Q5_K
         if ft == FT.MOSTLY_Q5_K_M and _use_more_bits(layer, n):
             return Q.Q6_K
@@ -234,7 +251,7 @@ class _Rule:
         ft = self.ftype
         if self.facts.n_expert == 8:
             bumped = (FT.MOSTLY_Q2_K, FT.MOSTLY_Q3_K_S, FT.MOSTLY_Q3_K_M, FT.MOSTLY_IQ4_NL,
-                      FT.MOSTLY_Q4_K_S, FT.MOSTLY_Q4_K_M, FT.MOSTLY_IQ4_XS)
+                      FT.MOSTLY_Q4_K_S, FT.MOSTLY_Q4_K_M, FT.MOSTLY_IQ4_XS, FT.MOSTLY_IQ3_XXS)
             return Q.Q5_K if ft in bumped else self.default
-        return {FT.MOSTLY_Q2_K: Q.Q3_K, FT.MOSTLY_Q3_K_M: Q.Q4_K,
-                FT.MOSTLY_Q3_K_L: Q.Q5_K}.get(ft, self.default)
+        return {FT.MOSTLY_Q2_K: Q.Q3_K, FT.MOSTLY_Q3_K_M: Q.Q4_K, FT.MOSTLY_Q3_K_L: Q.Q5_K,
+                FT.MOSTLY_IQ3_XXS: Q.IQ3_S}.get(ft, self.default)

@@ -59,6 +59,32 @@ class MLA:
 
 
 @dataclass(frozen=True)
+class LinearAttn:
+    """Qwen3.5/3.6's Gated DeltaNet layers (GGUF arch qwen35moe), in config.json's terms; every
+    `full_attention_interval`-th layer is a gated full attention instead."""
+
+    conv_kernel: int  # linear_conv_kernel_dim
+    n_k_heads: int  # linear_num_key_heads
+    n_v_heads: int  # linear_num_value_heads
+    head_k_dim: int  # linear_key_head_dim
+    head_v_dim: int  # linear_value_head_dim
+    full_attention_interval: int
+    partial_rotary: float  # partial_rotary_factor: rope over this share of head_dim
+    mrope_sections: tuple[int, ...]  # mrope_section, padded to 4 as the converter writes it
+
+    @property
+    def conv_channels(self) -> int:
+        return 2 * self.n_k_heads * self.head_k_dim + self.n_v_heads * self.head_v_dim
+
+    @property
+    def v_width(self) -> int:
+        return self.n_v_heads * self.head_v_dim
+
+    def is_recurrent(self, layer: int) -> bool:
+        return (layer + 1) % self.full_attention_interval != 0
+
+
+@dataclass(frozen=True)
 class GlmMoe:
     """GLM-4.5's layout as llama.cpp's converter writes it: leading dense layers, an ungated
     shared expert, sigmoid routing with a correction bias (exp_probs_b), NEOX rope on part of
@@ -95,6 +121,7 @@ class Preset:
     qk_norm: str = "none"  # "full" (OLMoE: over all heads), "per_head" (Qwen3)
     qkv_bias: bool = False
     mla: MLA | None = None
+    linear: LinearAttn | None = None
     sliding_window: int = 0  # gpt-oss: attention.sliding_window of its sliding layers
     # gpt-oss: YaRN (factor, original context, beta_fast, beta_slow)
     yarn: tuple[float, int, float, float] | None = None
@@ -152,6 +179,24 @@ PRESETS: dict[str, dict[str, Preset]] = {
                                 mla=MLA(512, 768, 192, 64, 256, 1, 1, weights_scale=1.8, weights_norm=True,
                                         correction_bias=True)),
     },
+    # Qwen3.6-35B-A3B has Qwen3.5-35B-A3B's shapes: transformers 5.24's Qwen3_5MoeTextConfig
+    # defaults and the published config.json (40 layers, 30 DeltaNet + 10 attention, 256
+    # experts of 512, vocab 248320). Qwen3.5-122B-A10B's config.json as quoted in public
+    # test scripts: hidden 3072, 48 layers, 32 heads / 2 KV of 256, DeltaNet 16 k-heads and
+    # 64 v-heads of 128, 256 experts of 1024 (8 used), shared expert 1024. Both: rope theta
+    # 1e7 over a quarter of each head, context 262144. The files are what the converter
+    # writes with --no-mtp (moestream does not run the multi-token-prediction block).
+    "qwen35moe": {
+        "qwen3.6-35b-a3b": Preset("qwen35moe", "Qwen3.6-35B-A3B (synthetic)", 40, 2048, 16, 2, 256, 248320,
+                                  262144, 256, 8, 512, 512, 1e7, 1e-6, n_ff_shexp=512, qk_norm="per_head",
+                                  linear=LinearAttn(4, 16, 32, 128, 128, 4, 0.25, (11, 11, 10, 0))),
+        "qwen3.5-122b-a10b": Preset("qwen35moe", "Qwen3.5-122B-A10B (synthetic)", 48, 3072, 32, 2, 256, 248320,
+                                    262144, 256, 8, 1024, 1024, 1e7, 1e-6, n_ff_shexp=1024, qk_norm="per_head",
+                                    linear=LinearAttn(4, 16, 64, 128, 128, 4, 0.25, (11, 11, 10, 0))),
+        "tiny": Preset("qwen35moe", "tiny qwen35moe (synthetic)", 4, 256, 4, 2, 128, 320, 512, 4, 2, 256, 256,
+                       1e7, 1e-6, n_ff_shexp=256, qk_norm="per_head",
+                       linear=LinearAttn(4, 2, 4, 64, 64, 2, 0.25, (6, 5, 5, 0))),
+    },
     # openai/gpt-oss-20b and gpt-oss-120b config.json: hidden 2880, 64 query heads and 8 KV
     # heads of 64, 201088 tokens, expert width 2880, 32 / 128 experts, top-4, sliding window
     # 128 on even layers, YaRN factor 32 over 4096, rope base 150000. Their release GGUFs
@@ -205,6 +250,11 @@ def tensor_shapes(p: Preset) -> list[TensorShape]:
     if p.glm:
         return shapes + _glm_layers(p) + _output(p)
     for i in range(p.n_layers):
+        if p.linear:
+            layer = [*(_deltanet(p) if p.linear.is_recurrent(i) else _gated_attention(p)),
+                     ("post_attention_norm.weight", (p.n_embd,)), *_moe_ffn(p)]
+            shapes += [TensorShape(f"blk.{i}.{name}", shape) for name, shape in layer]
+            continue
         layer = [*(_mla_attention(p) if p.mla else _attention(p)), ("ffn_norm.weight", (p.n_embd,))]
         layer += _dense_ffn(p) if p.mla and i < p.mla.n_dense_lead else _moe_ffn(p)
         if p.mla and p.mla.correction_bias and i >= p.mla.n_dense_lead:
@@ -244,6 +294,25 @@ def _attention(p: Preset) -> list[tuple[str, tuple[int, ...]]]:
     elif p.qk_norm == "per_head":
         parts += [("attn_q_norm.weight", (p.head_dim,)), ("attn_k_norm.weight", (p.head_dim,))]
     return parts
+
+
+def _deltanet(p: Preset) -> list[tuple[str, tuple[int, ...]]]:
+    """A Gated DeltaNet layer as the converter splits it: in_proj_qkvz into attn_qkv (the
+    convolution's q, k, v channels) and attn_gate (z); A_log stored as ssm_a = -exp(A_log)."""
+    lin, d = p.linear, p.n_embd
+    return [("attn_norm.weight", (d,)), ("attn_qkv.weight", (lin.conv_channels, d)),
+            ("attn_gate.weight", (lin.v_width, d)), ("ssm_conv1d.weight", (lin.conv_channels, lin.conv_kernel)),
+            ("ssm_dt.bias", (lin.n_v_heads,)), ("ssm_a", (lin.n_v_heads,)),
+            ("ssm_alpha.weight", (lin.n_v_heads, d)), ("ssm_beta.weight", (lin.n_v_heads, d)),
+            ("ssm_norm.weight", (lin.head_v_dim,)), ("ssm_out.weight", (d, lin.v_width))]
+
+
+def _gated_attention(p: Preset) -> list[tuple[str, tuple[int, ...]]]:
+    """Full attention whose attn_q yields each head's query and its output gate."""
+    d, q, kv = p.n_embd, p.n_head * p.head_dim, p.n_head_kv * p.head_dim
+    return [("attn_norm.weight", (d,)), ("attn_q.weight", (2 * q, d)), ("attn_k.weight", (kv, d)),
+            ("attn_v.weight", (kv, d)), ("attn_output.weight", (d, q)),
+            ("attn_q_norm.weight", (p.head_dim,)), ("attn_k_norm.weight", (p.head_dim,))]
 
 
 def _gptoss_layer(p: Preset) -> list[tuple[str, tuple[int, ...]]]:
@@ -321,6 +390,9 @@ def plan(preset: Preset, quant: str) -> list[PlannedTensor]:
 
 # -- metadata -----------------------------------------------------------------------------
 def _add_metadata(w: gguf.GGUFWriter, p: Preset, quant: str) -> None:
+    if p.linear:
+        _add_hybrid_metadata(w, p, quant)
+        return
     w.add_name(p.model)
     w.add_file_type(file_type(quant)[0])
     w.add_block_count(p.n_layers)
@@ -355,6 +427,38 @@ def _add_metadata(w: gguf.GGUFWriter, p: Preset, quant: str) -> None:
         w.add_rope_scaling_yarn_beta_slow(beta_slow)
     if p.glm:
         _add_glm_metadata(w, p.glm)
+
+
+def _add_hybrid_metadata(w: gguf.GGUFWriter, p: Preset, quant: str) -> None:
+    """The keys convert_hf_to_gguf writes for Qwen3.5/3.6 MoE (Qwen3_5MoeTextModel, --no-mtp):
+    no feed_forward_length or vocab_size, the ssm.* keys of the DeltaNet layers, the
+    recurrent-layer flags and the interleaved M-RoPE sections."""
+    lin = p.linear
+    w.add_name(p.model)
+    w.add_file_type(file_type(quant)[0])
+    w.add_block_count(p.n_layers)
+    w.add_context_length(p.n_ctx)
+    w.add_embedding_length(p.n_embd)
+    w.add_head_count(p.n_head)
+    w.add_head_count_kv(p.n_head_kv)
+    w.add_rope_dimension_sections(list(lin.mrope_sections))
+    w.add_rope_freq_base(p.rope_base)
+    w.add_layer_norm_rms_eps(p.rms_eps)
+    w.add_expert_count(p.n_expert)
+    w.add_expert_used_count(p.n_expert_used)
+    w.add_key_length(p.head_dim)
+    w.add_value_length(p.head_dim)
+    w.add_expert_feed_forward_length(p.expert_width)
+    w.add_expert_shared_feed_forward_length(p.n_ff_shexp)
+    w.add_ssm_conv_kernel(lin.conv_kernel)
+    w.add_ssm_state_size(lin.head_k_dim)
+    w.add_ssm_group_count(lin.n_k_heads)
+    w.add_ssm_time_step_rank(lin.n_v_heads)
+    w.add_ssm_inner_size(lin.v_width)
+    # the installed gguf package predates add_recurrent_layers; the converter writes this key
+    w.add_array(f"{p.arch}.attention.recurrent_layers", [lin.is_recurrent(i) for i in range(p.n_layers)])
+    w.add_full_attention_interval(lin.full_attention_interval)
+    w.add_rope_dimension_count(int(p.head_dim * lin.partial_rotary))
 
 
 def _add_mla_metadata(w: gguf.GGUFWriter, m: MLA) -> None:
@@ -429,7 +533,11 @@ def _unit_std(qtype: Q) -> float:
 
 
 def _f32_values(t: PlannedTensor, n: int, rng: np.random.Generator) -> np.ndarray:
-    """F32 tensors: norms near 1, routers and biases small random values."""
+    """F32 tensors: norms near 1, routers and biases small random values, DeltaNet decay
+    rates (ssm_a = -A) negative with A in (0, 16) as transformers initialises A_log (a
+    positive one would grow the recurrent state without bound)."""
+    if t.name.endswith("ssm_a"):
+        return -rng.uniform(0.5, 16.0, n).astype(np.float32)
     noise = rng.standard_normal(n, dtype=np.float32)
     if t.name.endswith("norm.weight"):
         return 1.0 + 0.1 * noise

@@ -11,6 +11,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -115,3 +116,20 @@ def test_bench_json_vs_llama_cpp(tiny_synth: Path, capsys) -> None:
     # 4 cache slots for 2 layers x 4 experts, top-2: some lookups hit, some copy
     assert 0 < report["moestream"]["expert_hit_rate"] < 1
     assert report["moestream"]["h2d_gb_s"] > 0
+
+
+def test_llama_cpp_without_repack(tiny_synth: Path) -> None:
+    """--llama-cpp-no-repack: llama.cpp's default model params lose their extra buffer types
+    while the runner loads (no repacked copy of the weights), and come back after."""
+    from moestream.tools.llama_cpp_ref import without_repack
+
+    assert llama_cpp.llama_model_default_params().use_extra_bufts
+    with without_repack(True):
+        assert not llama_cpp.llama_cpp.llama_model_default_params().use_extra_bufts
+        llm = llama_cpp.Llama(model_path=str(tiny_synth), n_ctx=32, n_threads=1, verbose=False)
+        try:
+            llm.eval([5, 77, 300])
+            assert np.isfinite(np.array(llm.scores[:3])).all()
+        finally:
+            llm.close()
+    assert llama_cpp.llama_cpp.llama_model_default_params().use_extra_bufts

@@ -60,3 +60,24 @@ def test_bench_prints_the_profile(tiny_synth: Path, capsys) -> None:
         assert part in out, part
     row = next(line for line in out.splitlines() if line.startswith(EXPERTS))
     assert float(row.split()[-2]) > 0  # ms of the expert kernels
+
+
+def test_hybrid_parts_add_up_to_the_decode_step(tmp_path: Path) -> None:
+    """qwen35moe: the DeltaNet recurrence and its gates are parts of their own, the mixers'
+    projections count as attention projections, and the parts still add up to the step."""
+    from moestream.tools.decode_profile import DELTANET, DELTANET_GATES, SHARED
+
+    path = tmp_path / "tiny-qwen35moe-Q4_K_M.gguf"
+    write_synthetic(path, get_preset("qwen35moe", "tiny"), "Q4_K_M", progress=False)
+    engine = Engine.from_gguf(path, ctx_size=64, max_batch=1, kernel_backend="q8")
+    params = SamplingParams(max_tokens=GEN_TOKENS, temperature=0.0, ignore_eos=True)
+    list(engine.generate(list(range(10, 26)), params))
+    profiler = StepProfiler(engine)
+    with profiler.installed():
+        times = [time.perf_counter() for _ in engine.generate(list(range(10, 26)), params)]
+    breakdown = decode_breakdown_ms(profiler.steps, times)
+    missing = [p for p in (*REQUIRED_PARTS, SHARED, DELTANET, DELTANET_GATES) if not breakdown.get(p, 0) > 0]
+    assert not missing, f"parts not timed: {missing}"
+    parts = sum(v for k, v in breakdown.items() if k != STEP_MEASURED)
+    measured = breakdown[STEP_MEASURED]
+    assert abs(parts - measured) <= 0.1 * measured, f"parts {parts:.3f} ms vs step {measured:.3f} ms"

@@ -21,10 +21,13 @@ _LOG_LINE = re.compile(r"\]\s+(\S+)\s+- \[[^\]]*\], type =\s+(\w+), size =[^\n]*
 
 
 def llama_quantize_types(src: Path, quant: str) -> dict[str, tuple[str, str]]:
-    """{tensor: (type in src, type llama-quantize would give it)}, read from its dry-run log."""
+    """{tensor: (type in src, type llama-quantize would give it)}, read from its dry-run log.
+    File types that need an importance matrix get a one-entry one: a dry run quantizes
+    nothing, only the presence of an imatrix changes the mix (as for every published file)."""
     from llama_cpp import _logger
 
-    from tests.fixtures.quantize import llama_ftype
+    from moestream.tools.quant_mix import IMATRIX_FILE_TYPES
+    from tests.fixtures.quantize import Imatrix, llama_ftype
 
     text: list[str] = []
 
@@ -36,6 +39,9 @@ def llama_quantize_types(src: Path, quant: str) -> dict[str, tuple[str, str]]:
     params.ftype = llama_ftype(quant)
     params.dry_run = True
     params.allow_requantize = True
+    imatrix = Imatrix({"output.weight": np.ones(256)}) if quant in IMATRIX_FILE_TYPES else None
+    if imatrix is not None:
+        params.imatrix = imatrix.pointer
     llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
     try:
         status = llama_cpp.llama_model_quantize(str(src).encode(), str(src.with_suffix(".out")).encode(),
@@ -52,7 +58,8 @@ def test_full_preset_mix_matches_llama_quantize(tmp_path: Path, arch: str, name:
     preset = get_preset(arch, name)
     source = tmp_path / "f16.gguf"
     write_synthetic(source, preset, "F16", random_weights=False, progress=False)
-    quants = {"olmoe": ["Q4_K_M", "Q3_K_M", "IQ4_XS"], "gpt-oss": ["MXFP4_MOE"]}.get(arch, ["Q4_K_M"])
+    quants = {"olmoe": ["Q4_K_M", "Q3_K_M", "IQ4_XS"], "qwen35moe": ["Q4_K_M", "IQ3_XXS"],
+              "gpt-oss": ["MXFP4_MOE"]}.get(arch, ["Q4_K_M"])
     for quant in quants:
         expected = {tensor: new for tensor, (_, new) in llama_quantize_types(source, quant).items()}
         assert {t.name: t.qtype.name for t in plan(preset, quant)} == expected, quant
@@ -74,6 +81,22 @@ def test_full_preset_file(tmp_path: Path, arch: str, name: str, quant: str, size
     read = llama_quantize_types(path, quant)
     assert read == {t.name: (t.qtype.name, t.qtype.name) for t in tensors}
     assert path.stat().st_size == pytest.approx(size, rel=0.005)
+
+
+@pytest.mark.parametrize("name,quant", [("qwen3.6-35b-a3b", "Q4_K_M"), ("qwen3.5-122b-a10b", "Q4_K_M"),
+                                        ("qwen3.5-122b-a10b", "IQ3_XXS")])
+def test_qwen35moe_header_reads_back_as_planned(tmp_path: Path, name: str, quant: str) -> None:
+    """llama.cpp reads the DeltaNet model's header (ssm.* keys, recurrent-layer flags) and
+    would re-quantize none of the written tensors; our engine plans the same file."""
+    from moestream.engine.header import ModelHeader, read_gguf
+
+    preset = get_preset("qwen35moe", name)
+    path = tmp_path / "model.gguf"
+    tensors = write_synthetic(path, preset, quant, random_weights=False, progress=False)
+    assert llama_quantize_types(path, quant) == {t.name: (t.qtype.name, t.qtype.name) for t in tensors}
+    header = ModelHeader.from_reader(read_gguf(path))
+    assert (header.n_layers, header.n_kv_layers, header.linear.n_v_heads) == (
+        preset.n_layers, preset.n_layers // 4, preset.linear.n_v_heads)
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +157,21 @@ def test_fast_random_blocks_decode_finite_with_the_planned_spread(quant: str) ->
         assert np.isfinite(w).all()
         assert np.std(w) == pytest.approx(1 / np.sqrt(t.shape[-1]), rel=0.15), t.name
 
+
+def test_tiny_qwen35moe_matches_llama_cpp(tiny_files: dict[str, Path]) -> None:
+    """An independent check of the DeltaNet writer: llama.cpp in F32 on the file's tensors
+    decoded by gguf.quants (an exact decoder's logits) equals our engine on the file, and
+    llama.cpp on the file itself is within its 8-bit activation rounding, as in
+    tests/engine/test_qwen35moe.py (measured 2.6e-5 and 1.7%)."""
+    from moestream.engine import Engine
+    from tests.engine.test_forward import rel_l2
+    from tests.fixtures.dequant_gguf import dequantized_copy
+
+    path = tiny_files["qwen35moe"]
+    ids = [*IDS, 44, 101, 7, 260, 18, 203]
+    ours = Engine.from_gguf(path, ctx_size=64, max_batch=1).score(ids)
+    assert rel_l2(ours, llama_cpp_logits(dequantized_copy(path), ids)) <= 1e-3
+    assert rel_l2(ours, llama_cpp_logits(path, ids)) <= 0.06
 
 def test_synthetic_gpt_oss_speaks_harmony(tiny_files: dict[str, Path]) -> None:
     """The gpt-oss file carries harmony's control tokens and a harmony template, so a served
