@@ -60,9 +60,15 @@ class Engine:
         log.info("allocating the KV cache: %d tokens, %s, %s", self.memory.kv_tokens, config.kv_dtype,
                  format_bytes(self.memory.kv_bytes))
         kv_start_s = time.perf_counter()
+        # A hybrid model's recurrent state sums the whole prefix and is not kept per block:
+        # KV blocks alone cannot resume it, so it prefills every prompt in full.
+        prefix_cache = config.prefix_cache and self.config.linear is None
+        if config.prefix_cache and not prefix_cache:
+            log.info("prefix cache off: %s keeps a recurrent state that KV blocks cannot restore",
+                     self.config.arch)
         self.kv = KVCache(self.config.n_kv_layers, self.config.n_kv_heads, self.config.head_dim,
                           self.memory.kv_tokens // config.kv_block_size, config.kv_block_size,
-                          KV_DTYPES[config.kv_dtype], self.device)
+                          KV_DTYPES[config.kv_dtype], self.device, prefix_cache)
         log.info("KV cache allocated in %.1f s", time.perf_counter() - kv_start_s)
         # hybrid models: one DeltaNet state per sequence that can run at once
         self.states = (RecurrentStatePool(self.config.linear, config.max_batch, self.device)
@@ -91,6 +97,7 @@ class Engine:
         self.grammars = GrammarCompiler(self.tokenizer, self.config.vocab_size)
         self._user_text = UserTextShield(self.tokenizer.special_texts)
         self._steps_to_measure = _MEASURED_STEPS
+        self.prompt_tokens_computed = 0  # prompt tokens run through the model (not from the cache)
         self.check_device_memory()
 
     @classmethod
@@ -154,12 +161,25 @@ class Engine:
         batch, sampling = self._build_batch(scheduled)
         logits = self.model.forward(batch, self.kv)
         for item in scheduled:
-            item.seq.num_computed += item.n_tokens
+            seq, start = item.seq, item.seq.num_computed
+            seq.num_computed += item.n_tokens
+            self.prompt_tokens_computed += max(0, min(seq.num_computed, len(seq.prompt_ids)) - start)
+            self._cache_full_blocks(seq)
         outputs = self._postprocess(sampling, self._sample_each(logits, sampling))
         if self._steps_to_measure:
             self._steps_to_measure -= 1
             self.check_device_memory()
         return outputs
+
+    def _cache_full_blocks(self, seq: Sequence) -> None:
+        """Register the blocks this step filled in the prefix cache (prompt and output alike:
+        a multi-turn conversation's next prompt repeats the reply)."""
+        blocks = self.kv.blocks
+        n_full = seq.num_computed // self.kv.block_size
+        if blocks.caching and n_full > seq.num_registered_blocks:
+            blocks.extend_hashes(seq.block_hashes, seq.token_ids, seq.num_computed)
+            blocks.register(seq.block_table, seq.block_hashes, seq.num_registered_blocks, n_full)
+            seq.num_registered_blocks = n_full
 
     def _sample_each(self, logits: torch.Tensor, seqs: list[Sequence]) -> list:
         """Each sequence's (token, logprob), or the exception its sampling raised: one
@@ -326,7 +346,9 @@ class Engine:
     def stats(self) -> dict:
         stats = dict(self.experts.stats())
         stats.update(kv_cache_usage=self.kv.usage, num_running=len(self.scheduler.running),
-                     num_waiting=len(self.scheduler.waiting))
+                     num_waiting=len(self.scheduler.waiting), prompt_tokens_computed=self.prompt_tokens_computed,
+                     prefix_cache_queries=self.kv.blocks.lookup_tokens,
+                     prefix_cache_hits=self.kv.blocks.hit_tokens)
         if self.plan is not None:
             stats["vram_used_bytes"] = self.device_bytes_used()
         return stats

@@ -5,6 +5,10 @@ of the token budget on prefill chunks, oldest request first. A request is admitt
 when the KV cache has room for its whole prompt; when a decode cannot grow, the newest
 running sequence is preempted (its blocks freed, recomputed later). Hybrid models also
 need a recurrent-state slot per admitted sequence, freed with its blocks.
+
+With the prefix cache, an admitted sequence first takes the cached blocks of the longest
+run of its full blocks (never its last token, whose logits it must compute) and prefills
+only the rest; admission counts those blocks as taken, not as new ones.
 """
 
 from __future__ import annotations
@@ -65,14 +69,32 @@ class Scheduler:
 
     def _release(self, seq: Sequence) -> None:
         self.kv.free(seq.block_table)
+        seq.num_registered_blocks = 0
         if self.states is not None:
             self.states.free(seq.state_slot)
             seq.state_slot = None
 
-    def _can_admit(self, seq: Sequence) -> bool:
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """The cached blocks a (re)starting sequence can take: full blocks before its last token."""
+        if not self.kv.blocks.caching:
+            return []
+        self.kv.blocks.extend_hashes(seq.block_hashes, seq.token_ids, seq.num_tokens - 1)
+        return self.kv.blocks.lookup(seq.block_hashes[:(seq.num_tokens - 1) // self.kv.block_size])
+
+    def _can_admit(self, seq: Sequence, hit: list[int]) -> bool:
         if self.states is not None and not self.states.can_allocate():
             return False
-        return self.kv.can_allocate(seq.block_table, seq.num_tokens + 1)
+        return self.kv.can_allocate(seq.block_table, seq.num_tokens + 1, hit)
+
+    def _admit(self, seq: Sequence, hit: list[int]) -> None:
+        self.kv.allocate(seq.block_table, seq.num_tokens + 1, hit)
+        seq.num_registered_blocks = len(hit)
+        seq.num_computed = len(hit) * self.kv.block_size
+        if seq.num_cached_tokens is None:  # first admission: what the request reports
+            seq.num_cached_tokens = seq.num_computed
+            if self.kv.blocks.caching:
+                self.kv.blocks.lookup_tokens += len(seq.prompt_ids)
+                self.kv.blocks.hit_tokens += seq.num_computed
 
     def schedule(self) -> list[ScheduledSeq]:
         budget = self.config.max_batched_tokens
@@ -97,10 +119,11 @@ class Scheduler:
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            if not self._can_admit(seq):
+            hit = self._cached_prefix(seq)
+            if not self._can_admit(seq, hit):
                 break
             self.waiting.popleft()
-            self.kv.allocate(seq.block_table, seq.num_tokens + 1)
+            self._admit(seq, hit)
             if self.states is not None:
                 seq.state_slot = self.states.allocate()
             seq.status = SequenceStatus.RUNNING

@@ -84,6 +84,9 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     state_slot: int | None = None  # hybrid models: its RecurrentStatePool slot while admitted
     num_computed: int = 0  # tokens whose K/V are in the cache
+    block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of its full blocks
+    num_registered_blocks: int = 0  # leading blocks of block_table in the prefix cache
+    num_cached_tokens: int | None = None  # prompt tokens the prefix cache served at admission
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     arrival_s: float = field(default_factory=time.monotonic)
