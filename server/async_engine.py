@@ -17,7 +17,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from moestream.engine import Engine, SamplingParams
-from moestream.engine.sequence import SequenceStatus, TokenLogprob
+from moestream.engine.sequence import Sequence, SequenceStatus, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,14 @@ class RequestStream:
     seq_id: int
     num_prompt_tokens: int
     scheduled_s: float | None = None  # set by the engine thread when first scheduled
+    seq: Sequence | None = None  # the engine's record, read here only once a token has come
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     is_finished: bool = False
+
+    @property
+    def num_cached_tokens(self) -> int:
+        """Prompt tokens the prefix cache served (set at admission, before any token)."""
+        return (self.seq.num_cached_tokens or 0) if self.seq is not None else 0
 
     async def __aiter__(self) -> AsyncIterator[TokenEvent]:
         while not self.is_finished:
@@ -109,7 +115,7 @@ class AsyncEngine:
         except Exception as exc:  # handed to the caller, who maps it to an HTTP error
             done.set_exception(exc)
             return
-        stream = RequestStream(seq.seq_id, len(prompt_ids))
+        stream = RequestStream(seq.seq_id, len(prompt_ids), seq=seq)
         self._streams[seq.seq_id] = stream
         done.set_result(stream)
 
