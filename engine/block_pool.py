@@ -85,6 +85,15 @@ class BlockPool:
             if block not in self._hash_of and h not in self._block_of:
                 self._block_of[h], self._hash_of[block] = block, h
 
+    def reset(self) -> None:
+        """Forget every cached prefix (vLLM's reset_prefix_cache): idle cached blocks become
+        free; blocks in use stay with their sequences, no longer findable."""
+        for block in self._evictable:
+            heapq.heappush(self._free, block)
+        self._evictable.clear()
+        self._block_of.clear()
+        self._hash_of.clear()
+
     # -- allocation -------------------------------------------------------------------
     def can_allocate(self, block_table: list[int], n_tokens: int, reuse: Sequence[int] = ()) -> bool:
         """Can a table holding `block_table`, after taking the cached blocks `reuse`, grow to

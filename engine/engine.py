@@ -133,17 +133,28 @@ class Engine:
             raise MoestreamError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+        return self.add_group(prompt_ids, [params])[0]
+
+    def add_group(self, prompt_ids: list[int], params: list[SamplingParams]) -> list[Sequence]:
+        """One sequence per settings, all on one prompt (a request's n choices): the prompt is
+        prefilled once, by the first, and the others fork from its KV."""
         self.check_prompt(prompt_ids)
-        self._check_vocab([t for t, _ in params.logit_bias])
+        for p in params:
+            self._check_vocab([t for t, _ in p.logit_bias])
         if not self.scheduler.can_add():
             raise QueueFull(f"the batch is full and {self.engine_config.max_waiting} requests are "
                             "already waiting; retry later")
-        seq = Sequence(list(prompt_ids), params)
-        if params.grammar is not None:
-            seq.constraint = self.grammars.start(params.grammar)
-        self.sequences[seq.seq_id] = seq
-        self.scheduler.add(seq)
-        return seq
+        seqs = [Sequence(list(prompt_ids), p) for p in params]
+        for seq in seqs:
+            if seq.params.grammar is not None:
+                seq.constraint = self.grammars.start(seq.params.grammar)
+            self.sequences[seq.seq_id] = seq
+        first = seqs[0]
+        first.forks = seqs[1:]
+        for fork in first.forks:
+            fork.parent = first
+        self.scheduler.add(first)
+        return seqs
 
     def abort(self, seq_id: int) -> None:
         seq = self.sequences.pop(seq_id, None)
@@ -158,14 +169,18 @@ class Engine:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
-        batch, sampling = self._build_batch(scheduled)
+        batch, sampling, rows = self._build_batch(scheduled)
         logits = self.model.forward(batch, self.kv)
         for item in scheduled:
             seq, start = item.seq, item.seq.num_computed
             seq.num_computed += item.n_tokens
             self.prompt_tokens_computed += max(0, min(seq.num_computed, len(seq.prompt_ids)) - start)
             self._cache_full_blocks(seq)
-        outputs = self._postprocess(sampling, self._sample_each(logits, sampling))
+        chosen = self._sample_each(logits, sampling, rows)
+        for seq in sampling:
+            if seq.parent is not None:  # its parent's prompt is computed now: share it
+                self.scheduler.fork(seq.parent, seq)
+        outputs = self._postprocess(sampling, chosen)
         if self._steps_to_measure:
             self._steps_to_measure -= 1
             self.check_device_memory()
@@ -181,12 +196,13 @@ class Engine:
             blocks.register(seq.block_table, seq.block_hashes, seq.num_registered_blocks, n_full)
             seq.num_registered_blocks = n_full
 
-    def _sample_each(self, logits: torch.Tensor, seqs: list[Sequence]) -> list:
-        """Each sequence's (token, logprob), or the exception its sampling raised: one
-        request's failure ends that request alone, and the others' draws are untouched."""
+    def _sample_each(self, logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> list:
+        """Each sequence's (token, logprob) drawn from its row of `logits`, or the exception
+        its sampling raised: one request's failure ends that request alone, and the others'
+        draws are untouched."""
         host_logits = logits.to("cpu", torch.float32)  # one copy per step, not one per sequence
         chosen = []
-        for i, seq in enumerate(seqs):
+        for i, seq in zip(rows, seqs):
             try:
                 chosen.append(sample(host_logits[i:i + 1], [seq])[0])
             except Exception as exc:
@@ -194,8 +210,10 @@ class Engine:
                 chosen.append(exc)
         return chosen
 
-    def _build_batch(self, scheduled: list[ScheduledSeq]) -> tuple[BatchInput, list[Sequence]]:
-        tokens, positions, segments, logits_rows, sampling = [], [], [], [], []
+    def _build_batch(self, scheduled: list[ScheduledSeq]) -> tuple[BatchInput, list[Sequence], list[int]]:
+        """The batch, the sequences to sample and the logits row each samples from (a
+        prompt's last row also serves the forks waiting for it)."""
+        tokens, positions, segments, logits_rows, sampling, rows = [], [], [], [], [], []
         row_seqs: list[int] = []
         offset = 0
         for item in scheduled:
@@ -209,7 +227,8 @@ class Engine:
             offset += item.n_tokens
             if end == seq.num_tokens:  # the chunk reaches the sequence's last token: sample
                 logits_rows.append(offset - 1)
-                sampling.append(seq)
+                sampling += [seq, *seq.forks]
+                rows += [len(logits_rows) - 1] * (1 + len(seq.forks))
         self._batch_rows = (row_seqs, positions)
         batch = BatchInput(
             token_ids=torch.tensor(tokens, dtype=torch.long),
@@ -217,7 +236,7 @@ class Engine:
             segments=segments,
             logits_rows=torch.tensor(logits_rows, dtype=torch.long, device=self.device),
         )
-        return batch, sampling
+        return batch, sampling, rows
 
     def _record_routing(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> None:
         seq_ids, positions = self._batch_rows

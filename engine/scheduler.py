@@ -9,6 +9,11 @@ need a recurrent-state slot per admitted sequence, freed with its blocks.
 With the prefix cache, an admitted sequence first takes the cached blocks of the longest
 run of its full blocks (never its last token, whose logits it must compute) and prefills
 only the rest; admission counts those blocks as taken, not as new ones.
+
+The n choices of one request prefill once: the first sequence is scheduled, the others
+wait beside it (not in the queue) and fork from it when its prompt is computed, sharing
+its full blocks and copying the partial last one (and, on hybrid models, its recurrent
+state). A fork with no room then, or whose parent ends first, queues as a request of its own.
 """
 
 from __future__ import annotations
@@ -55,6 +60,13 @@ class Scheduler:
 
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
+        if seq.parent is not None:
+            seq.parent.forks.remove(seq)
+            seq.parent = None
+        for fork in seq.forks:  # its prefill will not come: each prefills its own
+            fork.parent = None
+            self.waiting.append(fork)
+        seq.forks.clear()
         self._release(seq)
         if seq in self.running:
             self.running.remove(seq)
@@ -66,6 +78,29 @@ class Scheduler:
         self._release(seq)
         seq.num_computed, seq.status = 0, SequenceStatus.WAITING
         self.waiting.appendleft(seq)
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Give `child` the parent's computed prompt, or queue it when there is no room."""
+        parent.forks.remove(child)
+        child.parent = None
+        n, bs = parent.num_computed, self.kv.block_size
+        shared = parent.block_table[:n // bs]
+        room = (len(self.running) < self.config.max_num_seqs and self.kv.can_allocate([], n + 1, shared)
+                and (self.states is None or self.states.can_allocate()))
+        if not room:
+            self.waiting.append(child)
+            return
+        self.kv.allocate(child.block_table, n + 1, shared)
+        if n % bs:
+            self.kv.copy_block(parent.block_table[n // bs], child.block_table[n // bs])
+        if self.states is not None:
+            child.state_slot = self.states.allocate()
+            self.states.copy(parent.state_slot, child.state_slot)
+        child.num_computed, child.num_registered_blocks = n, len(shared)
+        child.block_hashes = parent.block_hashes[:len(shared)]
+        child.num_cached_tokens = parent.num_cached_tokens
+        child.status, child.first_scheduled_s = SequenceStatus.RUNNING, time.monotonic()
+        self.running.append(child)
 
     def _release(self, seq: Sequence) -> None:
         self.kv.free(seq.block_table)

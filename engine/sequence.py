@@ -93,6 +93,9 @@ class Sequence:
     first_scheduled_s: float | None = None
     generator: torch.Generator = field(init=False)
     constraint: Constraint | None = None  # where the output stands in params.grammar
+    # n > 1: the other choices wait for this one's prefill, then fork from its prompt KV
+    forks: list[Sequence] = field(default_factory=list)
+    parent: Sequence | None = None  # a fork not yet forked: the sequence that prefills for it
 
     def __post_init__(self) -> None:
         self.generator = torch.Generator()

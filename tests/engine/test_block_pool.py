@@ -89,6 +89,17 @@ def test_a_duplicate_prefix_stays_unregistered_and_is_freed_not_cached():
     assert pool.num_cached == 1 and pool.num_free == 4
 
 
+def test_reset_forgets_every_prefix_and_frees_idle_blocks():
+    pool = BlockPool(4, BS)
+    pool.free(filled(pool, [1] * 8))
+    held = filled(pool, [2] * 4)
+    pool.reset()
+    assert pool.num_cached == 0 and pool.num_free == 3
+    assert pool.lookup(hashes_of(pool, [1] * 8)) == [] and pool.lookup(hashes_of(pool, [2] * 4)) == []
+    pool.free(held)
+    assert pool.num_free == 4
+
+
 def test_without_caching_nothing_is_found_or_kept():
     pool = BlockPool(4, BS, caching=False)
     pool.free(filled(pool, list(range(8))))
