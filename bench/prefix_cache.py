@@ -3,8 +3,9 @@
 
 A conversation of `--turns` turns under one long system prompt is played through an engine
 with the prefix cache: each turn's prompt is the whole history (system prompt, earlier
-questions and the model's greedy replies) rendered by the model's chat template. The same
-prompts are then sent, one at a time, to a second engine without the cache. Per turn it
+questions and the model's greedy replies) rendered by the model's chat template; right after
+each turn the same prompt goes to a second engine without the cache (interleaved, so a
+change of load on a shared machine hits both sides alike). Per turn it
 prints the prompt tokens, the tokens the cache served and both times to first token (from
 add_request to the first sampled token; no server, no HTTP), the median of `--repeats`
 plays (the cache emptied before each). One untimed request warms each engine first
@@ -45,15 +46,17 @@ def first_token_s(engine: Engine, prompt_ids: list[int], max_tokens: int) -> tup
     return first_s, ids, seq.num_cached_tokens or 0
 
 
-def play(engine: Engine, turns: int, system_repeat: int, reply_tokens: int) -> list[tuple[list[int], float, int]]:
-    """Each turn's (prompt ids, TTFT, cached tokens), the replies generated as it goes."""
+def play(engine: Engine, plain: Engine, turns: int, system_repeat: int,
+         reply_tokens: int) -> list[tuple[list[int], float, float, int]]:
+    """Each turn's (prompt ids, TTFT with the cache, TTFT without, cached tokens), the
+    replies generated as it goes."""
     messages = [{"role": "system", "content": SYSTEM * system_repeat}]
     rows = []
     for turn in range(turns):
         messages.append({"role": "user", "content": QUESTIONS[turn % len(QUESTIONS)]})
         prompt = engine.chat_prompt_ids(messages)
         ttft, ids, cached = first_token_s(engine, prompt, reply_tokens)
-        rows.append((prompt, ttft, cached))
+        rows.append((prompt, ttft, first_token_s(plain, prompt, 1)[0], cached))
         messages.append({"role": "assistant", "content": engine.tokenizer.decode(ids)})
     return rows
 
@@ -64,7 +67,7 @@ def main() -> None:
     p.add_argument("--turns", type=int, default=8)
     p.add_argument("--system-repeat", type=int, default=4, help="copies of the system paragraph")
     p.add_argument("--reply-tokens", type=int, default=24)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--kernels", default=None, help="as serve's --kernels (default: q8 on the CPU)")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args()
@@ -81,16 +84,16 @@ def main() -> None:
     without: list[list[float]] = [[] for _ in range(args.turns)]
     for _ in range(args.repeats):
         engines[True].kv.blocks.reset()
-        rows = play(engines[True], args.turns, args.system_repeat, args.reply_tokens)
-        for turn, (prompt, ttft, _) in enumerate(rows):
-            with_cache[turn].append(ttft)
-            without[turn].append(first_token_s(engines[False], prompt, 1)[0])
+        rows = play(engines[True], engines[False], args.turns, args.system_repeat, args.reply_tokens)
+        for turn, (_, hit, plain, _) in enumerate(rows):
+            with_cache[turn].append(hit)
+            without[turn].append(plain)
     print(f"model {args.model}; {torch.get_num_threads()} threads; kernels {options['kernel_backend']}; "
           f"median of {args.repeats}")
     print("| turn | prompt tokens | cached tokens | TTFT with cache ms | TTFT without ms | speed-up |")
     print("|---:|---:|---:|---:|---:|---:|")
     totals = [0.0, 0.0]
-    for turn, (prompt, _, cached) in enumerate(rows):
+    for turn, (prompt, _, _, cached) in enumerate(rows):
         hit, plain = statistics.median(with_cache[turn]), statistics.median(without[turn])
         totals[0], totals[1] = totals[0] + hit, totals[1] + plain
         print(f"| {turn + 1} | {len(prompt)} | {cached} | {hit * 1e3:.1f} | {plain * 1e3:.1f} | {plain / hit:.2f} |")
