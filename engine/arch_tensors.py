@@ -8,9 +8,10 @@ whose header disagrees with itself is refused with the key to blame.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from moestream.engine.config import ArchSpec, ModelConfig, QKNorm
+from moestream.engine.config import ModelConfig, QKNorm
+from moestream.engine.router import Gating
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,10 @@ KV_WIDTH = Dim("{arch}.attention.head_count_kv x key_length", lambda c: c.n_kv_h
 HEAD_DIM = Dim("{arch}.attention.key_length", lambda c: c.head_dim)
 N_EXPERTS = Dim("{arch}.expert_count", lambda c: c.n_experts)
 EXPERT_FFN = Dim("{arch}.expert_feed_forward_length (or feed_forward_length)", lambda c: c.expert_ffn)
-SHARED_FFN = Dim("{arch}.expert_shared_feed_forward_length (or feed_forward_length)",
+DENSE_FFN = Dim("{arch}.feed_forward_length", lambda c: c.dense_ffn)
+TWO_D_MODEL = Dim("2 x {arch}.embedding_length", lambda c: 2 * c.d_model)
+SHARED_FFN = Dim("{arch}.expert_shared_feed_forward_length (or expert_shared_count x "
+                 "expert_feed_forward_length, or feed_forward_length)",
                  lambda c: c.shared_ffn)
 # hybrid models' Gated DeltaNet layers (LinearAttnConfig)
 Q_GATE_WIDTH = Dim("2 x {arch}.attention.head_count x key_length", lambda c: 2 * c.n_heads * c.head_dim)
@@ -38,30 +42,39 @@ CONV_KERNEL = Dim("{arch}.ssm.conv_kernel", lambda c: c.linear.conv_kernel)
 SSM_INNER = Dim("{arch}.ssm.inner_size", lambda c: c.linear.n_v_heads * c.linear.head_v_dim)
 V_HEADS = Dim("{arch}.ssm.time_step_rank", lambda c: c.linear.n_v_heads)
 V_HEAD_DIM = Dim("{arch}.ssm.inner_size / time_step_rank", lambda c: c.linear.head_v_dim)
+N_HEADS = Dim("{arch}.attention.head_count", lambda c: c.n_heads)
 
 
-def _always(spec: ArchSpec) -> bool:
+def _always(config: ModelConfig) -> bool:
     return True
 
 
-def _full_qk_norm(spec: ArchSpec) -> bool:
-    return spec.qk_norm is QKNorm.FULL
+def _full_qk_norm(config: ModelConfig) -> bool:
+    return config.spec.qk_norm is QKNorm.FULL
 
 
-def _per_head_qk_norm(spec: ArchSpec) -> bool:
-    return spec.qk_norm is QKNorm.PER_HEAD
+def _per_head_qk_norm(config: ModelConfig) -> bool:
+    return config.spec.qk_norm is QKNorm.PER_HEAD
 
 
-def _shared_expert(spec: ArchSpec) -> bool:
-    return spec.shared_expert
+def _per_head_qk_norm_if_present(config: ModelConfig) -> bool:
+    return config.spec.qk_norm is QKNorm.PER_HEAD_IF_PRESENT
+
+
+def _shared_expert(config: ModelConfig) -> bool:
+    return config.spec.shared_expert
+
+
+def _sigmoid_router(config: ModelConfig) -> bool:
+    return config.router.gating is Gating.SIGMOID
 
 
 @dataclass(frozen=True)
 class TensorRule:
-    name: str  # "{i}" stands for the layer index
+    name: str  # "{i}" stands for the layer index, "{ffn_norm}" for ArchSpec.ffn_norm
     dims: tuple[Dim, ...]
     is_required: bool = True
-    applies: Callable[[ArchSpec], bool] = _always
+    applies: Callable[[ModelConfig], bool] = _always
 
 
 MODEL_TENSORS = (
@@ -70,13 +83,13 @@ MODEL_TENSORS = (
     TensorRule("output.weight", (VOCAB, D_MODEL), is_required=False),  # else tied to token_embd
 )
 
-LAYER_TENSORS = (
+ATTENTION_TENSORS = (
     TensorRule("blk.{i}.attn_norm.weight", (D_MODEL,)),
     TensorRule("blk.{i}.attn_q.weight", (Q_WIDTH, D_MODEL)),
     TensorRule("blk.{i}.attn_k.weight", (KV_WIDTH, D_MODEL)),
     TensorRule("blk.{i}.attn_v.weight", (KV_WIDTH, D_MODEL)),
     TensorRule("blk.{i}.attn_output.weight", (D_MODEL, Q_WIDTH)),
-    # biases are used wherever a file has them (Qwen2 always does)
+    # biases are used wherever a file has them (Qwen2 and GLM-4.5 always do)
     TensorRule("blk.{i}.attn_q.bias", (Q_WIDTH,), is_required=False),
     TensorRule("blk.{i}.attn_k.bias", (KV_WIDTH,), is_required=False),
     TensorRule("blk.{i}.attn_v.bias", (KV_WIDTH,), is_required=False),
@@ -84,8 +97,14 @@ LAYER_TENSORS = (
     TensorRule("blk.{i}.attn_k_norm.weight", (KV_WIDTH,), applies=_full_qk_norm),
     TensorRule("blk.{i}.attn_q_norm.weight", (HEAD_DIM,), applies=_per_head_qk_norm),
     TensorRule("blk.{i}.attn_k_norm.weight", (HEAD_DIM,), applies=_per_head_qk_norm),
-    TensorRule("blk.{i}.ffn_norm.weight", (D_MODEL,)),
+    TensorRule("blk.{i}.attn_q_norm.weight", (HEAD_DIM,), is_required=False, applies=_per_head_qk_norm_if_present),
+    TensorRule("blk.{i}.attn_k_norm.weight", (HEAD_DIM,), is_required=False, applies=_per_head_qk_norm_if_present),
+    TensorRule("blk.{i}.{ffn_norm}.weight", (D_MODEL,)),
+)
+MOE_TENSORS = (
     TensorRule("blk.{i}.ffn_gate_inp.weight", (N_EXPERTS, D_MODEL)),
+    # the correction bias of sigmoid routers (DeepSeek-V3 style), for choosing experts only
+    TensorRule("blk.{i}.exp_probs_b.bias", (N_EXPERTS,), is_required=False, applies=_sigmoid_router),
     TensorRule("blk.{i}.ffn_gate_exps.weight", (N_EXPERTS, EXPERT_FFN, D_MODEL)),
     TensorRule("blk.{i}.ffn_up_exps.weight", (N_EXPERTS, EXPERT_FFN, D_MODEL)),
     TensorRule("blk.{i}.ffn_down_exps.weight", (N_EXPERTS, D_MODEL, EXPERT_FFN)),
@@ -93,6 +112,23 @@ LAYER_TENSORS = (
     TensorRule("blk.{i}.ffn_up_shexp.weight", (SHARED_FFN, D_MODEL), applies=_shared_expert),
     TensorRule("blk.{i}.ffn_down_shexp.weight", (D_MODEL, SHARED_FFN), applies=_shared_expert),
     TensorRule("blk.{i}.ffn_gate_inp_shexp.weight", (D_MODEL,), is_required=False, applies=_shared_expert),
+)
+LAYER_TENSORS = ATTENTION_TENSORS + MOE_TENSORS
+# the leading dense layers (leading_dense_block_count): a plain SwiGLU FFN, no experts
+DENSE_LAYER_TENSORS = ATTENTION_TENSORS + (
+    TensorRule("blk.{i}.ffn_gate.weight", (DENSE_FFN, D_MODEL)),
+    TensorRule("blk.{i}.ffn_up.weight", (DENSE_FFN, D_MODEL)),
+    TensorRule("blk.{i}.ffn_down.weight", (D_MODEL, DENSE_FFN)),
+)
+# A next-token-prediction (MTP) block after the last layer (nextn_predict_layers): a whole
+# layer plus these; the forward never reads them, so they are checked but not required.
+NEXTN_TENSORS = (
+    TensorRule("blk.{i}.nextn.eh_proj.weight", (D_MODEL, TWO_D_MODEL)),
+    TensorRule("blk.{i}.nextn.enorm.weight", (D_MODEL,)),
+    TensorRule("blk.{i}.nextn.hnorm.weight", (D_MODEL,)),
+    TensorRule("blk.{i}.nextn.embed_tokens.weight", (VOCAB, D_MODEL)),
+    TensorRule("blk.{i}.nextn.shared_head_head.weight", (VOCAB, D_MODEL)),
+    TensorRule("blk.{i}.nextn.shared_head_norm.weight", (D_MODEL,)),
 )
 
 
@@ -136,9 +172,41 @@ GATED_ATTENTION_TENSORS = (
 )
 
 
+# gpt-oss as llama.cpp's converter writes it: biases on q/k/v/o, the router and every expert
+# projection ([n_expert, rows]), one learned sink logit per head, post_attention_norm as the
+# pre-FFN norm.
+GPTOSS_LAYER_TENSORS = (
+    TensorRule("blk.{i}.attn_norm.weight", (D_MODEL,)),
+    TensorRule("blk.{i}.attn_q.weight", (Q_WIDTH, D_MODEL)),
+    TensorRule("blk.{i}.attn_k.weight", (KV_WIDTH, D_MODEL)),
+    TensorRule("blk.{i}.attn_v.weight", (KV_WIDTH, D_MODEL)),
+    TensorRule("blk.{i}.attn_output.weight", (D_MODEL, Q_WIDTH)),
+    TensorRule("blk.{i}.attn_q.bias", (Q_WIDTH,)),
+    TensorRule("blk.{i}.attn_k.bias", (KV_WIDTH,)),
+    TensorRule("blk.{i}.attn_v.bias", (KV_WIDTH,)),
+    TensorRule("blk.{i}.attn_output.bias", (D_MODEL,)),
+    TensorRule("blk.{i}.attn_sinks.weight", (N_HEADS,)),
+    TensorRule("blk.{i}.post_attention_norm.weight", (D_MODEL,)),
+    TensorRule("blk.{i}.ffn_gate_inp.weight", (N_EXPERTS, D_MODEL)),
+    TensorRule("blk.{i}.ffn_gate_inp.bias", (N_EXPERTS,)),
+    TensorRule("blk.{i}.ffn_gate_exps.weight", (N_EXPERTS, EXPERT_FFN, D_MODEL)),
+    TensorRule("blk.{i}.ffn_up_exps.weight", (N_EXPERTS, EXPERT_FFN, D_MODEL)),
+    TensorRule("blk.{i}.ffn_down_exps.weight", (N_EXPERTS, D_MODEL, EXPERT_FFN)),
+    TensorRule("blk.{i}.ffn_gate_exps.bias", (N_EXPERTS, EXPERT_FFN)),
+    TensorRule("blk.{i}.ffn_up_exps.bias", (N_EXPERTS, EXPERT_FFN)),
+    TensorRule("blk.{i}.ffn_down_exps.bias", (N_EXPERTS, D_MODEL)),
+)
+FAMILY_LAYER_TENSORS: dict[str, tuple[TensorRule, ...]] = {"gpt-oss": GPTOSS_LAYER_TENSORS}
+
+
 def layer_rules(config: ModelConfig, i: int) -> tuple[TensorRule, ...]:
+    if i >= config.n_layers:  # a next-token-prediction block
+        rules = layer_rules(config, config.n_layers - 1) + NEXTN_TENSORS
+        return tuple(replace(rule, is_required=False) for rule in rules)
+    if config.arch in FAMILY_LAYER_TENSORS:
+        return FAMILY_LAYER_TENSORS[config.arch]
     if config.linear is None:
-        return LAYER_TENSORS
+        return DENSE_LAYER_TENSORS if i < config.n_dense_layers else LAYER_TENSORS
     mixer = DELTANET_TENSORS if config.linear.recurrent_layers[i] else GATED_ATTENTION_TENSORS
     return HYBRID_LAYER_TENSORS + mixer
 
@@ -158,9 +226,9 @@ def expected_tensors(config: ModelConfig) -> Iterator[ExpectedTensor]:
                               tuple(d.key.format(arch=config.arch) for d in rule.dims), rule.is_required)
 
     for rule in MODEL_TENSORS:
-        if rule.applies(config.spec):
+        if rule.applies(config):
             yield expect(rule, rule.name)
-    for i in range(config.n_layers):
+    for i in range(config.n_layers + config.n_nextn_layers):
         for rule in layer_rules(config, i):
-            if rule.applies(config.spec):
-                yield expect(rule, rule.name.format(i=i))
+            if rule.applies(config):
+                yield expect(rule, rule.name.format(i=i, ffn_norm=config.spec.ffn_norm))

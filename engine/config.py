@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from moestream.engine.router import Gating, RouterConfig
+from moestream.engine.yarn import YarnScaling
 from moestream.kernels.errors import MoestreamError
 
 
@@ -24,6 +26,7 @@ class QKNorm(Enum):
     NONE = "none"
     FULL = "full"  # RMSNorm over the whole projection width (OLMoE)
     PER_HEAD = "per_head"  # RMSNorm over each head (Qwen3)
+    PER_HEAD_IF_PRESENT = "per_head_if_present"  # per head where the file has them (GLM-4.5, not -Air)
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,12 @@ class ArchSpec:
     shared_expert: bool
     norm_topk_default: bool
     attn_bias: bool = False  # q/k/v biases (Qwen2): used when present in the file
+    # Sliding-window attention on layers i with i % swa_pattern < swa_pattern - 1, over the
+    # last {arch}.attention.sliding_window tokens (llama.cpp's set_swa_pattern); 0: none.
+    swa_pattern: int = 0
+    yarn_truncate: bool = True  # YaRN's correction range rounded outward (engine/yarn.py)
+    gating_default: Gating = Gating.SOFTMAX  # router scores when expert_gating_func is absent
+    ffn_norm: str = "ffn_norm"  # the pre-FFN norm's tensor name, blk.N.{ffn_norm}.weight
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -47,6 +56,17 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     # M-RoPE, which for text (one position per token in every section) is NEOX rope over
     # rope.dimension_count dims; the converter bakes the (1 + w) RMSNorm offset into the norms.
     "qwen35moe": ArchSpec(RopeStyle.NEOX, QKNorm.PER_HEAD, shared_expert=True, norm_topk_default=True),
+    # gpt-oss: sliding-window layers (even) between full ones, attention sinks, biases
+    # everywhere, YaRN without truncation, its own router and clamped SwiGLU experts
+    # (engine/models/gptoss.py).
+    "gpt-oss": ArchSpec(RopeStyle.NEOX, QKNorm.NONE, shared_expert=False, norm_topk_default=False,
+                        attn_bias=True, swa_pattern=2, yarn_truncate=False),
+    # GLM-4.5 / 4.5-Air: q/k/v biases, NEOX rope over rope.dimension_count (half of each
+    # head), per-head q/k norms where the file has them (4.5, not -Air), leading dense
+    # layers, an ungated shared expert, sigmoid routing with a correction bias (llama.cpp's
+    # default when expert_gating_func is absent); the pre-FFN norm is post_attention_norm.
+    "glm4moe": ArchSpec(RopeStyle.NEOX, QKNorm.PER_HEAD_IF_PRESENT, shared_expert=True, norm_topk_default=False,
+                        attn_bias=True, gating_default=Gating.SIGMOID, ffn_norm="post_attention_norm"),
 }
 
 
@@ -133,14 +153,21 @@ class ModelConfig:
     rope_base: float
     rope_dims: int
     rope_scale: float
-    norm_topk: bool
+    router: RouterConfig
     spec: ArchSpec
     linear: LinearAttnConfig | None = None  # hybrid models only
+    yarn: YarnScaling | None = None  # rope.scaling.type "yarn"
+    sliding_window: int = 0  # tokens a sliding-window layer attends to (ArchSpec.swa_pattern)
+    n_dense_layers: int = 0  # leading layers with a plain SwiGLU FFN instead of experts
+    dense_ffn: int = 0  # their FFN width (feed_forward_length)
+    n_nextn_layers: int = 0  # next-token-prediction blocks after the n_layers the forward runs
 
     def __post_init__(self) -> None:
         assert self.n_heads % self.n_kv_heads == 0, "heads must be a multiple of KV heads"
         assert 0 < self.n_experts_used <= self.n_experts
         assert self.rope_dims <= self.head_dim and self.rope_dims % 2 == 0
+        assert 0 <= self.n_dense_layers < self.n_layers, "at least one layer must have experts"
+        assert self.dense_ffn > 0 or self.n_dense_layers == 0
 
     @classmethod
     def from_metadata(cls, meta: dict[str, Any], vocab_size: int, source: str) -> ModelConfig:
@@ -162,11 +189,17 @@ class ModelConfig:
         head_dim = keys.count("attention.key_length", d_model // n_heads)
         ffn_name = "expert_feed_forward_length" if meta.get(f"{arch}.expert_feed_forward_length") \
             else "feed_forward_length"
+        expert_ffn = keys.count(ffn_name)
         shared_ffn = 0
-        if spec.shared_expert:  # llama.cpp's default width for it: feed_forward_length
-            shared_name = "expert_shared_feed_forward_length" \
-                if meta.get(f"{arch}.expert_shared_feed_forward_length") else "feed_forward_length"
-            shared_ffn = keys.count(shared_name)
+        if spec.shared_expert:
+            shared_ffn = _shared_ffn(keys, expert_ffn)
+        n_nextn_layers = keys.count("nextn_predict_layers", 0, minimum=0)
+        n_layers = keys.count("block_count") - n_nextn_layers
+        keys.require(n_layers >= 1, "nextn_predict_layers", n_nextn_layers, "below block_count")
+        n_dense_layers = keys.count("leading_dense_block_count", 0, minimum=0)
+        keys.require(n_dense_layers < n_layers, "leading_dense_block_count", n_dense_layers,
+                     f"below the layer count ({n_layers}): moestream runs Mixture-of-Experts models")
+        dense_ffn = keys.count("feed_forward_length") if n_dense_layers else 0
         keys.require(n_heads % n_kv_heads == 0, "attention.head_count_kv", n_kv_heads,
                      f"a divisor of attention.head_count ({n_heads})")
         keys.require(keys.count("attention.value_length", head_dim) == head_dim, "attention.value_length",
@@ -180,22 +213,29 @@ class ModelConfig:
         rms_eps = keys.positive("attention.layer_norm_rms_epsilon")
         keys.require(rms_eps < 1, "attention.layer_norm_rms_epsilon", rms_eps, "below 1")
         scaling = meta.get(f"{arch}.rope.scaling.type", "none")
-        rope_scale = 1.0
+        rope_scale, yarn = 1.0, None
         if scaling == "linear":
             rope_scale = 1.0 / keys.positive("rope.scaling.factor")
+        elif scaling == "yarn":
+            yarn = YarnScaling(factor=keys.positive("rope.scaling.factor"),
+                               original_context=keys.count("rope.scaling.original_context_length"),
+                               beta_fast=keys.positive("rope.scaling.yarn_beta_fast", 32.0),
+                               beta_slow=keys.positive("rope.scaling.yarn_beta_slow", 1.0),
+                               attn_factor=keys.positive("rope.scaling.attn_factor", 1.0),
+                               truncate=spec.yarn_truncate)
         elif scaling not in ("none", None):
             raise MoestreamError(f"{source}: rope scaling {scaling!r} is not supported yet")
         return cls(
             arch=arch,
             name=str(meta.get("general.name", arch)),
-            n_layers=keys.count("block_count"),
+            n_layers=n_layers,
             d_model=d_model,
             n_heads=n_heads,
             n_kv_heads=n_kv_heads,
             head_dim=head_dim,
             n_experts=n_experts,
             n_experts_used=n_experts_used,
-            expert_ffn=keys.count(ffn_name),
+            expert_ffn=expert_ffn,
             shared_ffn=shared_ffn,
             vocab_size=vocab_size,
             context_length=keys.count("context_length", 4096),
@@ -203,9 +243,14 @@ class ModelConfig:
             rope_base=keys.positive("rope.freq_base", 10000.0),
             rope_dims=rope_dims,
             rope_scale=rope_scale,
-            norm_topk=bool(meta.get(f"{arch}.expert_weights_norm", spec.norm_topk_default)),
+            router=_router_config(keys, spec, n_experts, n_experts_used),
             spec=spec,
             linear=linear_attn_config(meta, arch, source),
+            yarn=yarn,
+            sliding_window=keys.count("attention.sliding_window") if spec.swa_pattern else 0,
+            n_dense_layers=n_dense_layers,
+            dense_ffn=dense_ffn,
+            n_nextn_layers=n_nextn_layers,
         )
 
     @property
@@ -215,10 +260,55 @@ class ModelConfig:
             return tuple(range(self.n_layers))
         return tuple(i for i, r in enumerate(self.linear.recurrent_layers) if not r)
 
+    def is_sliding(self, layer: int) -> bool:
+        """Whether `layer` attends to the last `sliding_window` tokens only."""
+        pattern = self.spec.swa_pattern
+        return pattern > 0 and layer % pattern < pattern - 1
+
+    @property
+    def moe_layers(self) -> range:
+        """The layers with routed experts (the leading dense ones have none)."""
+        return range(self.n_dense_layers, self.n_layers)
+
     @property
     def n_kv_layers(self) -> int:
         """Layers the KV cache holds: hybrid models keep no K/V for their DeltaNet layers."""
         return len(self.attention_layers)
+
+
+def _shared_ffn(keys: _MetadataKeys, expert_ffn: int) -> int:
+    """The shared expert's width as llama.cpp reads it: expert_shared_feed_forward_length
+    (qwen2moe, qwen35moe), else expert_shared_count experts of the routed width (deepseek2,
+    glm4moe), else feed_forward_length."""
+    if keys.meta.get(f"{keys.arch}.expert_shared_feed_forward_length"):
+        return keys.count("expert_shared_feed_forward_length")
+    if f"{keys.arch}.expert_shared_count" in keys.meta:
+        return keys.count("expert_shared_count") * expert_ffn
+    return keys.count("feed_forward_length")
+
+
+def _router_config(keys: _MetadataKeys, spec: ArchSpec, n_experts: int, n_experts_used: int) -> RouterConfig:
+    gating_id = keys.count("expert_gating_func", 0, minimum=0)
+    gatings = {g.value: g for g in Gating}
+    keys.require(gating_id == 0 or gating_id in gatings, "expert_gating_func", gating_id,
+                 "1 (softmax) or 2 (sigmoid); other gating functions are not supported yet")
+    n_groups = keys.count("expert_group_count", 1, minimum=0) or 1
+    keys.require(n_experts % n_groups == 0, "expert_group_count", n_groups,
+                 f"a divisor of expert_count ({n_experts})")
+    n_groups_used = keys.count("expert_group_used_count", n_groups, minimum=0) if n_groups > 1 else 1
+    keys.require(1 <= n_groups_used <= n_groups, "expert_group_used_count", n_groups_used,
+                 f"between 1 and expert_group_count ({n_groups})")
+    keys.require(n_groups_used * (n_experts // n_groups) >= n_experts_used, "expert_group_used_count",
+                 n_groups_used, f"groups holding at least expert_used_count ({n_experts_used}) experts")
+    scale = keys.positive("expert_weights_scale", 1.0)
+    return RouterConfig(
+        gating=gatings.get(gating_id, spec.gating_default),
+        n_experts_used=n_experts_used,
+        norm_topk=bool(keys.meta.get(f"{keys.arch}.expert_weights_norm", spec.norm_topk_default)),
+        weights_scale=scale,
+        n_groups=n_groups,
+        n_groups_used=n_groups_used,
+    )
 
 
 class _MetadataKeys:

@@ -83,8 +83,10 @@ def check_tensors(path: Path, config: ModelConfig, shapes: dict[str, tuple[int, 
     the file holds no tensor a model of this architecture does not have."""
     layers = {int(m.group(1)) for name in shapes if (m := _LAYER.match(name))}
     n_file_layers = max(layers) + 1 if layers else 0
-    if n_file_layers != config.n_layers:
-        raise MoestreamError(f"{path}: metadata {config.arch}.block_count = {config.n_layers} but the "
+    n_blocks = config.n_layers + config.n_nextn_layers  # block_count
+    # llama.cpp loads a file whose NextN blocks were left out (trunk only) as well
+    if n_file_layers not in (n_blocks, config.n_layers):
+        raise MoestreamError(f"{path}: metadata {config.arch}.block_count = {n_blocks} but the "
                              f"file has tensors for {n_file_layers} layers; {_RECONVERT}")
     if n_tokens is not None and n_tokens != config.vocab_size:
         raise MoestreamError(f"{path}: tokenizer.ggml.tokens has {n_tokens} tokens but token_embd.weight "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from moestream.engine.config import LinearAttnConfig, linear_attn_config
 from moestream.kernels.errors import MoestreamError
 
 FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
+_LAYER = re.compile(r"blk\.(\d+)\.")
 
 
 def read_gguf(path: str | Path, mode: str = "r") -> GGUFReader:
@@ -31,6 +33,12 @@ def read_gguf(path: str | Path, mode: str = "r") -> GGUFReader:
     except Exception as exc:  # the reader raises many types on bad bytes
         raise MoestreamError(f"{path}: not a readable GGUF file ({type(exc).__name__}: {exc}); "
                              "the file is truncated or corrupt, or not GGUF: download it again") from None
+
+
+def _layer_of(name: str) -> int:
+    """The block index of a `blk.N.` tensor; -1 for the others."""
+    m = _LAYER.match(name)
+    return int(m.group(1)) if m else -1
 
 
 @dataclass(frozen=True)
@@ -56,7 +64,7 @@ class TensorInfo:
 @dataclass(frozen=True)
 class ModelHeader:
     arch: str
-    n_layers: int
+    n_layers: int  # the layers the forward runs: block_count less the next-token-prediction blocks
     context_length: int
     d_model: int
     n_heads: int
@@ -66,7 +74,7 @@ class ModelHeader:
     vocab_size: int
     n_experts: int
     n_experts_used: int
-    tensors: tuple[TensorInfo, ...]
+    tensors: tuple[TensorInfo, ...]  # those the forward reads: none of a next-token-prediction block
     linear: LinearAttnConfig | None = None  # hybrid models: the DeltaNet layers (no KV, a state per sequence)
 
     @classmethod
@@ -83,10 +91,13 @@ class ModelHeader:
             return default
 
         arch = value("general.architecture")
+        # NextN/MTP blocks (GLM-4.5, DeepSeek-V3 style) follow the last layer; moestream
+        # never loads them, so they take no memory in the plan
+        n_layers = int(value(f"{arch}.block_count")) - int(value(f"{arch}.nextn_predict_layers", 0))
         tensors = tuple(
             TensorInfo(t.name, GGMLQuantizationType(int(t.tensor_type)),
                        tuple(int(d) for d in reversed([int(x) for x in t.shape])), int(t.n_bytes))
-            for t in reader.tensors)
+            for t in reader.tensors if _layer_of(t.name) < n_layers)
         by_name = {t.name: t for t in tensors}
         if "token_embd.weight" not in by_name:
             raise MoestreamError(f"{source}: tensor 'token_embd.weight' is missing; this is a "
@@ -96,7 +107,7 @@ class ModelHeader:
         key_length = int(value(f"{arch}.attention.key_length", d_model // n_heads))
         return cls(
             arch=arch,
-            n_layers=int(value(f"{arch}.block_count")),
+            n_layers=n_layers,
             context_length=int(value(f"{arch}.context_length")),
             d_model=d_model,
             n_heads=n_heads,

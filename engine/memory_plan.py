@@ -155,13 +155,15 @@ def workspace_parts(header: ModelHeader, config: EngineConfig, device: torch.dev
     q_width = header.n_heads * header.key_length
     kv_width = header.n_kv_heads * (header.key_length + header.value_length)
     ffn = max([t.dims[1] for t in header.tensors if t.name.endswith("ffn_gate_exps.weight")] or [0])
-    shared_ffn = max([t.dims[0] for t in header.tensors if t.name.endswith("ffn_gate_shexp.weight")] or [0])
+    # the widest resident SwiGLU: a shared expert or a leading dense layer's FFN
+    plain_ffn = max([t.dims[0] for t in header.tensors
+                     if t.name.endswith(("ffn_gate_shexp.weight", ".ffn_gate.weight"))] or [0])
     parts = {
         # residual, normed input, q, k, v, attention output, the two residual adds
         "activations": T * (6 * D + 2 * q_width + kv_width) * ACTIVATION_BYTES,
         # one row per (token, expert) pair: gathered input, gate, up, product, output,
-        # the per-pair results [T, k, D]; and the shared expert's gate, up and product
-        "expert_pairs": (T * k * (3 * D + 3 * ffn) + T * 3 * shared_ffn) * ACTIVATION_BYTES,
+        # the per-pair results [T, k, D]; and the shared expert's (or dense FFN's) gate, up, product
+        "expert_pairs": (T * k * (3 * D + 3 * ffn) + T * 3 * plain_ffn) * ACTIVATION_BYTES,
         # a prefill chunk's scores and probabilities over the context, the context's K and V
         # converted to fp32 for the matmuls, the causal mask
         "attention": (2 * header.n_heads * T * max_model_len + max_model_len * kv_width) * ACTIVATION_BYTES

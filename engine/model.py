@@ -1,8 +1,11 @@
 """The MoE transformer forward, plain PyTorch, top to bottom.
 
 One class serves olmoe, qwen2moe, qwen3moe and llama-with-experts (Mixtral): the
-differences are data in `config.spec` (rope style, q/k norm, shared expert). Resident
-weights (attention, router, norms, shared expert, lm_head) are decoded once to floats;
+differences are data in `config.spec` (rope style, q/k norm, shared expert) and in
+`config.router` (softmax or sigmoid scores, correction bias, groups, renormalising,
+scaling: engine/router.py); leading dense layers (`config.n_dense_layers`) run a plain
+SwiGLU instead of experts. Resident weights (attention, router, norms, shared expert,
+dense FFNs, lm_head) are decoded once to floats;
 routed experts stay quantized and come from an ExpertSource (host store or VRAM cache),
 which the MoE layer asks for by id without knowing where they live.
 """
@@ -26,6 +29,7 @@ from moestream.engine.kv_cache import KVCache, SlotIndex
 from moestream.engine.layers import Embedding, Linear, Rope, dequantize_tensor, rms_norm
 from moestream.engine.loader import GGUFModelFile
 from moestream.engine.replay import RoutingReplay
+from moestream.engine.router import select_experts
 from moestream.offload.cache import ExpertCache
 from moestream.offload.layout import ExpertWeights
 from moestream.offload.source import ExpertSource, LayerPlan
@@ -63,9 +67,17 @@ class LayerWeights:
     q_norm: torch.Tensor | None
     k_norm: torch.Tensor | None
     ffn_norm: torch.Tensor
-    router: torch.Tensor  # [E, D]
+    router: torch.Tensor | None  # [E, D]; None in a leading dense layer
     shared: tuple[Linear, Linear, Linear] | None  # gate, up, down
     shared_gate: torch.Tensor | None  # [D] sigmoid gate of the shared expert
+    expert_bias: torch.Tensor | None = None  # [E] correction bias for choosing experts (exp_probs_b)
+    dense_ffn: tuple[Linear, Linear, Linear] | None = None  # gate, up, down of a leading dense layer
+
+
+def swiglu(w: tuple[Linear, Linear, Linear], x: torch.Tensor) -> torch.Tensor:
+    """down(silu(gate(x)) * up(x)): a shared expert or a dense layer's FFN."""
+    gate, up, down = w
+    return down(F.silu(gate(x)) * up(x))
 
 
 def expert_ffn(x: torch.Tensor, w: ExpertWeights, backend: str) -> torch.Tensor:
@@ -141,14 +153,21 @@ class MoEModel:
         """Bytes of the weights this model holds on its device (experts and embedding apart)."""
         return _weight_bytes((self.output_norm, self.lm_head, *self.layers))
 
+    def _swiglu(self, file: GGUFModelFile, name: str) -> tuple[Linear, Linear, Linear]:
+        """gate, up, down of a SwiGLU; `name` has "{}" where gate/up/down go."""
+        return tuple(self._linear(file, name.format(n)) for n in ("gate", "up", "down"))
+
     def _layer(self, file: GGUFModelFile, i: int) -> LayerWeights:
         p = f"blk.{i}."
+        spec = self.config.spec
+        is_dense = i < self.config.n_dense_layers
         shared = None
-        if self.config.spec.shared_expert:
-            shared = tuple(self._linear(file, f"{p}ffn_{n}_shexp.weight") for n in ("gate", "up", "down"))
+        if spec.shared_expert and not is_dense:
+            shared = self._swiglu(file, p + "ffn_{}_shexp.weight")
         q_norm = k_norm = None
-        if self.config.spec.qk_norm is not QKNorm.NONE:
-            q_norm, k_norm = self._dense(file, p + "attn_q_norm.weight"), self._dense(file, p + "attn_k_norm.weight")
+        if spec.qk_norm is not QKNorm.NONE:  # required or not: arch_tensors has checked the file
+            q_norm = self._optional(file, p + "attn_q_norm.weight")
+            k_norm = self._optional(file, p + "attn_k_norm.weight")
         return LayerWeights(
             attn_norm=self._dense(file, p + "attn_norm.weight"),
             wq=self._linear(file, p + "attn_q.weight", p + "attn_q.bias"),
@@ -157,10 +176,12 @@ class MoEModel:
             wo=self._linear(file, p + "attn_output.weight"),
             q_norm=q_norm,
             k_norm=k_norm,
-            ffn_norm=self._dense(file, p + "ffn_norm.weight"),
-            router=self._dense(file, p + "ffn_gate_inp.weight"),
+            ffn_norm=self._dense(file, f"{p}{spec.ffn_norm}.weight"),
+            router=None if is_dense else self._dense(file, p + "ffn_gate_inp.weight"),
             shared=shared,
-            shared_gate=self._optional(file, p + "ffn_gate_inp_shexp.weight"),
+            shared_gate=None if is_dense else self._optional(file, p + "ffn_gate_inp_shexp.weight"),
+            expert_bias=None if is_dense else self._optional(file, p + "exp_probs_b.bias"),
+            dense_ffn=self._swiglu(file, p + "ffn_{}.weight") if is_dense else None,
         )
 
     @torch.inference_mode()
@@ -172,7 +193,7 @@ class MoEModel:
             x = rms_norm(h, layer.attn_norm, self.config.rms_eps)
             h = h + self._attention(i, layer, x, batch, kv, rope)
             x = rms_norm(h, layer.ffn_norm, self.config.rms_eps)
-            h = h + self._moe(i, layer, x)
+            h = h + self._ffn(i, layer, x)
             if self.prefetch and i + 1 < len(self.layers):
                 self._prefetch(i + 1, h)
         h = rms_norm(h[batch.logits_rows], self.output_norm, self.config.rms_eps)
@@ -188,7 +209,7 @@ class MoEModel:
         q = q.view(T, cfg.n_heads, cfg.head_dim)  # [T, H, hd]
         k = k.view(T, cfg.n_kv_heads, cfg.head_dim)  # [T, KV, hd]
         v = v.view(T, cfg.n_kv_heads, cfg.head_dim)
-        if cfg.spec.qk_norm is QKNorm.PER_HEAD:
+        if cfg.spec.qk_norm is not QKNorm.FULL and lw.q_norm is not None:  # per head
             q, k = rms_norm(q, lw.q_norm, cfg.rms_eps), rms_norm(k, lw.k_norm, cfg.rms_eps)
         q, k = self.rope(q, rope), self.rope(k, rope)
         out = torch.empty(T, cfg.n_heads, cfg.head_dim, dtype=x.dtype, device=x.device)
@@ -213,12 +234,13 @@ class MoEModel:
         return out.transpose(0, 1)
 
     def route(self, lw: LayerWeights, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k expert ids [T, k] and their weights [T, k] (softmax, optionally renormalised)."""
-        probs = torch.softmax(F.linear(x, lw.router).float(), dim=-1)
-        weights, ids = probs.topk(self.config.n_experts_used, dim=-1)
-        if self.config.norm_topk:
-            weights = weights / weights.sum(-1, keepdim=True)
-        return ids, weights
+        """Top-k expert ids [T, k] and their weights [T, k] (float32), as the file's router
+        chooses them (config.router)."""
+        return select_experts(F.linear(x, lw.router), lw.expert_bias, self.config.router)
+
+    def _ffn(self, i: int, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+        """The FFN half of layer i: a leading dense layer's SwiGLU, else routed + shared experts."""
+        return swiglu(lw.dense_ffn, x) if lw.dense_ffn is not None else self._moe(i, lw, x)
 
     def _moe(self, i: int, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
         if self.replay is not None:
@@ -242,8 +264,7 @@ class MoEModel:
         # order, so the result does not depend on where or in what order experts ran.
         out = per_k.sum(1)
         if lw.shared is not None:
-            gate, up, down = lw.shared
-            s = down(F.silu(gate(x)) * up(x))
+            s = swiglu(lw.shared, x)
             if lw.shared_gate is not None:
                 s = s * torch.sigmoid(F.linear(x, lw.shared_gate.view(1, -1)))
             out = out + s
@@ -324,5 +345,7 @@ class MoEModel:
     def _prefetch(self, i: int, h: torch.Tensor) -> None:
         """Guess layer i's experts from the current hidden state and start their copies."""
         lw = self.layers[i]
+        if lw.router is None:  # a dense layer: no experts to bring in
+            return
         ids, _ = self.route(lw, rms_norm(h, lw.ffn_norm, self.config.rms_eps))
         self.experts.prefetch(i, ids.unique().tolist())

@@ -31,9 +31,10 @@ def expert_layout(file: GGUFModelFile, layer: int) -> ExpertLayout:
 
 
 def expert_layers(file: GGUFModelFile) -> dict[int, tuple]:
-    """{layer: (ExpertLayout, gate, up, down)} with each part as uint8 [n_expert, bytes]."""
+    """{layer: (ExpertLayout, gate, up, down)} with each part as uint8 [n_expert, bytes], for
+    the layers with routed experts (not the leading dense ones)."""
     layers = {}
-    for i in range(file.config.n_layers):
+    for i in file.config.moe_layers:
         tensors = [file.tensor(f"blk.{i}.ffn_{p}_exps.weight") for p in _EXPERT_PARTS]
         arrays = [t.as_bytes().reshape(t.dims[0], -1) for t in tensors]
         layers[i] = (expert_layout(file, i), *arrays)

@@ -37,6 +37,7 @@ DEQUANTIZERS: dict[Q, BlockDequantizer] = {
     Q.IQ3_S: cb.iq3_s,
     Q.IQ1_S: cb.iq1_s,
     Q.IQ1_M: cb.iq1_m,
+    Q.MXFP4: lin.mxfp4,
 }
 assert DEQUANTIZERS.keys() == BLOCK_FORMATS.keys()
 

@@ -4,7 +4,10 @@ Each maps uint8 blocks [n, type_size] to float32 [n, block_size] with the same f
 operations in the same order as gguf.quants / ggml-quants.c, so results match bit for bit.
 """
 
+from functools import cache
+
 import torch
+from gguf import quants
 
 from moestream.kernels.bits import unpack
 from moestream.kernels.formats import BlockFormat
@@ -101,3 +104,22 @@ def q6_k(fmt: BlockFormat, blocks: torch.Tensor) -> torch.Tensor:
     high = unpack(fmt.read(blocks, "qh"), 32, 2, 4)
     q = ((low | (high << 4)).int() - 32).float().view(n, 16, 16)
     return (d * q).view(n, -1)
+
+
+@cache
+def e2m1_values(device: torch.device) -> torch.Tensor:
+    """MXFP4's 16 e2m1 values, doubled (the E8M0 scale is halved to match), as float32 [16]."""
+    return torch.tensor(quants.MXFP4.kvalues, dtype=torch.float32, device=device)
+
+
+def e8m0_half(e: torch.Tensor) -> torch.Tensor:
+    """E8M0 bytes -> 2**(e - 128) as float32, exactly (ggml_e8m0_to_fp32_half): e < 2 are
+    the subnormals 2**-128 and 2**-127, e = 255 is 2**127 (no NaN)."""
+    e = e.int()
+    bits = torch.where(e < 2, 0x00200000 << e, (e - 1) << 23)
+    return bits.view(torch.float32)
+
+
+def mxfp4(fmt: BlockFormat, blocks: torch.Tensor) -> torch.Tensor:
+    index = unpack(fmt.read(blocks, "qs"), 16, 4, 2).long()
+    return e8m0_half(fmt.read(blocks, "e")) * e2m1_values(blocks.device)[index]

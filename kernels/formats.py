@@ -37,6 +37,8 @@ class BlockFormat:
     # IQ1_M keeps its fp16 super-block scale in the top nibbles of four uint16 words
     # starting at this byte offset (nibble i holds scale bits 4i..4i+3).
     nibble_fp16_scale_offset: int | None = None
+    # MXFP4's scale is one E8M0 byte (a power of two, 2**(e - 127)) at this offset.
+    e8m0_scale_offset: int | None = None
 
     def __post_init__(self) -> None:
         assert (self.block_size, self.type_size) == GGML_QUANT_SIZES[self.qtype], self.qtype
@@ -75,7 +77,8 @@ def reinterpret(raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return raw.view(dtype)
 
 
-def _fmt(qtype: Q, *fields: tuple, nibble_fp16_scale_offset: int | None = None) -> BlockFormat:
+def _fmt(qtype: Q, *fields: tuple, nibble_fp16_scale_offset: int | None = None,
+         e8m0_scale_offset: int | None = None) -> BlockFormat:
     """Build a BlockFormat from (name, size[, dtype]) tuples laid end to end."""
     laid: list[Field] = []
     offset = 0
@@ -83,7 +86,7 @@ def _fmt(qtype: Q, *fields: tuple, nibble_fp16_scale_offset: int | None = None) 
         laid.append(Field(name, offset, size, *dtype))
         offset += size
     block_size, type_size = GGML_QUANT_SIZES[qtype]
-    return BlockFormat(qtype, block_size, type_size, tuple(laid), nibble_fp16_scale_offset)
+    return BlockFormat(qtype, block_size, type_size, tuple(laid), nibble_fp16_scale_offset, e8m0_scale_offset)
 
 
 _F16 = torch.float16
@@ -111,6 +114,9 @@ _FORMATS = (
     _fmt(Q.IQ3_S, ("d", 2, _F16), ("qs", 64), ("qh", 8), ("signs", 32), ("scales", 4)),
     _fmt(Q.IQ1_S, ("d", 2, _F16), ("qs", 32), ("qh", 16, torch.uint16)),
     _fmt(Q.IQ1_M, ("qs", 32), ("qh", 16), ("scales", 8, torch.uint16), nibble_fp16_scale_offset=48),
+    # MXFP4 (gpt-oss experts): E8M0 scale e, qs[16] of e2m1 nibbles (low nibbles: elements
+    # 0-15, high nibbles: 16-31), as block_mxfp4 in ggml-common.h.
+    _fmt(Q.MXFP4, ("e", 1), ("qs", 16), e8m0_scale_offset=0),
 )
 
 BLOCK_FORMATS: dict[Q, BlockFormat] = {f.qtype: f for f in _FORMATS}
@@ -149,7 +155,8 @@ def random_blocks(qtype: Q, n_blocks: int, generator: torch.Generator) -> torch.
     """Random blocks [n_blocks, type_size] uint8 whose float fields are finite and moderate.
 
     Quant bits are uniform random bytes; every fp16 scale (and every F32/F16/BF16 element)
-    is +-2**u with u uniform in [-8, 0], so dequantized values are finite, NaN-free test data.
+    is +-2**u with u uniform in [-8, 0], and every E8M0 scale 2**u with integer u in [-9, -1],
+    so dequantized values are finite, NaN-free test data.
     """
     fmt = block_format(qtype)
     shape = (n_blocks, fmt.type_size)
@@ -161,6 +168,9 @@ def random_blocks(qtype: Q, n_blocks: int, generator: torch.Generator) -> torch.
             blocks[:, f.offset : f.end] = values.view(torch.uint8).reshape(n_blocks, f.size)
     if fmt.nibble_fp16_scale_offset is not None:
         _set_nibble_fp16_scale(blocks, fmt.nibble_fp16_scale_offset, generator)
+    if fmt.e8m0_scale_offset is not None:
+        exponent = torch.randint(127 - 9, 127, (n_blocks,), generator=generator, dtype=torch.uint8)
+        blocks[:, fmt.e8m0_scale_offset] = exponent
     return blocks
 
 

@@ -54,6 +54,7 @@ _IQ3_XXS: tl.constexpr = tl.constexpr(int(Q.IQ3_XXS))
 _IQ3_S: tl.constexpr = tl.constexpr(int(Q.IQ3_S))
 _IQ1_S: tl.constexpr = tl.constexpr(int(Q.IQ1_S))
 _IQ1_M: tl.constexpr = tl.constexpr(int(Q.IQ1_M))
+_MXFP4: tl.constexpr = tl.constexpr(int(Q.MXFP4))
 IQ1_DELTA: tl.constexpr = tl.constexpr(0.125)  # llama.cpp's IQ1S_DELTA and IQ1M_DELTA
 
 _GRID_TYPES = (Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S)
@@ -63,6 +64,8 @@ _GRID_TYPES = (Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S)
 def _host_table(qtype: Q) -> torch.Tensor:
     if qtype in (Q.IQ4_XS, Q.IQ4_NL):  # the 16 non-linear 4-bit values of both types
         return torch.tensor(gguf.quants.IQ4_NL.kvalues, dtype=torch.int8)
+    if qtype == Q.MXFP4:  # the 16 e2m1 values, doubled (the E8M0 scale is halved to match)
+        return torch.tensor(gguf.quants.MXFP4.kvalues, dtype=torch.int8)
     if qtype in _GRID_TYPES:  # grid rows of 8 (IQ2) or 4 (IQ3) magnitudes, all < 64
         quant = getattr(gguf.quants, qtype.name)
         quant.init_grid()
@@ -200,6 +203,15 @@ def _q5_1(blk, i):
 def _iq4_nl(blk, table, i):
     # fp16 d, qs[16] (nibble indices into the 16 int8 values of table)
     return _f16(blk) * tl.load(table + _nibble(blk + 2, i)).to(tl.float32)
+
+
+@triton.jit
+def _mxfp4(blk, table, i):
+    # E8M0 e, qs[16] (nibble indices into the 16 doubled e2m1 values of table). The scale is
+    # 2**(e - 128) built as fp32 bits (ggml_e8m0_to_fp32_half): e < 2 are subnormals.
+    e = _u8(blk)
+    bits = tl.where(e < 2, 0x00200000 << e, (e - 1) << 23)
+    return bits.to(tl.float32, bitcast=True) * tl.load(table + _nibble(blk + 1, i)).to(tl.float32)
 
 
 @triton.jit
@@ -388,7 +400,7 @@ def dequant_tile(row, kt, K, table, QTYPE: tl.constexpr, TYPE_SIZE: tl.constexpr
     if QTYPE == _F32 or QTYPE == _F16 or QTYPE == _BF16:
         w = _float(row, col0, K, QTYPE, TYPE_SIZE, BLOCK_K)
     elif (QTYPE == _Q8_0 or QTYPE == _Q4_0 or QTYPE == _Q4_1 or QTYPE == _Q5_0 or QTYPE == _Q5_1
-          or QTYPE == _IQ4_NL):
+          or QTYPE == _IQ4_NL or QTYPE == _MXFP4):
         blk = _block32(row, col0 // 32, BLOCK_K // 32, K // 32, TYPE_SIZE)
         i = tl.arange(0, 32)[None, None, :]
         if QTYPE == _Q8_0:
@@ -401,6 +413,8 @@ def dequant_tile(row, kt, K, table, QTYPE: tl.constexpr, TYPE_SIZE: tl.constexpr
             w = _q5_0(blk, i)
         elif QTYPE == _Q5_1:
             w = _q5_1(blk, i)
+        elif QTYPE == _MXFP4:
+            w = _mxfp4(blk, table, i)
         else:
             w = _iq4_nl(blk, table, i)
     else:

@@ -129,7 +129,7 @@ def serve(args: argparse.Namespace) -> int:
                               api_key=args.api_key, ctx_size=args.ctx_size,
                               allowed_origins=tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()),
                               shutdown_grace_s=args.shutdown_grace, max_request_bytes=args.max_request_bytes,
-                              request_timeout_s=args.request_timeout)
+                              request_timeout_s=args.request_timeout, reasoning_format=args.reasoning_format)
     app = create_app(settings, lambda: load_engine(source, options))
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
                             timeout_graceful_shutdown=_UVICORN_CLOSE_TIMEOUT_S, access_log=False,

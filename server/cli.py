@@ -17,7 +17,8 @@ from moestream.kernels.errors import MoestreamError
 from moestream.server.limits import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_REQUEST_TIMEOUT_S
 from moestream.server.options import (DENSE_WEIGHTS_HELP, DEVICE_HELP, KERNEL_CHOICES, KERNELS_HELP,
                                       KV_DTYPE_CHOICES, KV_DTYPE_HELP, KV_TOKENS_HELP, MISS_POLICIES,
-                                      MISS_POLICY_HELP, NO_PREFIX_CACHE_HELP, add_memory_args, add_threads_arg, apply_threads,
+                                      MISS_POLICY_HELP, NO_PREFIX_CACHE_HELP, REASONING_FORMATS, add_memory_args,
+                                      add_threads_arg, apply_threads,
                                       device_arg, engine_options, one_of, port_arg, positive_int, size_arg)
 
 EXIT_USAGE = 2
@@ -199,6 +200,11 @@ def _add_serve_parser(sub, common: argparse.ArgumentParser) -> None:
            type=one_of(MISS_POLICIES, "miss policy"), choices=MISS_POLICIES, default="auto")
     option("--record-routing", "MOESTREAM_RECORD_ROUTING", "write each token's experts per layer "
            "to this JSONL file, for `moestream cache-sim` (default: off)")
+    option("--reasoning-format", "MOESTREAM_REASONING_FORMAT", "auto: a chat reply's thinking comes "
+           "back as reasoning_content, apart from content, when the chat template has a reasoning format "
+           "(<think> tags, gpt-oss's harmony channels), as llama-server's deepseek format and vLLM do; "
+           "none: the text as the model wrote it", type=one_of(REASONING_FORMATS, "reasoning format"),
+           choices=REASONING_FORMATS, default="auto")
     option("--threads", "MOESTREAM_THREADS", "CPU threads for the compiled kernels and torch, as "
            "llama.cpp's -t (default: $OMP_NUM_THREADS if set, else the physical cores)",
            short="-t", type=positive_int)

@@ -17,6 +17,7 @@ from moestream.offload.planner import parse_bytes
 log = logging.getLogger(__name__)
 
 KERNEL_CHOICES = ("auto", "q8", "torch", "triton")
+REASONING_FORMATS = ("auto", "none")  # serve: server/reasoning.py
 MISS_POLICIES = tuple(p.value for p in MissPolicy)
 MISS_POLICY_HELP = ("what an expert cache miss does: auto (per miss and step, copy it into a slot "
                     "or compute it on the CPU from host memory, whichever a cost model measured at "

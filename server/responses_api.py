@@ -25,7 +25,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from moestream.kernels.errors import MoestreamError
 from moestream.server.async_engine import EngineFailed
 from moestream.server.errors import APIError, bad_request
-from moestream.server.generation import Generation
+from moestream.server.generation import Delta, Generation
+from moestream.server.output_split import OutputSplit
+from moestream.server.reasoning import plan_split
 from moestream.server.routes import _event_stream, _respond_unless_gone, _state
 from moestream.server.schemas import ChatCompletionRequest
 from moestream.server.structured import check_grammar
@@ -96,10 +98,19 @@ class ResponsesRequest(BaseModel):
 class _Answer:
     """One response's ids and its body at each stage."""
 
-    def __init__(self, body: ResponsesRequest, model: str):
-        self.request, self.model = body, model
+    def __init__(self, body: ResponsesRequest, model: str, split: OutputSplit | None = None):
+        self.request, self.model, self.split = body, model, split
         self.id, self.message_id = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}"
         self.created_at = int(time.time())
+
+    def text_of(self, delta: Delta) -> str:
+        """The answer's text in a delta (without the reasoning, when the model thinks)."""
+        if self.split is None:
+            return delta.text
+        pieces = self.split.push(delta.text)
+        if delta.finish_reason is not None:
+            pieces += self.split.finish()
+        return pieces.content
 
     def message(self, text: str, status: str) -> dict:
         content = [{"type": "output_text", "text": text, "annotations": []}] if status != "in_progress" else []
@@ -142,7 +153,12 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
     await check_grammar(engine.grammars, grammar, "text")
     gen = await state.start(prompt_ids, lambda n: chat.sampling_params(n, None, grammar),
                             chat.requested_max_tokens, [], arrival_s, "input")
-    answer = _Answer(body, model)
+    # a thinking model's reasoning is not part of the answer (not returned here yet)
+    split = plan_split(engine.chat_template, state.settings.reasoning_format, None, engine.tokenizer, prompt_ids,
+                       constrained=grammar is not None)
+    if split is not None and split.needs_control_tokens:
+        gen.show_special_tokens()
+    answer = _Answer(body, model, split.make() if split is not None else None)
     if body.stream:
         return _event_stream(_events(answer, gen))
 
@@ -150,7 +166,7 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
         parts = []
         async with aclosing(gen.deltas()) as deltas:
             async for delta in deltas:
-                parts.append(delta.text)
+                parts.append(answer.text_of(delta))
         text = "".join(parts)
         return answer.body("completed", [answer.message(text, "completed")], gen)
 
@@ -176,9 +192,10 @@ async def _events(answer: _Answer, gen: Generation) -> AsyncIterator[str]:
     try:
         async with aclosing(gen.deltas()) as deltas:
             async for delta in deltas:
-                if delta.text:
-                    parts.append(delta.text)
-                    yield event("response.output_text.delta", **where, delta=delta.text, logprobs=[])
+                text = answer.text_of(delta)
+                if text:
+                    parts.append(text)
+                    yield event("response.output_text.delta", **where, delta=text, logprobs=[])
     except EngineFailed as exc:
         yield event("error", code="server_error", message=str(exc), param=None)
         return

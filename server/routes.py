@@ -17,6 +17,9 @@ from moestream.kernels.errors import MoestreamError
 from moestream.server.async_engine import EngineFailed
 from moestream.server.errors import APIError, bad_request
 from moestream.server.generation import Delta, Generation
+from moestream.server.harmony import harmony_messages, is_harmony
+from moestream.server.output_split import OutputSplit
+from moestream.server.reasoning import SplitPlan, plan_split
 from moestream.server.responses import Envelope, chat_logprobs, completion_logprobs, sse
 from moestream.server.schemas import ChatCompletionRequest, CompletionRequest
 from moestream.server.state import ServerState
@@ -67,8 +70,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     engine = state.engine.engine
     messages, tools = plan_tools(engine.chat_template, [m.as_template_input() for m in body.messages],
                                  body.tools, body.tool_choice, body.parallel_tool_calls, engine.tokenizer)
+    if is_harmony(engine.chat_template):
+        messages = harmony_messages(messages)
+    template_vars = dict(tools.template_vars)
+    if body.reasoning_effort is not None:
+        template_vars["reasoning_effort"] = body.reasoning_effort
     try:
-        prompt_ids = await asyncio.to_thread(engine.chat_prompt_ids, messages, **tools.template_vars)
+        prompt_ids = await asyncio.to_thread(engine.chat_prompt_ids, messages, **template_vars)
     except MoestreamError as exc:
         raise bad_request(exc, "messages") from None
     _check_logit_bias(body.token_bias, engine.config.vocab_size)
@@ -78,11 +86,15 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     gens = await _start_choices(state, body.n, prompt_ids,
                                 lambda n, i: body.sampling_params(n, logprobs, grammar, choice=i),
                                 body.requested_max_tokens, body.stop_strings, arrival_s, "messages")
-    if tools.dialect is not None and opener_is_control(tools.dialect, engine.tokenizer):
+    split: SplitPlan | None = plan_split(engine.chat_template, state.settings.reasoning_format, tools.dialect,
+                                         engine.tokenizer, prompt_ids, constrained=grammar is not None)
+    if (tools.dialect is not None and opener_is_control(tools.dialect, engine.tokenizer)) or (
+            split is not None and split.needs_control_tokens):
         for gen in gens:
-            gen.show_special_tokens()  # the calls start with a control token: keep it in the text
+            gen.show_special_tokens()  # calls or reasoning start with a control token: keep it in the text
     envelope = Envelope.new("chat.completion.chunk" if body.stream else "chat.completion", model, "chatcmpl")
-    fmts = [ChatFormat(gen, envelope, logprobs is not None, i, tools.dialect) for i, gen in enumerate(gens)]
+    fmts = [ChatFormat(gen, envelope, logprobs is not None, i, tools.dialect, split.make() if split else None)
+            for i, gen in enumerate(gens)]
     if body.stream:
         return _event_stream(stream_events(fmts, body.include_usage))
     return await _respond_unless_gone(request, lambda: respond_all(fmts))
@@ -277,6 +289,7 @@ class _Format(ABC):
 @dataclass
 class ChatFormat(_Format):
     dialect: ToolDialect | None = None  # the markup of tool calls, when the request has tools
+    split: OutputSplit | None = None  # reasoning apart from content (server/reasoning.py)
     _calls: ToolCallStream | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
@@ -288,6 +301,8 @@ class ChatFormat(_Format):
                  "finish_reason": None}]
 
     def chunk_choices(self, delta: Delta) -> list[dict]:
+        if self.split is not None:
+            return self._split_chunk_choices(delta)
         choices = []
         text, call_deltas = delta.text, []
         if self._calls is not None:
@@ -306,8 +321,33 @@ class ChatFormat(_Format):
             choices.append({"index": self.index, "delta": {}, "logprobs": None, "finish_reason": reason})
         return choices
 
+    def _split_chunk_choices(self, delta: Delta) -> list[dict]:
+        pieces = self.split.push(delta.text)
+        if delta.finish_reason is not None:
+            pieces += self.split.finish()
+        deltas = [{"reasoning_content": pieces.reasoning}] if pieces.reasoning else []
+        if pieces.content or (delta.logprobs and not deltas):
+            deltas.append({"content": pieces.content})
+        deltas += [{"tool_calls": [d]} for d in pieces.tool_calls]
+        choices = [{"index": self.index, "delta": d, "logprobs": self._logprobs(delta.logprobs) if i == 0 else None,
+                    "finish_reason": None} for i, d in enumerate(deltas)]
+        if delta.finish_reason is not None:
+            reason = "tool_calls" if self.split.calls and delta.finish_reason == "stop" else delta.finish_reason
+            choices.append({"index": self.index, "delta": {}, "logprobs": None, "finish_reason": reason})
+        return choices
+
     async def choice(self) -> dict:
         text, records, finish_reason = await self.collect()
+        if self.split is not None:
+            pieces = self.split.whole(text)
+            content = pieces.content.strip() if self.split.calls else pieces.content
+            message = {"role": "assistant", "content": content or (None if self.split.calls else ""),
+                       "reasoning_content": pieces.reasoning or None}
+            if self.split.calls:
+                message["tool_calls"] = [c.as_dict() for c in self.split.calls]
+                finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
+            return {"index": self.index, "message": message, "logprobs": self._logprobs(records),
+                    "finish_reason": finish_reason}
         message = {"role": "assistant", "content": text}
         if self.dialect is not None:
             content, calls = self.dialect.parse(text)

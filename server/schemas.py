@@ -73,6 +73,7 @@ class ChatMessage(_Request):
     name: Text | None = None
     tool_calls: list[AssistantToolCall] | None = None
     tool_call_id: Text | None = None
+    reasoning_content: Text | None = None  # an assistant turn's thinking, as the server returned it
 
     def as_template_input(self) -> dict:
         content = self.content
@@ -85,6 +86,8 @@ class ChatMessage(_Request):
             message["tool_calls"] = [c.as_template_input() for c in self.tool_calls]
         if self.tool_call_id is not None:
             message["tool_call_id"] = self.tool_call_id
+        if self.reasoning_content is not None:
+            message["reasoning_content"] = self.reasoning_content
         return message
 
 
@@ -173,6 +176,8 @@ class ChatCompletionRequest(_Sampling):
     tools: list[ToolDef] | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool = True
+    # vLLM's and llama-server's field; the chat template reads it (gpt-oss: "Reasoning: high")
+    reasoning_effort: Literal["low", "medium", "high"] | None = None
 
     @model_validator(mode="after")
     def _top_logprobs_needs_logprobs(self) -> ChatCompletionRequest:

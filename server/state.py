@@ -36,6 +36,7 @@ class ServerSettings:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
     allowed_origins: tuple[str, ...] = ()  # CORS; empty: no cross-origin browser access
+    reasoning_format: str = "auto"  # auto: reasoning_content apart when the template has a format; none
 
 
 @dataclass

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from moestream.engine.constraints import Grammar
 from moestream.engine.tokenizer import Tokenizer
+from moestream.server.harmony import Harmony, is_harmony
 from moestream.server.structured import closed_objects
 from moestream.server.tool_calls import Hermes, ToolDialect, dialect_for
 
@@ -102,7 +103,10 @@ def plan_tools(template: str | None, messages: list[dict], tools: list[ToolDef] 
         messages = _as_hermes_history(messages)
     if not tools or tool_choice == "none":
         return messages, ToolPlan({}, None, None)
-    dialect = dialect_for(template) if knows_tools else Hermes()
+    if not knows_tools:
+        dialect = Hermes()
+    else:
+        dialect = Harmony() if is_harmony(template) else dialect_for(template)
     template_vars = {}
     if knows_tools:
         template_vars["tools"] = [t.model_dump(exclude_none=True) for t in tools]

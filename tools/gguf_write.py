@@ -19,12 +19,30 @@ import numpy as np
 from moestream.kernels.errors import MoestreamError
 
 CONTROL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+# gpt-oss's harmony format: messages are <|start|>ROLE[<|channel|>C]<|message|>TEXT<|end|>;
+# the assistant's turn ends with <|return|> (answer) or <|call|> (tool call)
+HARMONY_CONTROL_TOKENS = ("<|endoftext|>", "<|start|>", "<|channel|>", "<|message|>", "<|constrain|>",
+                          "<|end|>", "<|return|>", "<|call|>")
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+# A minimal harmony template written from OpenAI's format description (not gpt-oss's own
+# template, which also renders tools and reasoning effort): enough for the server to
+# recognise the format and split the analysis channel from the final one.
+HARMONY_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ '<|start|>assistant<|channel|>final<|message|>' + message['content'] + '<|end|>' }}"
+    "{% else %}"
+    "{{ '<|start|>' + message['role'] + '<|message|>' + message['content'] + '<|end|>' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start|>assistant' }}{% endif %}"
 )
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -36,6 +54,7 @@ class BpeVocab(NamedTuple):
     tokens: list[str]
     token_types: list[gguf.TokenType]
     merges: list[str]
+    eos_token: str = "<|im_end|>"
 
     @property
     def bos_id(self) -> int:
@@ -43,7 +62,7 @@ class BpeVocab(NamedTuple):
 
     @property
     def eos_id(self) -> int:
-        return self.tokens.index("<|im_end|>")
+        return self.tokens.index(self.eos_token)
 
 
 @dataclass(frozen=True)
@@ -95,15 +114,18 @@ def _bytes_to_unicode() -> dict[int, str]:
     return mapping
 
 
-def byte_level_bpe_vocab(n_tokens: int) -> BpeVocab:
-    """`n_tokens` tokens: the 256 bytes, merges of lowercase words, then the ChatML controls.
+def byte_level_bpe_vocab(n_tokens: int, controls: tuple[str, ...] = CONTROL_TOKENS,
+                         eos_token: str = "<|im_end|>") -> BpeVocab:
+    """`n_tokens` tokens: the 256 bytes, merges of lowercase words, then the control tokens
+    (ChatML's by default; "<|endoftext|>" among them is the BOS).
 
     Merges grow words breadth-first from " " and the letters ("Ġa", "aa", ..., "Ġaa", ...),
     so every merge joins two existing tokens into one that is also in the vocab.
     """
-    n_merges = n_tokens - 256 - len(CONTROL_TOKENS)
+    assert "<|endoftext|>" in controls and eos_token in controls
+    n_merges = n_tokens - 256 - len(controls)
     if n_merges < 1:
-        raise MoestreamError(f"a byte-level BPE vocab needs at least {256 + len(CONTROL_TOKENS) + 1} "
+        raise MoestreamError(f"a byte-level BPE vocab needs at least {256 + len(controls) + 1} "
                              f"tokens, got {n_tokens}; ask for a larger vocab size")
     byte_chars = _bytes_to_unicode()
     tokens = [byte_chars[b] for b in range(256)]
@@ -115,10 +137,10 @@ def byte_level_bpe_vocab(n_tokens: int) -> BpeVocab:
             merges.append(f"{prefix} {letter}")
             tokens.append(prefix + letter)
             prefixes.append(prefix + letter)
-    tokens.extend(CONTROL_TOKENS)
-    types = [gguf.TokenType.NORMAL] * (n_tokens - len(CONTROL_TOKENS))
-    types += [gguf.TokenType.CONTROL] * len(CONTROL_TOKENS)
-    return BpeVocab(tokens, types, merges)
+    tokens.extend(controls)
+    types = [gguf.TokenType.NORMAL] * (n_tokens - len(controls))
+    types += [gguf.TokenType.CONTROL] * len(controls)
+    return BpeVocab(tokens, types, merges, eos_token)
 
 
 def _add_hparams(writer: gguf.GGUFWriter, meta: ModelMetadata, n_vocab: int) -> None:

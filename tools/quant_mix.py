@@ -35,6 +35,10 @@ FILE_TYPES: dict[str, tuple[FT, Q]] = {
     "Q2_K": (FT.MOSTLY_Q2_K, Q.Q2_K),
     "IQ4_XS": (FT.MOSTLY_IQ4_XS, Q.IQ4_XS),
     "IQ4_NL": (FT.MOSTLY_IQ4_NL, Q.IQ4_NL),
+    # gpt-oss's release mix: routed experts MXFP4, every other quantizable tensor Q8_0 (read
+    # off llama-quantize MXFP4_MOE of a converted gpt-oss; ggml-org's gpt-oss-20b/120b GGUFs
+    # carry Q8_0 embeddings and attention beside MXFP4 experts)
+    "MXFP4_MOE": (FT.MOSTLY_MXFP4_MOE, Q.Q8_0),
 }
 
 # A 256-block type that does not fit a row falls back to a 32-block one (tensor_type_fallback).
@@ -126,6 +130,9 @@ def tensor_types(tensors: Sequence[TensorShape], quant: str, facts: ModelFacts) 
     """Type of every tensor after `llama-quantize SRC DST <quant>` of a file whose 1-D
     tensors and routers are F32 (as convert_hf_to_gguf writes them)."""
     ftype, default = file_type(quant)
+    if ftype == FT.MOSTLY_MXFP4_MOE:
+        return {t.name: (Q.MXFP4 if "_exps." in t.name else Q.Q8_0) if is_quantizable(t) else Q.F32
+                for t in tensors}
     names = [t.name for t in tensors]
     attn_v_names = [n for n in llama_cpp_order(names) if category(n) in _ATTN_V_LIKE]
     attn_v_index = {name: i for i, name in enumerate(attn_v_names)}

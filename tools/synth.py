@@ -29,7 +29,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 from tqdm import tqdm
 
 from moestream.engine.config import ARCHITECTURES
-from moestream.tools.gguf_write import CHATML_TEMPLATE, add_tokenizer, byte_level_bpe_vocab
+from moestream.tools.gguf_write import (CHATML_TEMPLATE, HARMONY_CONTROL_TOKENS, HARMONY_TEMPLATE, BpeVocab,
+                                        add_tokenizer, byte_level_bpe_vocab)
 from moestream.tools.quant_mix import FILE_TYPES, ModelFacts, TensorShape, file_type, tensor_types
 from moestream.kernels.errors import MoestreamError
 from moestream.kernels.formats import block_format
@@ -49,6 +50,20 @@ class MLA:
     n_dense_lead: int  # leading layers with a dense FFN of width n_ff
     n_shared_experts: int  # shared expert width = n_shared_experts * n_ff_exp
     yarn: tuple[float, int, float] | None = None  # (factor, original context, mscale_all_dim)
+
+
+@dataclass(frozen=True)
+class GlmMoe:
+    """GLM-4.5's layout as llama.cpp's converter writes it: leading dense layers, an ungated
+    shared expert, sigmoid routing with a correction bias (exp_probs_b), NEOX rope on part of
+    each head, post_attention_norm before the FFN, and NextN blocks after the last layer
+    (counted in block_count, as the converter does unless told --no-mtp)."""
+
+    n_dense_lead: int
+    n_shared_experts: int  # shared expert width = n_shared_experts * n_ff_exp
+    rope_dims: int
+    weights_scale: float  # routed_scaling_factor
+    n_nextn: int = 1
 
 
 @dataclass(frozen=True)
@@ -74,6 +89,10 @@ class Preset:
     qk_norm: str = "none"  # "full" (OLMoE: over all heads), "per_head" (Qwen3)
     qkv_bias: bool = False
     mla: MLA | None = None
+    sliding_window: int = 0  # gpt-oss: attention.sliding_window of its sliding layers
+    # gpt-oss: YaRN (factor, original context, beta_fast, beta_slow)
+    yarn: tuple[float, int, float, float] | None = None
+    glm: GlmMoe | None = None  # n_layers then counts the NextN blocks too (block_count)
 
     @property
     def expert_width(self) -> int:
@@ -86,7 +105,8 @@ class Preset:
 
 # Sources: each model's config.json on the Hugging Face hub (allenai/OLMoE-1B-7B-0924,
 # Qwen/Qwen1.5-MoE-A2.7B, Qwen/Qwen3-30B-A3B, mistralai/Mixtral-8x7B-v0.1,
-# deepseek-ai/DeepSeek-V2-Lite). Tiny presets keep rows multiples of 256 so K-quants apply.
+# deepseek-ai/DeepSeek-V2-Lite, zai-org/GLM-4.5-Air). Tiny presets keep rows multiples of
+# 256 so K-quants apply.
 PRESETS: dict[str, dict[str, Preset]] = {
     "olmoe": {
         "olmoe-1b-7b": Preset("olmoe", "OLMoE-1B-7B-0924 (synthetic)", 16, 2048, 16, 16, 128, 50304, 4096,
@@ -120,6 +140,30 @@ PRESETS: dict[str, dict[str, Preset]] = {
         "tiny": Preset("deepseek2", "tiny deepseek2 (synthetic)", 2, 256, 2, 1, 96, 320, 512, 4, 2, 512, 256,
                        10000.0, 1e-6, mla=MLA(256, 256, 64, 32, 64, 1, 1)),
     },
+    # openai/gpt-oss-20b and gpt-oss-120b config.json: hidden 2880, 64 query heads and 8 KV
+    # heads of 64, 201088 tokens, expert width 2880, 32 / 128 experts, top-4, sliding window
+    # 128 on even layers, YaRN factor 32 over 4096, rope base 150000. Their release GGUFs
+    # are `--quant MXFP4_MOE` (tools/quant_mix.py).
+    "gpt-oss": {
+        "gpt-oss-20b": Preset("gpt-oss", "gpt-oss-20b (synthetic)", 24, 2880, 64, 8, 64, 201088, 131072,
+                              32, 4, 2880, 2880, 150000.0, 1e-5, sliding_window=128,
+                              yarn=(32.0, 4096, 32.0, 1.0)),
+        "gpt-oss-120b": Preset("gpt-oss", "gpt-oss-120b (synthetic)", 36, 2880, 64, 8, 64, 201088, 131072,
+                               128, 4, 2880, 2880, 150000.0, 1e-5, sliding_window=128,
+                               yarn=(32.0, 4096, 32.0, 1.0)),
+        # a window of 4: shorter than the tests' prompts, so it matters
+        "tiny": Preset("gpt-oss", "tiny gpt-oss (synthetic)", 2, 256, 4, 2, 64, 320, 512, 4, 2, 256, 256,
+                       150000.0, 1e-5, sliding_window=4, yarn=(32.0, 4096, 32.0, 1.0)),
+    },
+    # 46 layers + 1 NextN block; head_dim 128 with 96 heads (wider than hidden 4096)
+    "glm4moe": {
+        "glm-4.5-air": Preset("glm4moe", "GLM-4.5-Air (synthetic)", 47, 4096, 96, 8, 128, 151552, 131072,
+                              128, 8, 10944, 1408, 1e6, 1e-5, qkv_bias=True,
+                              glm=GlmMoe(n_dense_lead=1, n_shared_experts=1, rope_dims=64, weights_scale=1.0)),
+        "tiny": Preset("glm4moe", "tiny glm4moe (synthetic)", 4, 256, 4, 2, 128, 320, 512, 8, 2, 768, 256,
+                       1e6, 1e-5, qkv_bias=True,
+                       glm=GlmMoe(n_dense_lead=1, n_shared_experts=1, rope_dims=64, weights_scale=2.5)),
+    },
 }
 
 
@@ -143,11 +187,35 @@ def get_preset(arch: str | None, name: str) -> Preset:
 def tensor_shapes(p: Preset) -> list[TensorShape]:
     """Every tensor of the model in file order; numpy shapes (the row is the last dim)."""
     shapes = [TensorShape("token_embd.weight", (p.n_vocab, p.n_embd))]
+    if p.arch == "gpt-oss":
+        shapes += [TensorShape(f"blk.{i}.{name}", shape) for i in range(p.n_layers) for name, shape in _gptoss_layer(p)]
+        return shapes + _output(p)
+    if p.glm:
+        return shapes + _glm_layers(p) + _output(p)
     for i in range(p.n_layers):
         layer = [*(_mla_attention(p) if p.mla else _attention(p)), ("ffn_norm.weight", (p.n_embd,))]
         layer += _dense_ffn(p) if p.mla and i < p.mla.n_dense_lead else _moe_ffn(p)
         shapes += [TensorShape(f"blk.{i}.{name}", shape) for name, shape in layer]
-    shapes += [TensorShape("output_norm.weight", (p.n_embd,)), TensorShape("output.weight", (p.n_vocab, p.n_embd))]
+    return shapes + _output(p)
+
+
+def _output(p: Preset) -> list[TensorShape]:
+    return [TensorShape("output_norm.weight", (p.n_embd,)), TensorShape("output.weight", (p.n_vocab, p.n_embd))]
+
+
+def _glm_layers(p: Preset) -> list[TensorShape]:
+    g, d = p.glm, p.n_embd
+    shapes = []
+    for i in range(p.n_layers):
+        layer = [*_attention(p), ("post_attention_norm.weight", (d,))]
+        if i < g.n_dense_lead:
+            layer += _dense_ffn(p)
+        else:
+            layer += [*_moe_ffn(p), ("exp_probs_b.bias", (p.n_expert,))]
+        if i >= p.n_layers - g.n_nextn:
+            layer += [("nextn.eh_proj.weight", (d, 2 * d)), ("nextn.enorm.weight", (d,)),
+                      ("nextn.hnorm.weight", (d,)), ("nextn.shared_head_norm.weight", (d,))]
+        shapes += [TensorShape(f"blk.{i}.{name}", shape) for name, shape in layer]
     return shapes
 
 
@@ -162,6 +230,18 @@ def _attention(p: Preset) -> list[tuple[str, tuple[int, ...]]]:
     elif p.qk_norm == "per_head":
         parts += [("attn_q_norm.weight", (p.head_dim,)), ("attn_k_norm.weight", (p.head_dim,))]
     return parts
+
+
+def _gptoss_layer(p: Preset) -> list[tuple[str, tuple[int, ...]]]:
+    """gpt-oss as llama.cpp's converter names it: biases everywhere, sinks, post_attention_norm."""
+    d, q, kv, e, f = p.n_embd, p.n_head * p.head_dim, p.n_head_kv * p.head_dim, p.n_expert, p.expert_width
+    return [("attn_norm.weight", (d,)), ("attn_q.weight", (q, d)), ("attn_q.bias", (q,)),
+            ("attn_k.weight", (kv, d)), ("attn_k.bias", (kv,)), ("attn_v.weight", (kv, d)), ("attn_v.bias", (kv,)),
+            ("attn_output.weight", (d, q)), ("attn_output.bias", (d,)), ("attn_sinks.weight", (p.n_head,)),
+            ("post_attention_norm.weight", (d,)), ("ffn_gate_inp.weight", (e, d)), ("ffn_gate_inp.bias", (e,)),
+            ("ffn_gate_exps.weight", (e, f, d)), ("ffn_gate_exps.bias", (e, f)),
+            ("ffn_up_exps.weight", (e, f, d)), ("ffn_up_exps.bias", (e, f)),
+            ("ffn_down_exps.weight", (e, d, f)), ("ffn_down_exps.bias", (e, d))]
 
 
 def _mla_attention(p: Preset) -> list[tuple[str, tuple[int, ...]]]:
@@ -189,7 +269,8 @@ def _moe_ffn(p: Preset) -> list[tuple[str, tuple[int, ...]]]:
     d, e, f = p.n_embd, p.n_expert, p.expert_width
     parts = [("ffn_gate_inp.weight", (e, d)), ("ffn_gate_exps.weight", (e, f, d)),
              ("ffn_up_exps.weight", (e, f, d)), ("ffn_down_exps.weight", (e, d, f))]
-    shared = p.n_ff_shexp or (p.mla.n_shared_experts * f if p.mla else 0)
+    n_shared = p.mla.n_shared_experts if p.mla else p.glm.n_shared_experts if p.glm else 0
+    shared = p.n_ff_shexp or n_shared * f
     if p.n_ff_shexp:
         parts.append(("ffn_gate_inp_shexp.weight", (d,)))
     if shared:
@@ -248,7 +329,18 @@ def _add_metadata(w: gguf.GGUFWriter, p: Preset, quant: str) -> None:
     else:
         w.add_key_length(p.head_dim)
         w.add_value_length(p.head_dim)
-        w.add_rope_dimension_count(p.head_dim)
+        w.add_rope_dimension_count(p.glm.rope_dims if p.glm else p.head_dim)
+    if p.sliding_window:
+        w.add_sliding_window(p.sliding_window)
+    if p.yarn:
+        factor, original_ctx, beta_fast, beta_slow = p.yarn
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(factor)
+        w.add_rope_scaling_orig_ctx_len(original_ctx)
+        w.add_rope_scaling_yarn_beta_fast(beta_fast)
+        w.add_rope_scaling_yarn_beta_slow(beta_slow)
+    if p.glm:
+        _add_glm_metadata(w, p.glm)
 
 
 def _add_mla_metadata(w: gguf.GGUFWriter, m: MLA) -> None:
@@ -272,6 +364,16 @@ def _add_mla_metadata(w: gguf.GGUFWriter, m: MLA) -> None:
         w.add_rope_scaling_yarn_log_mul(0.1 * mscale_all_dim)
 
 
+def _add_glm_metadata(w: gguf.GGUFWriter, g: GlmMoe) -> None:
+    """What convert_hf_to_gguf writes for GLM-4.5 (conversion/glm.py, Glm4MoeModel)."""
+    w.add_expert_shared_count(g.n_shared_experts)
+    w.add_leading_dense_block_count(g.n_dense_lead)
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    w.add_expert_weights_scale(g.weights_scale)
+    w.add_expert_weights_norm(True)
+    w.add_nextn_predict_layers(g.n_nextn)
+
+
 # -- weights ------------------------------------------------------------------------------
 # Quant bits are numpy's fast random bytes (several hundred MB/s on one core); every float
 # field (scales, mins) is +-2**u, u uniform in [-8, 0], as kernels.formats.random_blocks
@@ -284,6 +386,9 @@ def _random_blocks(qtype: Q, n_blocks: int, rng: np.random.Generator, factor: fl
         raise MoestreamError(f"synthetic {qtype.name} weights are not supported; pick another --quant")
     blocks = np.frombuffer(rng.bytes(n_blocks * fmt.type_size), dtype=np.uint8).reshape(n_blocks, fmt.type_size)
     blocks = blocks.copy()  # frombuffer views immutable bytes
+    if fmt.e8m0_scale_offset is not None:  # MXFP4: a power-of-two scale 2**(e - 128), near factor
+        exponent = 128 + round(math.log2(factor)) - rng.integers(0, 2, n_blocks)
+        blocks[:, fmt.e8m0_scale_offset] = np.clip(exponent, 1, 254).astype(np.uint8)
     for f in fmt.fields:
         if f.dtype.is_floating_point:
             count = f.size // f.dtype.itemsize
@@ -326,6 +431,14 @@ def _chunks(t: PlannedTensor, rng: np.random.Generator) -> Iterator[bytes]:
 
 
 # -- the file -----------------------------------------------------------------------------
+def chat_format(preset: Preset) -> tuple[BpeVocab, str]:
+    """The vocab and chat template a synthetic file carries: gpt-oss speaks harmony (so the
+    server splits reasoning from the answer as on the real file), every other arch ChatML."""
+    if preset.arch == "gpt-oss":
+        return byte_level_bpe_vocab(preset.n_vocab, HARMONY_CONTROL_TOKENS, "<|return|>"), HARMONY_TEMPLATE
+    return byte_level_bpe_vocab(preset.n_vocab), CHATML_TEMPLATE
+
+
 def write_synthetic(path: str | Path, preset: Preset, quant: str, seed: int = 0,
                     random_weights: bool = True, progress: bool = True) -> list[PlannedTensor]:
     """Write the model to `path` and return its tensors.
@@ -338,7 +451,7 @@ def write_synthetic(path: str | Path, preset: Preset, quant: str, seed: int = 0,
     tensors = plan(preset, quant)
     writer = gguf.GGUFWriter(path, preset.arch)
     _add_metadata(writer, preset, quant)
-    add_tokenizer(writer, byte_level_bpe_vocab(preset.n_vocab), CHATML_TEMPLATE)
+    add_tokenizer(writer, *chat_format(preset))
     for t in tensors:
         byte_shape = (*t.shape[:-1], t.row_bytes)
         writer.add_tensor_info(t.name, byte_shape, np.dtype(np.uint8), t.nbytes, raw_dtype=t.qtype)

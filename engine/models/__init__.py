@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 from moestream.engine.model import MoEModel
+from moestream.engine.models.gptoss import GptOssModel
 from moestream.engine.models.qwen35moe import Qwen35MoeModel
 
 FAMILIES: dict[str, type[MoEModel]] = {
     "qwen35moe": Qwen35MoeModel,
+    "gpt-oss": GptOssModel,
 }
 
 

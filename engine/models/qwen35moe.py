@@ -57,6 +57,7 @@ class HybridLayerWeights:
     router: torch.Tensor
     shared: tuple[Linear, Linear, Linear]
     shared_gate: torch.Tensor
+    expert_bias: torch.Tensor | None = None  # MoEModel.route reads it; qwen35moe has none
 
 
 Index = slice | torch.Tensor  # a consecutive run (a view, updated in place) or ids (gathered)

@@ -67,6 +67,7 @@ def constants_header() -> str:
         lines.append(_array("uint32_t", f"{name}_GRID", _packed_grid(qtype), "0x{:08x}u"))
     lines.append(_array("uint8_t", "KSIGNS", np.frombuffer(quants.IQ2_XXS.ksigns, np.uint8), "{}"))
     lines.append(_array("int8_t", "KVALUES_IQ4NL", np.array(quants.IQ4_NL.kvalues), "{}"))
+    lines.append(_array("int8_t", "KVALUES_MXFP4", np.array(quants.MXFP4.kvalues), "{}"))
     lines.append("}  // namespace moestream_cpu")
     return "\n".join(lines) + "\n"
 

@@ -7,7 +7,7 @@ import torch
 from tests.fixtures.models import get_fixture, sample_token_ids
 
 
-@pytest.mark.parametrize("arch,quant", [("olmoe", "Q4_K_M"), ("qwen3moe", "IQ4_XS")])
+@pytest.mark.parametrize("arch,quant", [("olmoe", "Q4_K_M"), ("qwen3moe", "IQ4_XS"), ("gpt-oss", "MXFP4_MOE")])
 def test_triton_kernels_match_reference_path(engine_for, arch, quant):
     ids = sample_token_ids(get_fixture(arch, quant), 12, seed=31)
     reference = engine_for(arch, quant, kernel_backend="torch").score(ids)

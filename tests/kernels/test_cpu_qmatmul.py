@@ -37,7 +37,7 @@ from moestream.kernels.cpu import cpu_dequantize, cpu_expert_ffn, cpu_qmatmul, h
 
 SUPER_BLOCK_TYPES = [Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S,
                      Q.IQ4_XS]
-LEGACY_TYPES = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.IQ4_NL]
+LEGACY_TYPES = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.IQ4_NL, Q.MXFP4]
 KERNEL_TYPES = SUPER_BLOCK_TYPES + LEGACY_TYPES
 RMS_TOLERANCE = 2.0  # measured rms error / predicted, over >= 16 independent activation rows
 EXACT_TOLERANCE = 1e-5  # max |error| / max |y|: fp32 rounding over K = 512 is ~1e-7

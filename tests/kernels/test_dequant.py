@@ -56,6 +56,19 @@ def test_matches_gguf_bitwise(qtype: Q, rows: int, generator: torch.Generator) -
     assert torch.equal(got, expected), f"seed {generator.initial_seed()}"
 
 
+def test_mxfp4_every_scale_byte_matches_gguf(generator: torch.Generator) -> None:
+    """All 256 E8M0 scales, the subnormal (e < 2) and overflowing (e * 12 > fp32 max) ones
+    included, with every nibble value: bit for bit what gguf decodes, infinities too."""
+    raw = random_blocks(Q.MXFP4, 256 * 4, generator).reshape(256 * 4, -1)
+    raw[:, 0] = torch.arange(256, dtype=torch.uint8).repeat_interleave(4)
+    raw[0::4, 1:] = torch.tensor([0x10 * (i + 1) % 256 + i for i in range(16)], dtype=torch.uint8)
+    with np.errstate(over="ignore"):
+        expected = _oracle(raw, Q.MXFP4)
+    got = dequantize(raw, Q.MXFP4, (256 * 4, 32))
+    assert torch.equal(got.view(torch.int32), expected.view(torch.int32)), f"seed {generator.initial_seed()}"
+    assert torch.isinf(expected).any() and (expected[:8].abs() < 2.0**-120).all()
+
+
 @pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K, Q.IQ1_M], ids=lambda q: q.name)
 def test_chunk_boundaries(qtype: Q, generator: torch.Generator, monkeypatch) -> None:
     """Several chunks, the last one partial, give the same values as one pass."""
@@ -99,7 +112,7 @@ def test_f32_result_does_not_alias_input(generator: torch.Generator) -> None:
     assert torch.equal(raw, before)
 
 
-@pytest.mark.parametrize("qtype", [Q.Q8_1, Q.TQ1_0, Q.Q8_K, Q.MXFP4], ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", [Q.Q8_1, Q.TQ1_0, Q.Q8_K, Q.TQ2_0], ids=lambda q: q.name)
 def test_unsupported_type_names_tensor_and_type(qtype: Q) -> None:
     name = "blk.3.ffn_down_exps.weight"
     with pytest.raises(UnsupportedQuantType) as info:

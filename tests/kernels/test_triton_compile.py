@@ -8,7 +8,8 @@ without a GPU. To stay within a few minutes on two cores it builds the decoders 
 often need the most registers (all 22 types, ptxas 12.9/13.4, 2026-11-30,
 docs/TRITON-KERNELS.md): Q3_K (unaligned 110-byte blocks, split 6-bit scales) and Q5_1
 (scale, offset and 5th bits per 32 columns) in the GEMM and grouped kernels, IQ3_S (grid
-lookups; the one that spilled on sm_120 before its own entry), Q5_K in the GEMV;
+lookups; the one that spilled on sm_120 before its own entry), Q5_K in the GEMV, MXFP4
+(gpt-oss's experts: an E8M0 scale built from bits, a table lookup per nibble);
 `python -m bench.kernels_compile` builds every type.
 """
 
@@ -25,7 +26,7 @@ from moestream.kernels.triton_configs import CAPABILITIES
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 PTXAS = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-TYPES = ("Q3_K", "Q5_1", "IQ3_S", "Q5_K")
+TYPES = ("Q3_K", "Q5_1", "IQ3_S", "Q5_K", "MXFP4")
 BUILDS_PER_TYPE = 6  # GEMV at 1 and 4 rows, GEMM and grouped at 16 and 64
 
 

@@ -65,6 +65,7 @@ GROUPED_CASES = [  # qtype, offset, tokens, top_k, experts, x per pair, routed w
     (Q.F32, 6, 4, 2, 4, False, True, torch.float32, 128, 200),
     (Q.IQ1_S, 50, 4, 2, 4, True, True, torch.float32, 128, 256),
     (Q.IQ1_M, 1, 4, 2, 4, False, True, torch.float16, 64, 256),
+    (Q.MXFP4, 7, 4, 2, 4, True, True, torch.float32, 256, 352),
 ]
 
 

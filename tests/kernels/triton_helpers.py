@@ -14,10 +14,10 @@ from moestream.kernels.formats import random_blocks, row_bytes
 TRITON_TYPES = (
     Q.Q8_0, Q.Q4_K, Q.Q6_K, Q.Q5_K, Q.Q3_K, Q.Q2_K, Q.IQ4_XS,
     Q.IQ3_S, Q.IQ3_XXS, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S,
-    Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.IQ4_NL, Q.F16, Q.BF16, Q.F32, Q.IQ1_S, Q.IQ1_M,
+    Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.IQ4_NL, Q.F16, Q.BF16, Q.F32, Q.IQ1_S, Q.IQ1_M, Q.MXFP4,
 )
 # Types whose rows may end inside a 256-column tile: blocks of 32 columns or single elements.
-RAGGED_K_TYPES = (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.IQ4_NL, Q.F16, Q.BF16, Q.F32)
+RAGGED_K_TYPES = (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.IQ4_NL, Q.MXFP4, Q.F16, Q.BF16, Q.F32)
 # Max |error| relative to max |reference|: fp32 accumulates exactly enough for 1e-5; fp16
 # rounds the output (and, in the GEMM, the dequantized weights) to 11 bits.
 REL_TOL = {torch.float32: 1e-5, torch.float16: 2e-3}

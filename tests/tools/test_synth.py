@@ -52,7 +52,8 @@ def test_full_preset_mix_matches_llama_quantize(tmp_path: Path, arch: str, name:
     preset = get_preset(arch, name)
     source = tmp_path / "f16.gguf"
     write_synthetic(source, preset, "F16", random_weights=False, progress=False)
-    for quant in ["Q4_K_M", "Q3_K_M", "IQ4_XS"] if arch == "olmoe" else ["Q4_K_M"]:
+    quants = {"olmoe": ["Q4_K_M", "Q3_K_M", "IQ4_XS"], "gpt-oss": ["MXFP4_MOE"]}.get(arch, ["Q4_K_M"])
+    for quant in quants:
         expected = {tensor: new for tensor, (_, new) in llama_quantize_types(source, quant).items()}
         assert {t.name: t.qtype.name for t in plan(preset, quant)} == expected, quant
 
@@ -116,7 +117,7 @@ def test_tiny_preset_runs_in_llama_cpp_and_engine(tiny_files: dict[str, Path], a
     assert torch.corrcoef(torch.stack([ours.flatten(), theirs.flatten()]))[0, 1] > 0.99
 
 
-@pytest.mark.parametrize("quant", ["Q4_K_M", "Q8_0", "Q5_K_M"])
+@pytest.mark.parametrize("quant", ["Q4_K_M", "Q8_0", "Q5_K_M", "MXFP4_MOE"])
 def test_fast_random_blocks_decode_finite_with_the_planned_spread(quant: str) -> None:
     """numpy's bulk bytes with finite scales: gguf's dequantizer reads finite weights whose
     standard deviation is about 1/sqrt(row length), as the forward needs."""
@@ -132,3 +133,26 @@ def test_fast_random_blocks_decode_finite_with_the_planned_spread(quant: str) ->
         w = gguf.quants.dequantize(np.frombuffer(data, np.uint8).reshape(t.n_rows, t.row_bytes), t.qtype)
         assert np.isfinite(w).all()
         assert np.std(w) == pytest.approx(1 / np.sqrt(t.shape[-1]), rel=0.15), t.name
+
+
+def test_synthetic_gpt_oss_speaks_harmony(tiny_files: dict[str, Path]) -> None:
+    """The gpt-oss file carries harmony's control tokens and a harmony template, so a served
+    synthetic gpt-oss splits reasoning from content as the real file does; llama.cpp reads
+    the same tokens and the same end of generation."""
+    from moestream.engine.loader import open_gguf
+    from moestream.engine.tokenizer import Tokenizer
+    from moestream.server.harmony import is_harmony
+
+    path = tiny_files["gpt-oss"]
+    tok = Tokenizer.from_gguf(path)
+    assert is_harmony(open_gguf(path).meta.get("tokenizer.chat_template"))
+    prompt = "<|start|>user<|message|>hello there<|end|><|start|>assistant"
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, vocab_only=True, verbose=False)
+    try:
+        theirs = llm.tokenize(prompt.encode(), add_bos=False, special=True)
+        assert tok.encode(prompt, parse_special=True) == theirs
+        assert tok.token_text(llm.token_eos()) == "<|return|>"
+    finally:
+        llm.close()
+    ends = {tok.token_text(i) for i in tok.eos_ids}
+    assert {"<|return|>", "<|call|>"} <= ends and "<|end|>" not in ends, "<|end|> ends a message, not the turn"

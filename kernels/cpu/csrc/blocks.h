@@ -102,6 +102,14 @@ inline float fp16(const uint8_t* p) {
   return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
 }
 
+// An E8M0 scale byte as 2^(e - 128) (ggml_e8m0_to_fp32_half): e < 2 are fp32 subnormals.
+inline float e8m0_half(uint8_t e) {
+  const uint32_t bits = e < 2 ? (0x00200000u << e) : (static_cast<uint32_t>(e - 1) << 23);
+  float value;
+  std::memcpy(&value, &bits, 4);
+  return value;
+}
+
 inline uint16_t load_u16(const uint8_t* p) {
   uint16_t v;
   std::memcpy(&v, p, 2);

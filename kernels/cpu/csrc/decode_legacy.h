@@ -1,4 +1,6 @@
-// 32-element blocks (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL) -> decoded form: w = d * u + m.
+// 32-element blocks (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL, MXFP4) -> decoded form: w = d * u + m.
+// MXFP4 (gpt-oss experts) stores its e2m1 values doubled (-12..12) as table indices, as IQ4_NL
+// does, under a power-of-two scale: u = value + 128, d = 2^(e - 128), m = -128 d.
 // Byte layouts: ggml-common.h block_q*; nibble order as gguf.quants (low nibbles first).
 // AVX-512 decodes into registers; the portable loops define the same values.
 #pragma once
@@ -80,6 +82,18 @@ struct IQ4NL : LegacyFormat {
   }
 };
 
+struct MXFP4 : LegacyFormat {
+  static constexpr int type_size = 17;
+  static constexpr bool narrow = false;
+  static void decode_regs(const uint8_t* block, Regs32& out) {
+    const __m256i table = _mm256_broadcastsi128_si256(
+        _mm_add_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(KVALUES_MXFP4)), _mm_set1_epi8(-128)));
+    out.u = _mm256_shuffle_epi8(table, low_high_nibbles(block + 1));
+    out.d = e8m0_half(block[0]);
+    out.m = -128.0f * out.d;
+  }
+};
+
 #else
 
 inline void low_high_nibbles(const uint8_t* qs, uint8_t* u) {
@@ -96,10 +110,11 @@ inline void low_high_nibbles(const uint8_t* qs, uint8_t* u) {
 #endif
 }
 
-// 16 bytes of IQ4 nibbles -> 32 elements u = kvalue + 128: low nibbles, then high nibbles.
-inline void iq4_lookup(const uint8_t* qs, uint8_t* u) {
+// 16 bytes of IQ4 (or MXFP4) nibbles -> 32 elements u = values[nibble] + 128: low nibbles,
+// then high nibbles.
+inline void iq4_lookup(const uint8_t* qs, uint8_t* u, const int8_t* values = KVALUES_IQ4NL) {
 #ifdef MOESTREAM_AVX2  // one byte shuffle per 16 table lookups
-  const __m128i table = _mm_add_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(KVALUES_IQ4NL)),
+  const __m128i table = _mm_add_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(values)),
                                      _mm_set1_epi8(static_cast<char>(128)));
   const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
   const __m128i nibble = _mm_set1_epi8(0x0F);
@@ -108,8 +123,8 @@ inline void iq4_lookup(const uint8_t* qs, uint8_t* u) {
                    _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(packed, 4), nibble)));
 #else
   for (int i = 0; i < 16; ++i) {
-    u[i] = KVALUES_IQ4NL[qs[i] & 0x0F] + 128;
-    u[16 + i] = KVALUES_IQ4NL[qs[i] >> 4] + 128;
+    u[i] = values[qs[i] & 0x0F] + 128;
+    u[16 + i] = values[qs[i] >> 4] + 128;
   }
 #endif
 }
@@ -173,6 +188,16 @@ struct IQ4NL : LegacyFormat {
   static void decode(const uint8_t* block, Decoded32& out) {
     iq4_lookup(block + 2, out.u);
     out.d = fp16(block);
+    out.m = -128.0f * out.d;
+  }
+};
+
+struct MXFP4 : LegacyFormat {
+  static constexpr int type_size = 17;
+  static constexpr bool narrow = false;
+  static void decode(const uint8_t* block, Decoded32& out) {
+    iq4_lookup(block + 1, out.u, KVALUES_MXFP4);
+    out.d = e8m0_half(block[0]);
     out.m = -128.0f * out.d;
   }
 };

@@ -45,6 +45,7 @@ bool with_format(int64_t qtype, Fn&& fn) {
     case GGML_TYPE_Q5_0: fn(Q50{}); return true;
     case GGML_TYPE_Q5_1: fn(Q51{}); return true;
     case GGML_TYPE_IQ4_NL: fn(IQ4NL{}); return true;
+    case GGML_TYPE_MXFP4: fn(MXFP4{}); return true;
     default: return false;
   }
 }
