@@ -8,6 +8,7 @@ before any weight is touched.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,15 +82,19 @@ def _raw_tensor(path: Path, t: Any) -> RawTensor:
     if int(t.n_bytes) != expected or t.data.nbytes != expected:
         raise MoestreamError(f"{path}: tensor {t.name!r} holds {t.data.nbytes} bytes, expected "
                              f"{expected}; the file is truncated or corrupt: download it again")
-    data = torch.from_numpy(np.asarray(t.data))
+    with warnings.catch_warnings():
+        # read-only views of the file's pages: nothing writes into weights (a write would fault)
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        data = torch.from_numpy(np.asarray(t.data))
     return RawTensor(t.name, qtype, dims, data)
 
 
 def open_gguf(path: str | Path) -> GGUFModelFile:
     path = Path(path)
-    # mode 'c' (copy-on-write) gives writable views, so torch.from_numpy does not warn,
-    # while the pages stay shared with the file until written (they never are).
-    reader = read_gguf(path, mode="c")
+    # A read-only map: a copy-on-write one (mode 'c') is charged against the commit limit in
+    # full, so under Linux's default overcommit a file larger than RAM + swap (GLM-4.5-Air's
+    # 72 GB, gpt-oss-120b's 63 GB on a 32-64 GB host) failed to open with ENOMEM.
+    reader = read_gguf(path)
     check_strings(path, reader)  # before any string is decoded
     meta = read_metadata(reader)
     tensors = {t.name: _raw_tensor(path, t) for t in reader.tensors}

@@ -12,6 +12,7 @@ which the MoE layer asks for by id without knowing where they live.
 
 from __future__ import annotations
 
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields, is_dataclass
 from time import perf_counter
@@ -21,12 +22,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from moestream.kernels.cpu import cpu_expert_ffn, cpu_moe_layer
+from moestream.kernels.cpu import (attends_in_place, cpu_add_rms_norm, cpu_attend_one, cpu_decode_attention,
+                                   cpu_expert_ffn, cpu_moe_layer, has_compiled_attention)
 from moestream.kernels.dispatch import qmatmul, use_triton, uses_cpu_kernel
 from moestream.kernels.moe_ffn import moe_ffn
-from moestream.engine.config import QKNorm
+from moestream.engine.config import QKNorm, RopeStyle
 from moestream.engine.kv_cache import KVCache, SlotIndex
-from moestream.engine.layers import Embedding, Linear, Rope, dequantize_tensor, rms_norm
+from moestream.engine.layers import Embedding, Linear, Rope, dequantize_tensor, project_many, rms_norm
 from moestream.engine.loader import GGUFModelFile
 from moestream.engine.replay import RoutingReplay
 from moestream.engine.router import select_experts
@@ -106,9 +108,10 @@ def _weight_bytes(item) -> int:
 
 
 def _attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Attention of one new token (decode) as two batched matmuls over the KV heads. On the
-    CPU they read the cache's strided views in place; scaled_dot_product_attention's general
-    path took 25-90% longer on them in the decode loop (OLMoE, 160 tokens of context)."""
+    """Attention of one new token (decode) as two batched matmuls over the KV heads, where
+    the compiled CPU attention does not run (CUDA, no compiler); they read the cache's strided
+    views in place: scaled_dot_product_attention's general path took 25-90% longer on them in
+    the CPU decode loop (OLMoE, 160 tokens of context)."""
     # q: [1, H, hd]; k, v: [ctx, KV, hd], views into the cache
     _, H, hd = q.shape
     n_kv = k.shape[1]
@@ -189,21 +192,34 @@ class MoEModel:
         """Logits [len(batch.logits_rows), vocab] (float32) for the rows asked for."""
         h = self.embed(batch.token_ids)  # [T, D]
         rope = self.rope.tables(batch.positions)
+        ffn_out = None  # the previous layer's, added to h together with the next norm
         for i, layer in enumerate(self.layers):
-            x = rms_norm(h, layer.attn_norm, self.config.rms_eps)
-            h = h + self._attention(i, layer, x, batch, kv, rope)
-            x = rms_norm(h, layer.ffn_norm, self.config.rms_eps)
-            h = h + self._ffn(i, layer, x)
+            h, x = self._add_norm(h, ffn_out, layer.attn_norm)
+            h, x = self._add_norm(h, self._attention(i, layer, x, batch, kv, rope), layer.ffn_norm)
+            ffn_out = self._ffn(i, layer, x)
             if self.prefetch and i + 1 < len(self.layers):
-                self._prefetch(i + 1, h)
+                self._prefetch(i + 1, h + ffn_out)
+        h = h + ffn_out
         h = rms_norm(h[batch.logits_rows], self.output_norm, self.config.rms_eps)
         return self.lm_head(h).float()
+
+    def _add_norm(self, h: torch.Tensor, delta: torch.Tensor | None,
+                  weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h + delta (h when delta is None) and its RMSNorm: one compiled call on the CPU in
+        fp32 (two to eight torch ops otherwise, each slow to dispatch right after a kernel)."""
+        if h.device.type == "cpu" and h.dtype == torch.float32 and has_compiled_attention():
+            return cpu_add_rms_norm(h, delta, weight, self.config.rms_eps)
+        if delta is not None:
+            h = h + delta
+        return h, rms_norm(h, weight, self.config.rms_eps)
 
     def _attention(self, i: int, lw: LayerWeights, x: torch.Tensor, batch: BatchInput,
                    kv: KVCache, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         cfg = self.config
         T = x.shape[0]
-        q, k, v = lw.wq(x), lw.wk(x), lw.wv(x)
+        q, k, v = project_many((lw.wq, lw.wk, lw.wv), x)
+        if self._fused_decode(x, batch, kv):
+            return lw.wo(self._decode_attention(i, lw, q, k, v, batch.segments[0], kv, rope).view(1, -1))
         if cfg.spec.qk_norm is QKNorm.FULL:
             q, k = rms_norm(q, lw.q_norm, cfg.rms_eps), rms_norm(k, lw.k_norm, cfg.rms_eps)
         q = q.view(T, cfg.n_heads, cfg.head_dim)  # [T, H, hd]
@@ -219,13 +235,39 @@ class MoEModel:
             out[rows] = self._attend(q[rows], *kv.read(i, seg.context_slots))
         return lw.wo(out.view(T, -1))
 
+    def _fused_decode(self, x: torch.Tensor, batch: BatchInput, kv: KVCache) -> bool:
+        """Whether a step's attention runs as one compiled call (cpu_decode_attention): one
+        token of one sequence, fp32 on the CPU, its KV slots one run in an fp32 or fp16 cache."""
+        if x.shape[0] != 1 or x.device.type != "cpu" or x.dtype != torch.float32:
+            return False
+        if kv.k.dtype not in (torch.float32, torch.float16):
+            return False
+        seg = batch.segments[0]
+        new, context = seg.new_slots, seg.context_slots
+        return (isinstance(new, slice) and isinstance(context, slice) and new.start == context.stop - 1
+                and has_compiled_attention())
+
+    def _decode_attention(self, i: int, lw: LayerWeights, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          seg: Segment, kv: KVCache, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """[1, H, hd]: q/k norm, rope, the KV cache write and the attention of one token in
+        one compiled call, in place of ~25 small torch ops (their dispatch, cold after the
+        expert kernels, was most of a decode token's time outside the matmuls)."""
+        cfg = self.config
+        qk_norm = None
+        if lw.q_norm is not None:
+            qk_norm = (lw.q_norm, lw.k_norm, cfg.spec.qk_norm is not QKNorm.FULL)
+        k_ctx, v_ctx = kv.read(i, seg.context_slots)
+        shape = (1, -1, cfg.head_dim)
+        return cpu_decode_attention(q.view(shape), k.view(shape), v.view(shape), k_ctx, v_ctx, rope,
+                                    self.rope.style is RopeStyle.NEOX, qk_norm, cfg.rms_eps)
+
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q: [n, H, hd] (the last n positions); k, v: [ctx, KV, hd], stored in the KV dtype,
         # computed in q's
         k, v = k.to(q.dtype), v.to(q.dtype)
         n, ctx = q.shape[0], k.shape[0]
         if n == 1:
-            return _attend_one(q, k, v)
+            return cpu_attend_one(q, k, v) if attends_in_place(q, k, v) else _attend_one(q, k, v)
         qpos = torch.arange(ctx - n, ctx, device=q.device)[:, None]
         mask = torch.arange(ctx, device=q.device)[None, :] <= qpos  # [n, ctx]
         out = F.scaled_dot_product_attention(
@@ -249,8 +291,9 @@ class MoEModel:
             ids, weights = self.route(lw, x)
         if self.routing_hook is not None:
             self.routing_hook(i, ids, weights)
-        counts = torch.bincount(ids.flatten(), minlength=self.config.n_experts).tolist()
-        tokens = {e: n for e, n in enumerate(counts) if n}  # expert -> tokens routed to it
+        # expert -> tokens routed to it, lowest id first (a decode step has k ids: counting
+        # them in Python is cheaper than a bincount over every expert)
+        tokens = dict(sorted(Counter(ids.flatten().tolist()).items()))
         plan = self.experts.plan(i, tokens)
         # The CPU side (misses not worth a copy) starts first and runs while the device side
         # computes hits and copies; its rows are filled in when it is done.

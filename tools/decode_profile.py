@@ -59,10 +59,12 @@ PROBES = (
     Probe("moestream.engine.model:MoEModel", "route", ROUTING),
     Probe("moestream.engine.model:MoEModel", "_moe", MOE_PY),
     Probe("moestream.engine.model", "rms_norm", NORM_ROPE),
+    Probe("moestream.engine.model", "cpu_add_rms_norm", NORM_ROPE),  # with the residual add
     Probe("moestream.engine.layers:Rope", "__call__", NORM_ROPE),
     Probe("moestream.engine.layers:Rope", "tables", NORM_ROPE),
     Probe("moestream.engine.layers:Embedding", "__call__", EMBEDDING),
     Probe("moestream.engine.layers:Linear", "__call__", ATTN_PROJ),
+    Probe("moestream.engine.model", "project_many", ATTN_PROJ),  # q, k, v in one call
     Probe("moestream.engine.model", "cpu_moe_layer", EXPERTS),
     Probe("moestream.engine.model", "expert_ffn", EXPERTS),
     Probe("moestream.engine.model", "moe_ffn", EXPERTS),

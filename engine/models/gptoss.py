@@ -130,6 +130,9 @@ class GptOssModel(MoEModel):
         top, ids = logits.topk(self.config.n_experts_used, dim=-1)
         return ids, torch.softmax(top, dim=-1)
 
+    def _ffn(self, i: int, lw: GptOssLayerWeights, x: torch.Tensor) -> torch.Tensor:
+        return self._moe(i, lw, x)  # every gpt-oss layer has experts
+
     def _moe(self, i: int, lw: GptOssLayerWeights, x: torch.Tensor) -> torch.Tensor:
         if self.replay is not None:
             ids, weights = self.replay.route(i, x.shape[0], x.device)

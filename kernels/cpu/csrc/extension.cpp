@@ -8,9 +8,11 @@
 #include <tuple>
 #include <vector>
 
+#include "attention.h"
 #include "dequant.h"
 #include "expert_ffn.h"
 #include "matmul.h"
+#include "norm.h"
 
 namespace moestream_cpu {
 namespace {
@@ -72,6 +74,40 @@ void moe_layer(uintptr_t x, int64_t T, int64_t D, int64_t I, int64_t k, uintptr_
                 address<float>(out), exact);
 }
 
+// out [H, hd] = attention of one token's q [H, hd] over ctx cached slots of k and v (float32,
+// slot t of KV head j at t * slot_stride + j * hd elements from their bases).
+void attend_one_token(uintptr_t q, int64_t H, int64_t hd, uintptr_t k, uintptr_t v, int64_t ctx, int64_t n_kv,
+                      int64_t slot_stride, double scale, uintptr_t out) {
+  attend_one(address<const float>(q), H, hd, address<const float>(k), address<const float>(v), ctx, n_kv,
+             slot_stride, static_cast<float>(scale), address<float>(out));
+}
+
+// decode_attention (attention.h) of one token: q [H, hd] and k [KV, hd] are changed in place
+// (normed, roped); k_cache / v_cache (fp16 when half_cache, else fp32) point at the context's
+// first slot, the new token's last.
+void decode_attention_token(uintptr_t q, uintptr_t k, uintptr_t v, int64_t H, int64_t n_kv, int64_t hd,
+                            uintptr_t q_norm, uintptr_t k_norm, bool norm_per_head, double eps, uintptr_t cos,
+                            uintptr_t signed_sin, int64_t rope_dims, bool neox, uintptr_t k_cache, uintptr_t v_cache,
+                            int64_t ctx, int64_t slot_stride, bool half_cache, double scale, uintptr_t out) {
+  const DecodeAttention a{H, n_kv, hd, address<const float>(q_norm), address<const float>(k_norm), norm_per_head,
+                          static_cast<float>(eps), address<const float>(cos), address<const float>(signed_sin),
+                          rope_dims, neox};
+  if (half_cache) {
+    decode_attention(a, address<float>(q), address<float>(k), address<const float>(v), address<c10::Half>(k_cache),
+                     address<c10::Half>(v_cache), ctx, slot_stride, static_cast<float>(scale), address<float>(out));
+  } else {
+    decode_attention(a, address<float>(q), address<float>(k), address<const float>(v), address<float>(k_cache),
+                     address<float>(v_cache), ctx, slot_stride, static_cast<float>(scale), address<float>(out));
+  }
+}
+
+// h_out = h + delta (no delta: 0), x_out = RMSNorm(h_out) * w, rows of D (norm.h).
+void add_rms_norm_rows(uintptr_t h, uintptr_t delta, uintptr_t w, int64_t M, int64_t D, double eps, uintptr_t h_out,
+                       uintptr_t x_out) {
+  add_rms_norm(address<const float>(h), address<const float>(delta), address<const float>(w), M, D,
+               static_cast<float>(eps), address<float>(h_out), address<float>(x_out));
+}
+
 std::vector<int64_t> supported_types() {
   std::vector<int64_t> types;
   for (int64_t t = 0; t < 64; ++t)
@@ -91,6 +127,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize", &moestream_cpu::dequantize_weight, py::call_guard<py::gil_scoped_release>());
   m.def("expert_ffn", &moestream_cpu::expert_ffn, py::call_guard<py::gil_scoped_release>());
   m.def("moe_layer", &moestream_cpu::moe_layer, py::call_guard<py::gil_scoped_release>());
+  m.def("attend_one", &moestream_cpu::attend_one_token, py::call_guard<py::gil_scoped_release>());
+  m.def("decode_attention", &moestream_cpu::decode_attention_token, py::call_guard<py::gil_scoped_release>());
+  m.def("add_rms_norm", &moestream_cpu::add_rms_norm_rows, py::call_guard<py::gil_scoped_release>());
   m.def("supported_types", &moestream_cpu::supported_types);
   m.attr("isa") = moestream_cpu::ISA;
 }
