@@ -60,9 +60,16 @@ class Engine:
         log.info("allocating the KV cache: %d tokens, %s, %s", self.memory.kv_tokens, config.kv_dtype,
                  format_bytes(self.memory.kv_bytes))
         kv_start_s = time.perf_counter()
+        # A hybrid model's recurrent state sums the whole prefix and is not kept per block:
+        # KV blocks alone cannot resume it, so it prefills every prompt in full.
+        prefix_cache = config.prefix_cache and self.config.linear is None
+        if config.prefix_cache and not prefix_cache:
+            log.info("prefix cache off: %s keeps a recurrent state that KV blocks cannot restore",
+                     self.config.arch)
         self.kv = KVCache(self.config.n_kv_layers, self.config.n_kv_heads, self.config.head_dim,
                           self.memory.kv_tokens // config.kv_block_size, config.kv_block_size,
-                          KV_DTYPES[config.kv_dtype], self.device, value_dim=self.config.kv_value_dim)
+                          KV_DTYPES[config.kv_dtype], self.device, value_dim=self.config.kv_value_dim,
+                          prefix_cache=prefix_cache)
         log.info("KV cache allocated in %.1f s", time.perf_counter() - kv_start_s)
         # hybrid models: one DeltaNet state per sequence that can run at once
         self.states = (RecurrentStatePool(self.config.linear, config.max_batch, self.device)
@@ -91,6 +98,7 @@ class Engine:
         self.grammars = GrammarCompiler(self.tokenizer, self.config.vocab_size)
         self._user_text = UserTextShield(self.tokenizer.special_texts)
         self._steps_to_measure = _MEASURED_STEPS
+        self.prompt_tokens_computed = 0  # prompt tokens run through the model (not from the cache)
         self.check_device_memory()
 
     @classmethod
@@ -126,17 +134,28 @@ class Engine:
             raise MoestreamError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+        return self.add_group(prompt_ids, [params])[0]
+
+    def add_group(self, prompt_ids: list[int], params: list[SamplingParams]) -> list[Sequence]:
+        """One sequence per settings, all on one prompt (a request's n choices): the prompt is
+        prefilled once, by the first, and the others fork from its KV."""
         self.check_prompt(prompt_ids)
-        self._check_vocab([t for t, _ in params.logit_bias])
+        for p in params:
+            self._check_vocab([t for t, _ in p.logit_bias])
         if not self.scheduler.can_add():
             raise QueueFull(f"the batch is full and {self.engine_config.max_waiting} requests are "
                             "already waiting; retry later")
-        seq = Sequence(list(prompt_ids), params)
-        if params.grammar is not None:
-            seq.constraint = self.grammars.start(params.grammar)
-        self.sequences[seq.seq_id] = seq
-        self.scheduler.add(seq)
-        return seq
+        seqs = [Sequence(list(prompt_ids), p) for p in params]
+        for seq in seqs:
+            if seq.params.grammar is not None:
+                seq.constraint = self.grammars.start(seq.params.grammar)
+            self.sequences[seq.seq_id] = seq
+        first = seqs[0]
+        first.forks = seqs[1:]
+        for fork in first.forks:
+            fork.parent = first
+        self.scheduler.add(first)
+        return seqs
 
     def abort(self, seq_id: int) -> None:
         seq = self.sequences.pop(seq_id, None)
@@ -151,22 +170,40 @@ class Engine:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
-        batch, sampling = self._build_batch(scheduled)
+        batch, sampling, rows = self._build_batch(scheduled)
         logits = self.model.forward(batch, self.kv)
         for item in scheduled:
-            item.seq.num_computed += item.n_tokens
-        outputs = self._postprocess(sampling, self._sample_each(logits, sampling))
+            seq, start = item.seq, item.seq.num_computed
+            seq.num_computed += item.n_tokens
+            self.prompt_tokens_computed += max(0, min(seq.num_computed, len(seq.prompt_ids)) - start)
+            self._cache_full_blocks(seq)
+        chosen = self._sample_each(logits, sampling, rows)
+        for seq in sampling:
+            if seq.parent is not None:  # its parent's prompt is computed now: share it
+                self.scheduler.fork(seq.parent, seq)
+        outputs = self._postprocess(sampling, chosen)
         if self._steps_to_measure:
             self._steps_to_measure -= 1
             self.check_device_memory()
         return outputs
 
-    def _sample_each(self, logits: torch.Tensor, seqs: list[Sequence]) -> list:
-        """Each sequence's (token, logprob), or the exception its sampling raised: one
-        request's failure ends that request alone, and the others' draws are untouched."""
+    def _cache_full_blocks(self, seq: Sequence) -> None:
+        """Register the blocks this step filled in the prefix cache (prompt and output alike:
+        a multi-turn conversation's next prompt repeats the reply)."""
+        blocks = self.kv.blocks
+        n_full = seq.num_computed // self.kv.block_size
+        if blocks.caching and n_full > seq.num_registered_blocks:
+            blocks.extend_hashes(seq.block_hashes, seq.token_ids, seq.num_computed)
+            blocks.register(seq.block_table, seq.block_hashes, seq.num_registered_blocks, n_full)
+            seq.num_registered_blocks = n_full
+
+    def _sample_each(self, logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> list:
+        """Each sequence's (token, logprob) drawn from its row of `logits`, or the exception
+        its sampling raised: one request's failure ends that request alone, and the others'
+        draws are untouched."""
         host_logits = logits.to("cpu", torch.float32)  # one copy per step, not one per sequence
         chosen = []
-        for i, seq in enumerate(seqs):
+        for i, seq in zip(rows, seqs):
             try:
                 chosen.append(sample(host_logits[i:i + 1], [seq])[0])
             except Exception as exc:
@@ -174,8 +211,10 @@ class Engine:
                 chosen.append(exc)
         return chosen
 
-    def _build_batch(self, scheduled: list[ScheduledSeq]) -> tuple[BatchInput, list[Sequence]]:
-        tokens, positions, segments, logits_rows, sampling = [], [], [], [], []
+    def _build_batch(self, scheduled: list[ScheduledSeq]) -> tuple[BatchInput, list[Sequence], list[int]]:
+        """The batch, the sequences to sample and the logits row each samples from (a
+        prompt's last row also serves the forks waiting for it)."""
+        tokens, positions, segments, logits_rows, sampling, rows = [], [], [], [], [], []
         row_seqs: list[int] = []
         offset = 0
         for item in scheduled:
@@ -189,7 +228,8 @@ class Engine:
             offset += item.n_tokens
             if end == seq.num_tokens:  # the chunk reaches the sequence's last token: sample
                 logits_rows.append(offset - 1)
-                sampling.append(seq)
+                sampling += [seq, *seq.forks]
+                rows += [len(logits_rows) - 1] * (1 + len(seq.forks))
         self._batch_rows = (row_seqs, positions)
         batch = BatchInput(
             token_ids=torch.tensor(tokens, dtype=torch.long),
@@ -197,7 +237,7 @@ class Engine:
             segments=segments,
             logits_rows=torch.tensor(logits_rows, dtype=torch.long, device=self.device),
         )
-        return batch, sampling
+        return batch, sampling, rows
 
     def _record_routing(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> None:
         seq_ids, positions = self._batch_rows
@@ -326,7 +366,9 @@ class Engine:
     def stats(self) -> dict:
         stats = dict(self.experts.stats())
         stats.update(kv_cache_usage=self.kv.usage, num_running=len(self.scheduler.running),
-                     num_waiting=len(self.scheduler.waiting))
+                     num_waiting=len(self.scheduler.waiting), prompt_tokens_computed=self.prompt_tokens_computed,
+                     prefix_cache_queries=self.kv.blocks.lookup_tokens,
+                     prefix_cache_hits=self.kv.blocks.hit_tokens)
         if self.plan is not None:
             stats["vram_used_bytes"] = self.device_bytes_used()
         return stats

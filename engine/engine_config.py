@@ -28,6 +28,7 @@ class EngineConfig:
     kv_block_size: int = 16
     kv_tokens: int | None = None  # KV pool shared by the running sequences; None: one context
     kv_dtype: str = "f16"  # KV element type (KV_DTYPES); attention computes in fp32
+    prefix_cache: bool = True  # reuse the KV blocks of earlier prompts' prefixes (not hybrids)
     dense_weights: bool = False  # CUDA: resident Linear weights decoded to fp16 when they fit
     record_routing: str | None = None  # JSONL file of each token's experts per layer
     replay_routing: str | None = None  # benchmarks: route from this real log (engine/replay.py)

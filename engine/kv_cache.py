@@ -1,8 +1,10 @@
 """Paged KV cache: a pool of fixed-size blocks shared by all sequences.
 
-A sequence owns a list of blocks (its block table); token at position p lives in slot
+A sequence holds a list of blocks (its block table); token at position p lives in slot
 `block_table[p // block_size] * block_size + p % block_size`. Admission asks
 `can_allocate` before `allocate`, so a request that would not fit waits instead of failing.
+Which blocks are free, shared or cached for reuse by a later prompt is the BlockPool's
+business (engine/block_pool.py); this class owns the storage.
 
 Reads and writes take a `SlotIndex`: a slice when the slots are one consecutive run, so a
 read is a view and a write a plain copy; otherwise the slot ids, gathered with index_select
@@ -15,10 +17,9 @@ cache has `value_dim=0`, K holds the latent and rope part, and V is empty.
 
 from __future__ import annotations
 
-import heapq
-import math
-
 import torch
+
+from moestream.engine.block_pool import BlockPool
 
 SlotIndex = slice | torch.Tensor  # consecutive slots, or their ids
 
@@ -26,13 +27,14 @@ SlotIndex = slice | torch.Tensor  # consecutive slots, or their ids
 class KVCache:
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, num_blocks: int,
                  block_size: int = 16, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu", value_dim: int | None = None):
+                 device: torch.device | str = "cpu", value_dim: int | None = None,
+                 prefix_cache: bool = False):
         self.block_size, self.num_blocks = block_size, num_blocks
         shape = (n_layers, num_blocks * block_size, n_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         v_dim = head_dim if value_dim is None else value_dim
         self.v = torch.zeros(shape[:-1] + (v_dim,), dtype=dtype, device=device)
-        self.free_blocks: list[int] = list(range(num_blocks))  # a heap: lowest id first
+        self.blocks = BlockPool(num_blocks, block_size, prefix_cache)
 
     @property
     def nbytes(self) -> int:
@@ -40,30 +42,32 @@ class KVCache:
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self.free_blocks)
+        return self.blocks.num_free
 
     @property
     def usage(self) -> float:
-        """Fraction of blocks in use (0.0 idle .. 1.0 full)."""
-        return 1.0 - len(self.free_blocks) / self.num_blocks
+        """Fraction of blocks in use (0.0 idle .. 1.0 full); cached blocks nobody holds are free."""
+        return 1.0 - self.blocks.num_free / self.num_blocks
 
     def blocks_needed(self, block_table: list[int], n_tokens: int) -> int:
-        return max(0, math.ceil(n_tokens / self.block_size) - len(block_table))
+        return self.blocks.blocks_needed(block_table, n_tokens)
 
-    def can_allocate(self, block_table: list[int], n_tokens: int) -> bool:
-        """Can a sequence holding `block_table` grow to `n_tokens` tokens?"""
-        return self.blocks_needed(block_table, n_tokens) <= len(self.free_blocks)
+    def can_allocate(self, block_table: list[int], n_tokens: int, reuse: list[int] = ()) -> bool:
+        """Can a sequence holding `block_table` (plus the cached blocks `reuse`) grow to
+        `n_tokens` tokens?"""
+        return self.blocks.can_allocate(block_table, n_tokens, reuse)
 
-    def allocate(self, block_table: list[int], n_tokens: int) -> None:
-        need = self.blocks_needed(block_table, n_tokens)
-        if need > len(self.free_blocks):
-            raise RuntimeError("KV cache out of blocks: call can_allocate first")
-        block_table.extend(heapq.heappop(self.free_blocks) for _ in range(need))
+    def allocate(self, block_table: list[int], n_tokens: int, reuse: list[int] = ()) -> None:
+        self.blocks.allocate(block_table, n_tokens, reuse)
 
     def free(self, block_table: list[int]) -> None:
-        for block in block_table:
-            heapq.heappush(self.free_blocks, block)
-        block_table.clear()
+        self.blocks.free(block_table)
+
+    def copy_block(self, src: int, dst: int) -> None:
+        """Copy one block's K/V (every layer): a forked sequence's own copy of a partial block."""
+        bs = self.block_size
+        for cache in (self.k, self.v):
+            cache[:, dst * bs:(dst + 1) * bs] = cache[:, src * bs:(src + 1) * bs]
 
     def slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
         """KV slots of positions [start, end) of a sequence."""

@@ -54,6 +54,11 @@ class RecurrentStatePool:
         self.ssm[:, slot].zero_()
         return slot
 
+    def copy(self, src: int, dst: int) -> None:
+        """A forked sequence's state: the parent's after the shared prompt."""
+        self.conv[:, dst] = self.conv[:, src]
+        self.ssm[:, dst] = self.ssm[:, src]
+
     def free(self, slot: int | None) -> None:
         """Give a slot back; None (a sequence that holds none) is a no-op."""
         if slot is not None:

@@ -5,6 +5,15 @@ of the token budget on prefill chunks, oldest request first. A request is admitt
 when the KV cache has room for its whole prompt; when a decode cannot grow, the newest
 running sequence is preempted (its blocks freed, recomputed later). Hybrid models also
 need a recurrent-state slot per admitted sequence, freed with its blocks.
+
+With the prefix cache, an admitted sequence first takes the cached blocks of the longest
+run of its full blocks (never its last token, whose logits it must compute) and prefills
+only the rest; admission counts those blocks as taken, not as new ones.
+
+The n choices of one request prefill once: the first sequence is scheduled, the others
+wait beside it (not in the queue) and fork from it when its prompt is computed, sharing
+its full blocks and copying the partial last one (and, on hybrid models, its recurrent
+state). A fork with no room then, or whose parent ends first, queues as a request of its own.
 """
 
 from __future__ import annotations
@@ -51,6 +60,13 @@ class Scheduler:
 
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
+        if seq.parent is not None:
+            seq.parent.forks.remove(seq)
+            seq.parent = None
+        for fork in seq.forks:  # its prefill will not come: each prefills its own
+            fork.parent = None
+            self.waiting.append(fork)
+        seq.forks.clear()
         self._release(seq)
         if seq in self.running:
             self.running.remove(seq)
@@ -63,16 +79,57 @@ class Scheduler:
         seq.num_computed, seq.status = 0, SequenceStatus.WAITING
         self.waiting.appendleft(seq)
 
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Give `child` the parent's computed prompt, or queue it when there is no room."""
+        parent.forks.remove(child)
+        child.parent = None
+        n, bs = parent.num_computed, self.kv.block_size
+        shared = parent.block_table[:n // bs]
+        room = (len(self.running) < self.config.max_num_seqs and self.kv.can_allocate([], n + 1, shared)
+                and (self.states is None or self.states.can_allocate()))
+        if not room:
+            self.waiting.append(child)
+            return
+        self.kv.allocate(child.block_table, n + 1, shared)
+        if n % bs:
+            self.kv.copy_block(parent.block_table[n // bs], child.block_table[n // bs])
+        if self.states is not None:
+            child.state_slot = self.states.allocate()
+            self.states.copy(parent.state_slot, child.state_slot)
+        child.num_computed, child.num_registered_blocks = n, len(shared)
+        child.block_hashes = parent.block_hashes[:len(shared)]
+        child.num_cached_tokens = parent.num_cached_tokens
+        child.status, child.first_scheduled_s = SequenceStatus.RUNNING, time.monotonic()
+        self.running.append(child)
+
     def _release(self, seq: Sequence) -> None:
         self.kv.free(seq.block_table)
+        seq.num_registered_blocks = 0
         if self.states is not None:
             self.states.free(seq.state_slot)
             seq.state_slot = None
 
-    def _can_admit(self, seq: Sequence) -> bool:
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """The cached blocks a (re)starting sequence can take: full blocks before its last token."""
+        if not self.kv.blocks.caching:
+            return []
+        self.kv.blocks.extend_hashes(seq.block_hashes, seq.token_ids, seq.num_tokens - 1)
+        return self.kv.blocks.lookup(seq.block_hashes[:(seq.num_tokens - 1) // self.kv.block_size])
+
+    def _can_admit(self, seq: Sequence, hit: list[int]) -> bool:
         if self.states is not None and not self.states.can_allocate():
             return False
-        return self.kv.can_allocate(seq.block_table, seq.num_tokens + 1)
+        return self.kv.can_allocate(seq.block_table, seq.num_tokens + 1, hit)
+
+    def _admit(self, seq: Sequence, hit: list[int]) -> None:
+        self.kv.allocate(seq.block_table, seq.num_tokens + 1, hit)
+        seq.num_registered_blocks = len(hit)
+        seq.num_computed = len(hit) * self.kv.block_size
+        if seq.num_cached_tokens is None:  # first admission: what the request reports
+            seq.num_cached_tokens = seq.num_computed
+            if self.kv.blocks.caching:
+                self.kv.blocks.lookup_tokens += len(seq.prompt_ids)
+                self.kv.blocks.hit_tokens += seq.num_computed
 
     def schedule(self) -> list[ScheduledSeq]:
         budget = self.config.max_batched_tokens
@@ -97,10 +154,11 @@ class Scheduler:
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            if not self._can_admit(seq):
+            hit = self._cached_prefix(seq)
+            if not self._can_admit(seq, hit):
                 break
             self.waiting.popleft()
-            self.kv.allocate(seq.block_table, seq.num_tokens + 1)
+            self._admit(seq, hit)
             if self.states is not None:
                 seq.state_slot = self.states.allocate()
             seq.status = SequenceStatus.RUNNING

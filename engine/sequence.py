@@ -84,12 +84,18 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     state_slot: int | None = None  # hybrid models: its RecurrentStatePool slot while admitted
     num_computed: int = 0  # tokens whose K/V are in the cache
+    block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of its full blocks
+    num_registered_blocks: int = 0  # leading blocks of block_table in the prefix cache
+    num_cached_tokens: int | None = None  # prompt tokens the prefix cache served at admission
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     arrival_s: float = field(default_factory=time.monotonic)
     first_scheduled_s: float | None = None
     generator: torch.Generator = field(init=False)
     constraint: Constraint | None = None  # where the output stands in params.grammar
+    # n > 1: the other choices wait for this one's prefill, then fork from its prompt KV
+    forks: list[Sequence] = field(default_factory=list)
+    parent: Sequence | None = None  # a fork not yet forked: the sequence that prefills for it
 
     def __post_init__(self) -> None:
         self.generator = torch.Generator()

@@ -17,7 +17,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from moestream.engine import Engine, SamplingParams
-from moestream.engine.sequence import SequenceStatus, TokenLogprob
+from moestream.engine.sequence import Sequence, SequenceStatus, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,14 @@ class RequestStream:
     seq_id: int
     num_prompt_tokens: int
     scheduled_s: float | None = None  # set by the engine thread when first scheduled
+    seq: Sequence | None = None  # the engine's record, read here only once a token has come
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     is_finished: bool = False
+
+    @property
+    def num_cached_tokens(self) -> int:
+        """Prompt tokens the prefix cache served (set at admission, before any token)."""
+        return (self.seq.num_cached_tokens or 0) if self.seq is not None else 0
 
     async def __aiter__(self) -> AsyncIterator[TokenEvent]:
         while not self.is_finished:
@@ -87,7 +93,11 @@ class AsyncEngine:
     # -- called from the event loop -------------------------------------------------
     async def add(self, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
         """Queue a request; raises what engine.add_request raises (bad prompt, QueueFull)."""
-        done: Future[RequestStream] = Future()
+        return (await self.add_group(prompt_ids, [params]))[0]
+
+    async def add_group(self, prompt_ids: list[int], params: list[SamplingParams]) -> list[RequestStream]:
+        """Queue one sequence per settings on one prompt, prefilled once (engine.add_group)."""
+        done: Future[list[RequestStream]] = Future()
         self._submit(lambda: self._add(prompt_ids, params, done))
         return await asyncio.wrap_future(done)
 
@@ -103,15 +113,16 @@ class AsyncEngine:
         self._wakeup.set()
 
     # -- the engine thread ----------------------------------------------------------
-    def _add(self, prompt_ids: list[int], params: SamplingParams, done: Future) -> None:
+    def _add(self, prompt_ids: list[int], params: list[SamplingParams], done: Future) -> None:
         try:
-            seq = self.engine.add_request(prompt_ids, params)
+            seqs = self.engine.add_group(prompt_ids, params)
         except Exception as exc:  # handed to the caller, who maps it to an HTTP error
             done.set_exception(exc)
             return
-        stream = RequestStream(seq.seq_id, len(prompt_ids))
-        self._streams[seq.seq_id] = stream
-        done.set_result(stream)
+        streams = [RequestStream(seq.seq_id, len(prompt_ids), seq=seq) for seq in seqs]
+        for stream in streams:
+            self._streams[stream.seq_id] = stream
+        done.set_result(streams)
 
     def _abort(self, seq_id: int) -> None:
         if self._streams.pop(seq_id, None) is not None:

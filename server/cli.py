@@ -17,7 +17,8 @@ from moestream.kernels.errors import MoestreamError
 from moestream.server.limits import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_REQUEST_TIMEOUT_S
 from moestream.server.options import (DENSE_WEIGHTS_HELP, DEVICE_HELP, KERNEL_CHOICES, KERNELS_HELP,
                                       KV_DTYPE_CHOICES, KV_DTYPE_HELP, KV_TOKENS_HELP, MISS_POLICIES,
-                                      MISS_POLICY_HELP, REASONING_FORMATS, add_memory_args, add_threads_arg, apply_threads,
+                                      MISS_POLICY_HELP, NO_PREFIX_CACHE_HELP, REASONING_FORMATS, add_memory_args,
+                                      add_threads_arg, apply_threads,
                                       device_arg, engine_options, one_of, port_arg, positive_int, size_arg)
 
 EXIT_USAGE = 2
@@ -64,6 +65,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-pin", action="store_true",
                    help="read experts from the memory map instead of pinned host memory")
     p.add_argument("--no-prefetch", action="store_true", help="do not prefetch predicted experts")
+    p.add_argument("--no-prefix-cache", action="store_true", help=NO_PREFIX_CACHE_HELP)
     p.add_argument("--kernels", default=None, type=one_of(KERNEL_CHOICES, "kernels"), choices=KERNEL_CHOICES,
                    help=KERNELS_HELP)
     p.add_argument("--miss-policy", default="auto", type=one_of(MISS_POLICIES, "miss policy"),
@@ -191,6 +193,7 @@ def _add_serve_parser(sub, common: argparse.ArgumentParser) -> None:
            "host memory", action="store_true")
     option("--no-prefetch", "MOESTREAM_NO_PREFETCH", "do not prefetch predicted experts",
            action="store_true")
+    option("--no-prefix-cache", "MOESTREAM_NO_PREFIX_CACHE", NO_PREFIX_CACHE_HELP, action="store_true")
     option("--kernels", "MOESTREAM_KERNELS", KERNELS_HELP, type=one_of(KERNEL_CHOICES, "kernels"),
            choices=KERNEL_CHOICES)
     option("--miss-policy", "MOESTREAM_MISS_POLICY", MISS_POLICY_HELP,

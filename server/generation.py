@@ -47,7 +47,7 @@ class Generation:
     def usage(self) -> dict:
         prompt, completion = self.stream.num_prompt_tokens, self.record.num_generated
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-                "prompt_tokens_details": {"cached_tokens": 0}}  # no prefix cache yet
+                "prompt_tokens_details": {"cached_tokens": self.stream.num_cached_tokens}}
 
     async def deltas(self) -> AsyncIterator[Delta]:
         try:

@@ -44,6 +44,11 @@ TOTAL_COUNTERS = {
     "expert_copy_stall_seconds": ("stall_s", "Seconds compute waited for expert copies."),
     "expert_prefetch_issued": ("prefetch_issued", "Expert copies started by the prefetcher."),
     "expert_prefetch_used": ("prefetch_used", "Prefetched experts that a later lookup used."),
+    # vLLM's prefix cache counters (tokens): hits / queries is the hit rate
+    "prefix_cache_queries": ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache."),
+    "prefix_cache_hits": ("prefix_cache_hits", "Prompt tokens served from the prefix cache."),
+    "prompt_tokens_computed": ("prompt_tokens_computed", "Prompt tokens run through the model "
+                               "(prefilled, not served from the prefix cache; again after a preemption)."),
 }
 
 

@@ -102,6 +102,9 @@ KV_TOKENS_HELP = ("size of the KV cache in tokens, one pool shared by all runnin
                   "--max-total-tokens); default: the context size, capped by the model's trained context")
 KV_DTYPE_HELP = ("element type of the KV cache (llama.cpp's --cache-type-k/-v): f16, bf16 or f32; "
                  "attention computes in fp32 either way; default f16")
+NO_PREFIX_CACHE_HELP = ("do not reuse the KV blocks of earlier prompts' shared prefixes (multi-turn "
+                        "chats, system prompts), as vLLM without --enable-prefix-caching; default: reuse "
+                        "them (hybrid models never do: their recurrent state is not kept per block)")
 DENSE_WEIGHTS_HELP = ("CUDA: decode the resident weights (attention, shared experts, lm_head) to fp16 "
                       "when the budget has room for them (faster matmuls, fewer expert slots); "
                       "default: kept quantized, read by the quantized matmul kernels")
@@ -128,4 +131,4 @@ def engine_options(args: argparse.Namespace) -> dict:
                 ctx_size=args.ctx_size, pin_memory=not args.no_pin, prefetch=not args.no_prefetch,
                 record_routing=args.record_routing, kernel_backend=default_kernels(device, args.kernels),
                 miss_policy=args.miss_policy, kv_tokens=args.kv_tokens, kv_dtype=args.kv_dtype,
-                dense_weights=args.dense_weights)
+                dense_weights=args.dense_weights, prefix_cache=not args.no_prefix_cache)

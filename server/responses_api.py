@@ -127,7 +127,8 @@ class _Answer:
         if gen is not None:
             usage = gen.usage
             body["usage"] = {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"],
-                             "total_tokens": usage["total_tokens"], "input_tokens_details": {"cached_tokens": 0},
+                             "total_tokens": usage["total_tokens"],
+                             "input_tokens_details": usage["prompt_tokens_details"],
                              "output_tokens_details": {"reasoning_tokens": 0}}
             if gen.finish_reason == "length":
                 body["status"], body["incomplete_details"] = "incomplete", {"reason": "max_output_tokens"}

@@ -130,18 +130,9 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
 async def _start_choices(state: ServerState, n: int, prompt_ids: list[int],
                          make_params: Callable[[int, int], SamplingParams], max_tokens: int | None,
                          stops: list[str], arrival_s: float, prompt_param: str) -> list[Generation]:
-    """One sequence per choice (each its own copy of the prompt: no shared KV yet);
-    `make_params(max_tokens, choice)`. If one cannot start, those started are aborted."""
-    gens: list[Generation] = []
-    try:
-        for i in range(n):
-            gens.append(await state.start(prompt_ids, lambda m, i=i: make_params(m, i), max_tokens, stops,
-                                          arrival_s, prompt_param))
-    except BaseException:
-        for gen in gens:
-            gen.engine.abort(gen.stream.seq_id)
-        raise
-    return gens
+    """One sequence per choice, the prompt prefilled once and shared (engine.add_group);
+    `make_params(max_tokens, choice)`."""
+    return await state.start_choices(prompt_ids, make_params, n, max_tokens, stops, arrival_s, prompt_param)
 
 
 def _check_logit_bias(bias: tuple[tuple[int, float], ...], vocab_size: int) -> None:

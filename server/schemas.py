@@ -133,7 +133,7 @@ class _Sampling(_Request):
     @field_validator("n")
     @classmethod
     def _few_choices(cls, n: int) -> int:
-        # each choice is a sequence of its own, prompt included (no shared KV yet)
+        # each choice is a sequence of its own; the prompt is prefilled once and shared
         if not 1 <= n <= MAX_CHOICES:
             raise ValueError(f"n must be in [1, {MAX_CHOICES}] (got {n})")
         return n

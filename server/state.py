@@ -143,6 +143,15 @@ class ServerState:
                     requested_max_tokens: int | None, stops: list[str], arrival_s: float,
                     prompt_param: str) -> Generation:
         """Queue a request; `make_params(max_tokens)` builds its sampling settings."""
+        gens = await self.start_choices(prompt_ids, lambda m, _: make_params(m), 1, requested_max_tokens, stops,
+                                        arrival_s, prompt_param)
+        return gens[0]
+
+    async def start_choices(self, prompt_ids: list[int], make_params: Callable[[int, int], SamplingParams],
+                            n: int, requested_max_tokens: int | None, stops: list[str], arrival_s: float,
+                            prompt_param: str) -> list[Generation]:
+        """Queue a request's n choices on one prompt, prefilled once; `make_params(max_tokens,
+        choice)` builds each one's sampling settings."""
         engine = self.engine
         limit = engine.engine.max_model_len
         room = limit - len(prompt_ids)
@@ -156,18 +165,18 @@ class ServerState:
                            code="context_length_exceeded")
         max_tokens = requested_max_tokens or room
         try:
-            params = make_params(max_tokens)
+            params = [make_params(max_tokens, i) for i in range(n)]
         except MoestreamError as exc:
             raise APIError(str(exc)) from None
         try:
-            stream = await engine.add(prompt_ids, params)
+            streams = await engine.add_group(prompt_ids, params)
         except QueueFull as exc:
             raise APIError(str(exc), "unavailable_error", code="queue_full",
                            retry_after_s=QUEUE_FULL_RETRY_AFTER_S) from None
         except MoestreamError as exc:
             raise APIError(str(exc), param=prompt_param) from None
-        record = RequestRecord(arrival_s, len(prompt_ids))
-        return Generation(engine, stream, engine.engine.tokenizer, stops, self.metrics, record)
+        return [Generation(engine, stream, engine.engine.tokenizer, stops, self.metrics,
+                           RequestRecord(arrival_s, len(prompt_ids))) for stream in streams]
 
 
 class Gate:

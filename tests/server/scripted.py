@@ -78,8 +78,8 @@ class ScriptedEngine(Engine):
         encode = lambda text: self.tokenizer.encode(text, parse_special=True)  # noqa: E731
         self.scripts = {key: encode(text) + encode(end_text) for key, text in scripts.items()}
 
-    def _sample_each(self, logits, seqs):
-        chosen = super()._sample_each(logits, seqs)
+    def _sample_each(self, logits, seqs, rows):
+        chosen = super()._sample_each(logits, seqs, rows)
         for i, seq in enumerate(seqs):
             if seq.params.grammar is None:
                 script = self._script_of(seq.prompt_ids)

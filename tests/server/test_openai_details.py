@@ -141,9 +141,13 @@ def test_responses_take_a_json_schema_text_format(demo):
 # -- n > 1 -----------------------------------------------------------------------------
 def test_n_choices_each_equal_a_request_with_its_seed(demo):
     client = demo.client()
+    computed = ("moestream:prompt_tokens_computed_total", ())
+    before = demo.metrics()[computed]
     out = client.chat.completions.create(model=MODEL, messages=HI, max_tokens=6, n=3, seed=40,
                                          extra_body={"ignore_eos": True})
     assert [c.index for c in out.choices] == [0, 1, 2]
+    prefilled = out.usage.prompt_tokens - out.usage.prompt_tokens_details.cached_tokens
+    assert demo.metrics()[computed] - before == prefilled, "the choices share one prefill"
     alone = [client.chat.completions.create(model=MODEL, messages=HI, max_tokens=6, seed=40 + i,
                                             extra_body={"ignore_eos": True}).choices[0].message.content
              for i in range(3)]
