@@ -12,8 +12,8 @@ import torch
 
 from moestream.engine import Engine, SamplingParams
 from moestream.engine.loader import open_gguf
-from moestream.engine.model import BatchInput, Segment
 from moestream.kernels.errors import MoestreamError
+from tests.engine.steps import step_logits
 from tests.engine.test_forward import assert_logits_match, rel_l2
 from tests.engine.test_generate import hf_greedy, run_all
 from tests.fixtures.dequant_gguf import dequantized_copy
@@ -117,16 +117,6 @@ def test_memory_plan_sizes_the_kv_by_the_latent():
     assert engine.kv.nbytes == engine.memory.kv_bytes == 3 * 64 * mla.kv_width * engine.kv.k.element_size()
 
 
-def _step(engine, ids: list[int], start: int, table: list[int]) -> torch.Tensor:
-    """Feed ids[start:] of one sequence as one step; the logits of its last token."""
-    kv, end = engine.kv, len(ids)
-    kv.allocate(table, end)
-    segment = Segment(0, end - start, kv.index(table, start, end), kv.index(table, 0, end))
-    batch = BatchInput(torch.tensor(ids[start:]), torch.arange(start, end), [segment],
-                       torch.tensor([end - start - 1]))
-    return engine.model.forward(batch, kv)[0]
-
-
 def test_chunked_prefill_then_decode_equals_one_forward(engine_for):
     """Prefill in two chunks, then decode in latent space token by token: each step's logits
     are those of one full forward, and of transformers'."""
@@ -137,7 +127,7 @@ def test_chunked_prefill_then_decode_equals_one_forward(engine_for):
     table: list[int] = []
     try:
         for start, end in [(0, 37), (37, 70), *((n, n + 1) for n in range(70, 80))]:
-            got = _step(engine, ids[:end], start, table)
+            got = step_logits(engine, ids[:end], start, table)
             diff = (got - full[end - 1]).abs().max()
             assert diff <= 1e-4 * full[end - 1].abs().max(), f"token {end - 1}: {diff:.3g} off the one-pass forward"
             assert rel_l2(got[None], ref[end - 1][None]) <= 1e-3

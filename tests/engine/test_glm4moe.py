@@ -17,9 +17,9 @@ from moestream.engine.tokenizer import StreamDecoder
 from moestream.kernels.errors import MoestreamError
 from moestream.offload.store import HostExpertStore
 from moestream.server.cli import main
+from tests.engine.steps import step_logits
 from tests.engine.test_forward import assert_logits_match, rel_l2
 from tests.engine.test_generate import hf_greedy, run_all
-from tests.engine.test_qwen35moe import _step
 from tests.fixtures.dequant_gguf import dequantized_copy
 from tests.fixtures.models import get_fixture, hf_logits, llama_cpp_logits, sample_token_ids
 from tests.gguf_bytes import set_byte, value_offset
@@ -80,7 +80,7 @@ def test_prefill_in_chunks_then_decode_equals_one_forward(engine_for):
     table: list[int] = []
     try:
         for start, end in [(0, 23), (23, 54), *((n, n + 1) for n in range(54, 60))]:
-            got = _step(engine, ids[:end], start, table, None)
+            got = step_logits(engine, ids[:end], start, table)
             diff = (got - full[end - 1]).abs().max()
             assert diff <= 1e-4 * full[end - 1].abs().max(), f"token {end - 1}: {diff:.3g} off the one-pass forward"
     finally:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from moestream.engine import SamplingParams
-from moestream.engine.model import BatchInput, Segment
+from tests.engine.steps import step_logits
 from tests.engine.test_forward import assert_logits_match, rel_l2
 from tests.engine.test_generate import hf_greedy, run_all
 from tests.fixtures.dequant_gguf import dequantized_copy
@@ -71,16 +71,6 @@ def test_quantized_matches_exact_decode_and_llama_cpp(engine_for, quant):
     assert rel_l2(ours, quantized) <= 1.02 * rel_l2(exact, quantized)
 
 
-def _step(engine, ids: list[int], start: int, table: list[int]) -> torch.Tensor:
-    """Feed ids[start:] of one sequence as one step; the logits of its last token."""
-    kv, end = engine.kv, len(ids)
-    kv.allocate(table, end)
-    segment = Segment(0, end - start, kv.index(table, start, end), kv.index(table, 0, end))
-    batch = BatchInput(torch.tensor(ids[start:]), torch.arange(start, end), [segment],
-                       torch.tensor([end - start - 1]))
-    return engine.model.forward(batch, kv)[0]
-
-
 def test_prefill_then_decode_matches_transformers(engine_for):
     """Prefill in two chunks (the second crossing the window), then decode token by token
     past the window: each step's logits are transformers' at that position."""
@@ -91,7 +81,7 @@ def test_prefill_then_decode_matches_transformers(engine_for):
     table = []
     try:
         for start, end in [(0, 11), (11, 27), *((n, n + 1) for n in range(27, 36))]:
-            got = _step(engine, ids[:end], start, table)
+            got = step_logits(engine, ids[:end], start, table)
             diff = (got - ref[end - 1]).abs().max()
             assert diff <= 1e-4 * ref[end - 1].abs().max(), f"token {end - 1}: {diff:.3g} off transformers"
     finally:

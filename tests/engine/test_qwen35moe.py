@@ -18,6 +18,7 @@ from moestream.engine.placement import expert_layers
 from moestream.engine.recurrent_state import RecurrentStatePool
 from moestream.kernels.errors import MoestreamError
 from moestream.offload.store import HostExpertStore
+from tests.engine.steps import step_logits
 from tests.engine.test_forward import assert_logits_match, rel_l2
 from tests.engine.test_generate import hf_greedy, run_all
 from tests.fixtures.dequant_gguf import dequantized_copy
@@ -80,16 +81,6 @@ def test_expert_cache_is_bitwise_identical_to_resident(engine_for):
     assert batched == [[o.token_id for o in engine_for(ARCH, "Q4_K_M").generate(p, params)] for p in prompts]
 
 
-def _step(engine, ids: list[int], start: int, table: list[int], slot: int) -> torch.Tensor:
-    """Feed ids[start:] of one sequence as one step; the logits of its last token."""
-    kv, end = engine.kv, len(ids)
-    kv.allocate(table, end)
-    segment = Segment(0, end - start, kv.index(table, start, end), kv.index(table, 0, end), slot)
-    batch = BatchInput(torch.tensor(ids[start:]), torch.arange(start, end), [segment],
-                       torch.tensor([end - start - 1]))
-    return engine.model.forward(batch, kv)[0]
-
-
 def test_chunked_prefill_then_decode_equals_one_forward(engine_for):
     """Prefill in two uneven chunks (one crossing the 64-token chunk of the delta rule),
     then decode token by token: each step's logits are those of one full forward."""
@@ -99,7 +90,7 @@ def test_chunked_prefill_then_decode_equals_one_forward(engine_for):
     table, slot = [], engine.states.allocate()
     try:
         for start, end in [(0, 37), (37, 90), *((n, n + 1) for n in range(90, 96))]:
-            got = _step(engine, ids[:end], start, table, slot)
+            got = step_logits(engine, ids[:end], start, table, slot)
             diff = (got - full[end - 1]).abs().max()
             assert diff <= 1e-4 * full[end - 1].abs().max(), f"token {end - 1}: {diff:.3g} off the one-pass forward"
     finally:
