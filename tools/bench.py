@@ -50,7 +50,10 @@ class MoestreamRunner:
             ctx_size=config.prompt_tokens + config.gen_tokens + 1, max_batch=1,
             max_batched_tokens=max(config.prompt_tokens, WARMUP_PROMPT_TOKENS),
             kernel_backend=config.kernels, miss_policy=config.miss_policy,
-            simulate_link_gbps=config.simulate_link_gbps, replay_routing=config.replay_routing)
+            simulate_link_gbps=config.simulate_link_gbps, replay_routing=config.replay_routing,
+            # every repeat feeds the same prompt: a prompt cache would time its hits, not a
+            # prefill (llama.cpp's runner resets its context each run too)
+            prefix_cache=False)
         check_startup(self.engine)
 
     def run(self, prompt_ids: list[int], gen_tokens: int) -> RunMetrics:

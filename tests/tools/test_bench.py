@@ -118,6 +118,21 @@ def test_bench_json_vs_llama_cpp(tiny_synth: Path, capsys) -> None:
     assert report["moestream"]["h2d_gb_s"] > 0
 
 
+def test_every_bench_run_prefills_the_whole_prompt(tiny_synth: Path) -> None:
+    """The repeats feed one prompt: with the serving default (a prefix cache) the second run
+    would reuse the first's KV blocks and its "prefill" rate would time cache hits."""
+    from moestream.tools.bench import MoestreamRunner
+    from moestream.tools.measure import BenchConfig
+
+    runner = MoestreamRunner(BenchConfig(str(tiny_synth), "cpu", None, None, threads=1, prompt_tokens=40,
+                                         gen_tokens=2, n_cpu_moe=None))
+    prompt = list(range(5, 45))
+    for _ in range(2):
+        runner.run(prompt, 2)
+    stats = runner.engine.stats()
+    assert stats["prompt_tokens_computed"] == 2 * len(prompt) and stats["prefix_cache_hits"] == 0
+
+
 def test_llama_cpp_without_repack(tiny_synth: Path) -> None:
     """--llama-cpp-no-repack: llama.cpp's default model params lose their extra buffer types
     while the runner loads (no repacked copy of the weights), and come back after."""
