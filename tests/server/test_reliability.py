@@ -267,7 +267,8 @@ def test_an_empty_api_key_is_refused_at_start(how, tmp_path):
 
 
 def test_streams_cut_at_the_end_of_a_drain_end_with_an_error_event(olmoe_gguf):
-    proc = ServerProcess(["--model", str(olmoe_gguf), "--ctx-size", "512", "--shutdown-grace", "1",
+    # a grace far shorter than 500 tokens take: with 1 s the tiny model finished them first
+    proc = ServerProcess(["--model", str(olmoe_gguf), "--ctx-size", "512", "--shutdown-grace", "0.2",
                           "--kernels", "torch"]).start()
     try:
         body = {"prompt": "once upon a time", "max_tokens": 500, "ignore_eos": True, "stream": True}

@@ -141,7 +141,8 @@ def test_llama_cpp_without_repack(tiny_synth: Path) -> None:
     assert llama_cpp.llama_model_default_params().use_extra_bufts
     with without_repack(True):
         assert not llama_cpp.llama_cpp.llama_model_default_params().use_extra_bufts
-        llm = llama_cpp.Llama(model_path=str(tiny_synth), n_ctx=32, n_threads=1, verbose=False)
+        # logits_all: without it only the last row of llm.scores is written
+        llm = llama_cpp.Llama(model_path=str(tiny_synth), n_ctx=32, n_threads=1, logits_all=True, verbose=False)
         try:
             llm.eval([5, 77, 300])
             assert np.isfinite(np.array(llm.scores[:3])).all()
