@@ -284,16 +284,20 @@ class MoEModel:
         """The FFN half of layer i: a leading dense layer's SwiGLU, else routed + shared experts."""
         return swiglu(lw.dense_ffn, x) if lw.dense_ffn is not None else self._moe(i, lw, x)
 
-    def _moe(self, i: int, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+    def _routed(self, i: int, lw: LayerWeights, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[int, int]]:
+        """Layer i's routing (the router, or a replayed log), shown to the routing hook:
+        ids [T, k], weights [T, k] and expert -> tokens routed to it, lowest id first."""
         if self.replay is not None:
             ids, weights = self.replay.route(i, x.shape[0], x.device)
         else:
             ids, weights = self.route(lw, x)
         if self.routing_hook is not None:
             self.routing_hook(i, ids, weights)
-        # expert -> tokens routed to it, lowest id first (a decode step has k ids: counting
-        # them in Python is cheaper than a bincount over every expert)
-        tokens = dict(sorted(Counter(ids.flatten().tolist()).items()))
+        # a decode step has k ids: counting them in Python is cheaper than a bincount over every expert
+        return ids, weights, dict(sorted(Counter(ids.flatten().tolist()).items()))
+
+    def _moe(self, i: int, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+        ids, weights, tokens = self._routed(i, lw, x)
         plan = self.experts.plan(i, tokens)
         # The CPU side (misses not worth a copy) starts first and runs while the device side
         # computes hits and copies; its rows are filled in when it is done.

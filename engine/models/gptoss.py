@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from moestream.engine.kv_cache import KVCache, SlotIndex
-from moestream.engine.layers import Linear, rms_norm
+from moestream.engine.layers import Linear
 from moestream.engine.loader import GGUFModelFile
 from moestream.engine.model import BatchInput, MoEModel
 from moestream.engine.yarn_rope import YarnRope
@@ -134,14 +134,7 @@ class GptOssModel(MoEModel):
         return self._moe(i, lw, x)  # every gpt-oss layer has experts
 
     def _moe(self, i: int, lw: GptOssLayerWeights, x: torch.Tensor) -> torch.Tensor:
-        if self.replay is not None:
-            ids, weights = self.replay.route(i, x.shape[0], x.device)
-        else:
-            ids, weights = self.route(lw, x)
-        if self.routing_hook is not None:
-            self.routing_hook(i, ids, weights)
-        counts = torch.bincount(ids.flatten(), minlength=self.config.n_experts).tolist()
-        tokens = {e: n for e, n in enumerate(counts) if n}
+        ids, weights, tokens = self._routed(i, lw, x)
         plan = self.experts.plan(i, tokens)
         per_k = torch.zeros(*ids.shape, x.shape[1], dtype=x.dtype, device=x.device)  # [T, k, D]
         self._experts_into(per_k, lw, x, ids, weights, self.experts.load(i, plan.device))
@@ -170,8 +163,3 @@ class GptOssModel(MoEModel):
         up = qmatmul(x, w.up, lay.up.qtype, lay.up.shape, backend=backend) + lw.up_bias[e].to(dev, x.dtype)
         act = clamped_swiglu(gate, up)
         return qmatmul(act, w.down, lay.down.qtype, lay.down.shape, backend=backend) + lw.down_bias[e].to(dev, x.dtype)
-
-    def _prefetch(self, i: int, h: torch.Tensor) -> None:
-        lw = self.layers[i]
-        ids, _ = self.route(lw, rms_norm(h, lw.ffn_norm, self.config.rms_eps))
-        self.experts.prefetch(i, ids.unique().tolist())
