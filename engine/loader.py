@@ -19,6 +19,7 @@ from gguf import GGMLQuantizationType, GGUFReader
 
 from moestream.engine.config import ModelConfig
 from moestream.engine.file_check import check_layout, check_strings, check_tensors
+from moestream.engine import page_cache
 from moestream.engine.header import read_gguf
 from moestream.kernels.errors import MoestreamError
 from moestream.kernels.formats import block_format
@@ -94,7 +95,10 @@ def open_gguf(path: str | Path) -> GGUFModelFile:
     # A read-only map: a copy-on-write one (mode 'c') is charged against the commit limit in
     # full, so under Linux's default overcommit a file larger than RAM + swap (GLM-4.5-Air's
     # 72 GB, gpt-oss-120b's 63 GB on a 32-64 GB host) failed to open with ENOMEM.
+    # 2 MiB page-cache folios: the CPU reads weights ~20% faster through them (page_cache.py)
+    page_cache.prepare(path)
     reader = read_gguf(path)
+    page_cache.advise(reader.data)
     check_strings(path, reader)  # before any string is decoded
     meta = read_metadata(reader)
     tensors = {t.name: _raw_tensor(path, t) for t in reader.tensors}

@@ -100,3 +100,29 @@ def test_avx2_register_path_over_several_weight_tiles(builds: dict, qtype: Q) ->
     reference = torch.from_numpy(x.double().numpy() @ dense.T)
     assert _relative(_matmul(builds["avx2"], x, raw, qtype, rows, True), reference) <= EXACT_TOLERANCE
     _assert_within_int8_error(_matmul(builds["avx2"], x, raw, qtype, rows, False), x, dense, qtype, seed=int(qtype))
+
+
+@pytest.mark.parametrize("ctx", [1, 13, 150])  # tails of the 4-slot and 8-lane loops, and a long run
+@pytest.mark.parametrize("cache_dtype", [torch.float16, torch.float32])
+def test_avx2_attention_matches_float64(builds: dict, ctx: int, cache_dtype: torch.dtype) -> None:
+    """The AVX2 build's vector attention (8 lanes, its own exp) against float64 SDPA."""
+    g = torch.Generator().manual_seed(ctx)
+    H, KV, hd = 16, 4, 128
+    k = torch.randn(ctx, KV, hd, generator=g).to(cache_dtype)
+    v = torch.randn(ctx, KV, hd, generator=g).to(cache_dtype)
+    q = torch.randn(1, H, hd, generator=g) * 3
+    kd, vd = (t.double().repeat_interleave(H // KV, dim=1).transpose(0, 1) for t in (k, v))  # [H, ctx, hd]
+    scores = (q.double().transpose(0, 1) @ kd.transpose(1, 2)) * hd**-0.5  # [H, 1, ctx]
+    want = (torch.softmax(scores, -1) @ vd).transpose(0, 1)  # [1, H, hd]
+    for name, ext in builds.items():
+        out = torch.empty(1, H, hd)
+        if cache_dtype == torch.float32:
+            ext.attend_one(q.data_ptr(), H, hd, k.data_ptr(), v.data_ptr(), ctx, KV, KV * hd, hd**-0.5,
+                           out.data_ptr())
+        else:  # the decode entry writes slot ctx - 1 first: give it that slot's own values
+            qc, kn, vn = q.clone(), k[-1:].float().clone(), v[-1:].float().clone()
+            cos, sin = torch.ones(2), torch.zeros(2)  # rope of 2 dims at angle 0: identity
+            ext.decode_attention(qc.data_ptr(), kn.data_ptr(), vn.data_ptr(), H, KV, hd, 0, 0, False, 0.0,
+                                 cos.data_ptr(), sin.data_ptr(), 2, False, k.data_ptr(), v.data_ptr(), ctx, KV * hd,
+                                 True, hd**-0.5, out.data_ptr())
+        assert (out.double() - want).abs().max() <= 1e-5 * want.abs().max(), name
