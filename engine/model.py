@@ -12,6 +12,7 @@ which the MoE layer asks for by id without knowing where they live.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields, is_dataclass
@@ -24,6 +25,7 @@ from tqdm import tqdm
 
 from moestream.kernels.cpu import (attends_in_place, cpu_add_rms_norm, cpu_attend_one, cpu_decode_attention,
                                    cpu_expert_ffn, cpu_moe_layer, has_compiled_attention)
+from moestream.kernels.cpu.decode_model import CpuDecodeModel, DecodeLayerSpec, DecodeShape, QLinearSpec
 from moestream.kernels.dispatch import qmatmul, use_triton, uses_cpu_kernel
 from moestream.kernels.moe_ffn import moe_ffn
 from moestream.engine.config import QKNorm, RopeStyle
@@ -31,11 +33,13 @@ from moestream.engine.kv_cache import KVCache, SlotIndex
 from moestream.engine.layers import Embedding, Linear, Rope, dequantize_tensor, project_many, rms_norm
 from moestream.engine.loader import GGUFModelFile
 from moestream.engine.replay import RoutingReplay
-from moestream.engine.router import select_experts
+from moestream.engine.router import Gating, select_experts
 from moestream.offload.cache import ExpertCache
 from moestream.offload.layout import ExpertWeights
 from moestream.offload.source import ExpertSource, LayerPlan
 from moestream.offload.store import HostExpertStore
+
+log = logging.getLogger(__name__)
 
 RoutingHook = Callable[[int, torch.Tensor, torch.Tensor], None]
 
@@ -132,6 +136,7 @@ class MoEModel:
         self.routing_hook: RoutingHook | None = None
         self._cpu_pool: ThreadPoolExecutor | None = None  # the hybrid policy's CPU side
         self.replay: RoutingReplay | None = None  # benchmarks: routes from a real log instead
+        self._decoder: CpuDecodeModel | None | bool = False  # False: not built yet (_compiled_decoder)
         self.embed = Embedding(file.tensor("token_embd.weight"), dtype, device)
         self.output_norm = self._dense(file, "output_norm.weight")
         head = "output.weight" if file.has("output.weight") else "token_embd.weight"
@@ -190,6 +195,8 @@ class MoEModel:
     @torch.inference_mode()
     def forward(self, batch: BatchInput, kv: KVCache) -> torch.Tensor:
         """Logits [len(batch.logits_rows), vocab] (float32) for the rows asked for."""
+        if batch.token_ids.shape[0] == 1 and self._decodes_compiled(batch, kv):
+            return self._compiled_decode(batch, kv)
         h = self.embed(batch.token_ids)  # [T, D]
         rope = self.rope.tables(batch.positions)
         ffn_out = None  # the previous layer's, added to h together with the next norm
@@ -200,6 +207,75 @@ class MoEModel:
             if self.prefetch and i + 1 < len(self.layers):
                 self._prefetch(i + 1, h + ffn_out)
         h = h + ffn_out
+        h = rms_norm(h[batch.logits_rows], self.output_norm, self.config.rms_eps)
+        return self.lm_head(h).float()
+
+    def _decodes_compiled(self, batch: BatchInput, kv: KVCache) -> bool:
+        """Whether this one-token step runs every layer in one compiled call (CpuDecodeModel):
+        a model it covers (_compiled_decoder), the fused attention's conditions, and no
+        replayed routing or routing hook (they take each layer's routing in Python)."""
+        if self.replay is not None or self.routing_hook is not None or len(batch.segments) != 1:
+            return False
+        if kv.v.shape[-1] != kv.k.shape[-1] or not kv.k.is_contiguous() or not kv.v.is_contiguous():
+            return False
+        seg = batch.segments[0]
+        new, context = seg.new_slots, seg.context_slots
+        if not (isinstance(new, slice) and isinstance(context, slice) and new.start == context.stop - 1
+                and kv.k.dtype in (torch.float32, torch.float16) and kv.k.device.type == "cpu"):
+            return False
+        return self._compiled_decoder() is not None
+
+    def _compiled_decoder(self) -> CpuDecodeModel | None:
+        """The model's CpuDecodeModel, built at the first decode step; None where it does not
+        cover the model: another device or dtype, a subclass with its own layer maths, a
+        leading dense layer, a shared expert, grouped routing, experts outside a host store
+        in the file's pages, or a weight without a compiled CPU kernel."""
+        if self._decoder is False:
+            self._decoder = self._build_decoder()
+        return self._decoder
+
+    def _build_decoder(self) -> CpuDecodeModel | None:
+        cfg = self.config
+        if (type(self) is not MoEModel or self.device.type != "cpu" or self.dtype != torch.float32
+                or not has_compiled_attention() or not isinstance(self.experts, HostExpertStore)
+                or cfg.router.n_groups != 1 or cfg.n_experts_used > cfg.n_experts):
+            return None
+        specs = []
+        for i, lw in enumerate(self.layers):
+            arrays = self.experts.part_arrays(i) if i in self.experts.layers else None
+            linears = (lw.wq, lw.wk, lw.wv, lw.wo)
+            if (arrays is None or lw.router is None or lw.shared is not None or lw.dense_ffn is not None
+                    or lw.router.dtype != torch.float32
+                    or not all(lin.weight is None and uses_cpu_kernel(lin.qtype, self.device, lin.backend)
+                               for lin in linears)):
+                return None
+            lay = self.experts.layout(i)
+            types = (lay.gate.qtype, lay.up.qtype, lay.down.qtype)
+            if not all(uses_cpu_kernel(t, self.device, self.kernel_backend) for t in types):
+                return None
+            q, k, v, o = (QLinearSpec(lin.raw, lin.qtype, *lin.shape, lin.bias) for lin in linears)
+            specs.append(DecodeLayerSpec(lw.attn_norm.contiguous(), lw.ffn_norm.contiguous(), q, k, v, o,
+                                         lw.q_norm, lw.k_norm, lw.router.contiguous(), lw.expert_bias, *arrays, types))
+        exact = self.kernel_backend == "auto"
+        shape = DecodeShape(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, self.experts.layout(0).gate.shape[0],
+                            cfg.n_experts_used, cfg.rms_eps, cfg.spec.qk_norm is not QKNorm.FULL, cfg.rope_dims,
+                            self.rope.style is RopeStyle.NEOX, exact, exact,
+                            cfg.router.gating is Gating.SIGMOID, cfg.router.norm_topk, cfg.router.weights_scale)
+        try:
+            return CpuDecodeModel(specs, shape)
+        except (ValueError, RuntimeError) as error:  # a layout it does not take: the per-call path
+            log.info("decode runs layer by layer in Python: %s", error)
+            return None
+
+    def _compiled_decode(self, batch: BatchInput, kv: KVCache) -> torch.Tensor:
+        """One decode token through every layer in one compiled call (_compiled_decoder)."""
+        decoder = self._decoder
+        seg = batch.segments[0]
+        context = seg.context_slots
+        cos, signed_sin = self.rope.tables(batch.positions)
+        h, ids, _ = decoder.run(self.embed(batch.token_ids), kv.k, kv.v, context.start, context.stop - context.start,
+                                cos, signed_sin)
+        self.experts.count_lookups(ids)
         h = rms_norm(h[batch.logits_rows], self.output_norm, self.config.rms_eps)
         return self.lm_head(h).float()
 

@@ -116,6 +116,18 @@ class HostExpertStore:
         gate, up, down = (part[expert] for part in self._parts[layer])
         return ExpertWeights(self._layouts[layer], gate, up, down)
 
+    def part_arrays(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """gate, up, down of every expert of `layer`, uint8 [n_expert, bytes] views of the
+        file's pages; None when pinned (the experts then live in one blob per expert)."""
+        return None if self._one_buffer else self._parts[layer]
+
+    def count_lookups(self, ids: torch.Tensor) -> None:
+        """Count one step's routing [n_layers, k] (the compiled decode, which reads experts
+        here without `load`): every distinct expert of a layer is one lookup and one hit."""
+        for layer, row in zip(self._layouts, ids.tolist()):
+            n = len(set(row))
+            self._stats.add(layer, expert_lookups=n, expert_hits=n)
+
     def blob_parts(self, layer: int, expert: int) -> tuple[torch.Tensor, ...]:
         """The runs to copy, in slot order: the whole blob when pinned, else gate, up, down."""
         if self._one_buffer:

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "attention.h"
+#include "decode_model.h"
 #include "dequant.h"
 #include "expert_ffn.h"
 #include "matmul.h"
@@ -108,6 +109,48 @@ void add_rms_norm_rows(uintptr_t h, uintptr_t delta, uintptr_t w, int64_t M, int
                static_cast<float>(eps), address<float>(h_out), address<float>(x_out));
 }
 
+// A DecodeModel from Python's description: dims (D, H, KV, hd, I, E, top_k, rope_dims), flags
+// (norm_per_head, neox, exact_linear, exact_experts, sigmoid, norm_topk), and per layer 31
+// integers: the addresses and sizes of DecodeLayer's fields in order (QLinear: weight, qtype,
+// N, bias; absent pointers 0), the experts' gate, up and down types last.
+DecodeModel make_decode_model(const std::vector<int64_t>& dims, const std::vector<bool>& flags, double eps,
+                              double weights_scale, const std::vector<std::vector<int64_t>>& layers) {
+  if (dims.size() != 8 || flags.size() != 6) throw std::invalid_argument("DecodeModel: 8 dims and 6 flags");
+  DecodeModel m;
+  m.D = dims[0], m.H = dims[1], m.n_kv = dims[2], m.hd = dims[3], m.I = dims[4], m.E = dims[5], m.top_k = dims[6];
+  m.rope_dims = dims[7];
+  m.norm_per_head = flags[0], m.neox = flags[1], m.exact_linear = flags[2], m.exact_experts = flags[3];
+  m.sigmoid = flags[4], m.norm_topk = flags[5];
+  m.eps = static_cast<float>(eps);
+  m.weights_scale = static_cast<float>(weights_scale);
+  for (const auto& f : layers) {
+    if (f.size() != 31) throw std::invalid_argument("DecodeModel: 31 fields per layer");
+    auto lin = [&](int i) {
+      return QLinear{address<const uint8_t>(f[i]), f[i + 1], f[i + 2], address<const float>(f[i + 3])};
+    };
+    m.layers.push_back(DecodeLayer{address<const float>(f[0]), address<const float>(f[1]), lin(2), lin(6), lin(10),
+                                   lin(14), address<const float>(f[18]), address<const float>(f[19]),
+                                   address<const float>(f[20]), address<const float>(f[21]),
+                                   address<const uint8_t>(f[22]), address<const uint8_t>(f[23]),
+                                   address<const uint8_t>(f[24]), f[25], f[26], f[27],
+                                   FfnTypes{f[28], f[29], f[30]}});
+  }
+  return m;
+}
+
+void run_decode_model(const DecodeModel& m, uintptr_t h, uintptr_t k_cache, uintptr_t v_cache, bool half_cache,
+                      int64_t layer_stride, int64_t slot_stride, int64_t slot0, int64_t ctx, uintptr_t cos,
+                      uintptr_t signed_sin, uintptr_t ids, uintptr_t weights, uintptr_t seconds) {
+  if (half_cache)
+    m.run(address<float>(h), address<c10::Half>(k_cache), address<c10::Half>(v_cache), layer_stride, slot_stride,
+          slot0, ctx, address<const float>(cos), address<const float>(signed_sin), address<int64_t>(ids),
+          address<float>(weights), address<double>(seconds));
+  else
+    m.run(address<float>(h), address<float>(k_cache), address<float>(v_cache), layer_stride, slot_stride, slot0,
+          ctx, address<const float>(cos), address<const float>(signed_sin), address<int64_t>(ids),
+          address<float>(weights), address<double>(seconds));
+}
+
 std::vector<int64_t> supported_types() {
   std::vector<int64_t> types;
   for (int64_t t = 0; t < 64; ++t)
@@ -131,5 +174,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &moestream_cpu::decode_attention_token, py::call_guard<py::gil_scoped_release>());
   m.def("add_rms_norm", &moestream_cpu::add_rms_norm_rows, py::call_guard<py::gil_scoped_release>());
   m.def("supported_types", &moestream_cpu::supported_types);
+  py::class_<moestream_cpu::DecodeModel>(m, "DecodeModel")
+      .def(py::init(&moestream_cpu::make_decode_model))
+      .def("run", &moestream_cpu::run_decode_model, py::call_guard<py::gil_scoped_release>());
   m.attr("isa") = moestream_cpu::ISA;
 }

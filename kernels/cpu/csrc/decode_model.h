@@ -1,0 +1,184 @@
+// A decode token through every layer of a MoE transformer in one call: for each layer the
+// residual add and RMSNorm, q/k/v (one parallel region), the fused attention over the KV cache
+// (attention.h), the output projection, the second add and norm, the router (fp32 GEMV,
+// softmax or sigmoid, top-k, optional renormalisation and scale) and the routed experts
+// (expert_ffn.h: gate+up of all of them in one region, down in a second).
+//
+// What it replaces is the same maths as ~40 Python-level calls a layer; each of them, right
+// after an expert kernel has swept the caches, paid tens of microseconds of cold dispatch
+// (docs/PERFORMANCE.md). The kernels are the ones the Python path calls, on the same
+// activation rows, so the projections and experts give the same numbers; the router's
+// logits and softmax sum in a different order than torch's (fp32 rounding).
+#pragma once
+
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <numeric>
+#include <stdexcept>
+#include <vector>
+
+#include "attention.h"
+#include "expert_ffn.h"
+#include "norm.h"
+
+namespace moestream_cpu {
+
+struct QLinear {
+  const uint8_t* weight;  // [N, K] in GGUF blocks of qtype
+  int64_t qtype, N;
+  const float* bias;  // [N] or null
+};
+
+struct DecodeLayer {
+  const float* attn_norm;
+  const float* ffn_norm;
+  QLinear q, k, v, o;
+  const float* q_norm;  // null: no q/k norm
+  const float* k_norm;
+  const float* router;       // [E, D] float32
+  const float* router_bias;  // [E] correction bias (choice only) or null
+  const uint8_t* gate;       // expert e's gate at gate + e * gate_stride bytes
+  const uint8_t* up;
+  const uint8_t* down;
+  int64_t gate_stride, up_stride, down_stride;
+  FfnTypes types;  // the experts' block types (a Q4_K_M mix changes down's between layers)
+};
+
+// Parts timed when asked (seconds, summed over the layers): what `moestream bench --profile`
+// shows for this path.
+enum DecodePart { PART_NORM = 0, PART_QKV, PART_ATTENTION, PART_OUT, PART_ROUTER, PART_EXPERTS, N_PARTS };
+
+struct DecodeModel {
+  int64_t D, H, n_kv, hd, I, E, top_k;
+  float eps;
+  bool norm_per_head;
+  int64_t rope_dims;
+  bool neox;
+  bool exact_linear;   // fp32 route for the attention projections
+  bool exact_experts;  // and for the experts
+  bool sigmoid;        // gating: sigmoid, else softmax
+  bool norm_topk;
+  float weights_scale;
+  std::vector<DecodeLayer> layers;
+
+  // h [D]: the token's embedding in, h + every layer's attention and FFN out (before the
+  // output norm). KV caches: layer l's slot s of KV head j at base + l * layer_stride +
+  // s * slot_stride + j * hd elements; the context is slots [slot0, slot0 + ctx), the new
+  // token's the last. cos / signed_sin [rope_dims] of the token's position. ids / weights
+  // [n_layers, top_k]: each layer's routing; seconds [N_PARTS] when not null.
+  template <class T>
+  void run(float* h, T* k_cache, T* v_cache, int64_t layer_stride, int64_t slot_stride, int64_t slot0, int64_t ctx,
+           const float* cos, const float* signed_sin, int64_t* ids, float* weights, double* seconds) const {
+    using clock = std::chrono::steady_clock;
+    auto mark = clock::now();
+    auto lap = [&](DecodePart part) {
+      if (seconds == nullptr) return;
+      const auto now = clock::now();
+      seconds[part] += std::chrono::duration<double>(now - mark).count();
+      mark = now;
+    };
+    std::vector<float> x(D), q(H * hd), k(n_kv * hd), v(n_kv * hd), attn(H * hd), delta(D), ffn(D, 0.f);
+    std::vector<float> logits(E), probs(E), choice(E), routed(top_k * D);
+    const DecodeAttention shape{H, n_kv, hd, nullptr, nullptr, norm_per_head, eps, cos, signed_sin, rope_dims, neox};
+    const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+    for (size_t l = 0; l < layers.size(); ++l) {
+      const DecodeLayer& L = layers[l];
+      add_rms_norm(h, l == 0 ? nullptr : ffn.data(), L.attn_norm, 1, D, eps, h, x.data());
+      lap(PART_NORM);
+      project({{&L.q, q.data()}, {&L.k, k.data()}, {&L.v, v.data()}}, x.data(), D);
+      lap(PART_QKV);
+      DecodeAttention a = shape;
+      a.q_norm = L.q_norm;
+      a.k_norm = L.k_norm;
+      decode_attention(a, q.data(), k.data(), v.data(), k_cache + l * layer_stride + slot0 * slot_stride,
+                       v_cache + l * layer_stride + slot0 * slot_stride, ctx, slot_stride, scale, attn.data());
+      lap(PART_ATTENTION);
+      project({{&L.o, delta.data()}}, attn.data(), H * hd);
+      lap(PART_OUT);
+      add_rms_norm(h, delta.data(), L.ffn_norm, 1, D, eps, h, x.data());
+      lap(PART_NORM);
+      route(L, x.data(), logits.data(), probs.data(), choice.data(), ids + l * top_k, weights + l * top_k);
+      lap(PART_ROUTER);
+      std::vector<LayerExpert> experts;
+      experts.reserve(top_k);
+      for (int64_t j = 0; j < top_k; ++j) {
+        const int64_t e = ids[l * top_k + j];
+        bool seen = false;
+        for (const auto& ex : experts) seen = seen || std::get<0>(ex) == e;
+        if (!seen)
+          experts.emplace_back(e, reinterpret_cast<uintptr_t>(L.gate + e * L.gate_stride),
+                               reinterpret_cast<uintptr_t>(L.up + e * L.up_stride),
+                               reinterpret_cast<uintptr_t>(L.down + e * L.down_stride));
+      }
+      run_moe_layer(x.data(), 1, D, I, top_k, ids + l * top_k, weights + l * top_k, experts, L.types, routed.data(),
+                    exact_experts);
+      for (int64_t d = 0; d < D; ++d) {  // the k rows summed in order, as per_k.sum(1)
+        float s = routed[d];
+        for (int64_t j = 1; j < top_k; ++j) s += routed[j * D + d];
+        ffn[d] = s;
+      }
+      lap(PART_EXPERTS);
+    }
+    for (int64_t d = 0; d < D; ++d) h[d] += ffn[d];
+  }
+
+ private:
+  // y_i = W_i x (+ b_i) for matrices of one input, one parallel region, x quantised once per
+  // block family (as qmatmul_many).
+  void project(std::initializer_list<std::pair<const QLinear*, float*>> mats, const float* x, int64_t K) const {
+    std::vector<Activations> acts;
+    std::vector<int64_t> families;
+    acts.reserve(2);
+    std::vector<Job> jobs;
+    for (const auto& [lin, y] : mats) {
+      const int64_t family = exact_linear ? 0 : block_size_of(lin->qtype);
+      auto found = std::find(families.begin(), families.end(), family);
+      if (found == families.end()) {
+        families.push_back(family);
+        acts.emplace_back(lin->qtype, x, 1, K, exact_linear);
+        found = families.end() - 1;
+      }
+      jobs.push_back(Job{lin->weight, lin->qtype, lin->N, K, acts[found - families.begin()].data, 1, y, lin->N,
+                         exact_linear});
+    }
+    run_jobs(jobs);
+    for (const auto& [lin, y] : mats)
+      if (lin->bias != nullptr)
+        for (int64_t n = 0; n < lin->N; ++n) y[n] += lin->bias[n];
+  }
+
+  // Top-k of the router as engine/router.py's select_experts (no expert groups): scores are
+  // softmax or sigmoid of the logits, chosen by score (+ correction bias), weighted by score,
+  // optionally renormalised (the sum clamped as llama.cpp does) and scaled. Ties: lower id.
+  void route(const DecodeLayer& L, const float* x, float* logits, float* probs, float* choice, int64_t* ids,
+             float* w) const {
+    for (int64_t e = 0; e < E; ++e) logits[e] = lane_dot(L.router + e * D, x, D);
+    if (sigmoid) {
+      for (int64_t e = 0; e < E; ++e) probs[e] = 1.0f / (1.0f + std::exp(-logits[e]));
+    } else {
+      float top = -INFINITY;
+      for (int64_t e = 0; e < E; ++e) top = std::max(top, logits[e]);
+      float total = 0.f;
+      for (int64_t e = 0; e < E; ++e) total += (probs[e] = std::exp(logits[e] - top));
+      for (int64_t e = 0; e < E; ++e) probs[e] /= total;
+    }
+    for (int64_t e = 0; e < E; ++e) choice[e] = L.router_bias != nullptr ? probs[e] + L.router_bias[e] : probs[e];
+    float sum = 0.f;
+    for (int64_t j = 0; j < top_k; ++j) {
+      int64_t best = -1;
+      for (int64_t e = 0; e < E; ++e)
+        if (best < 0 || choice[e] > choice[best]) best = e;
+      ids[j] = best;
+      w[j] = probs[best];
+      sum += probs[best];
+      choice[best] = -INFINITY;
+    }
+    if (norm_topk)
+      for (int64_t j = 0; j < top_k; ++j) w[j] /= std::max(sum, 6.103515625e-5f);
+    if (weights_scale != 1.0f)
+      for (int64_t j = 0; j < top_k; ++j) w[j] *= weights_scale;
+  }
+};
+
+}  // namespace moestream_cpu
