@@ -22,6 +22,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from time import perf_counter
 
+from moestream.kernels.cpu.decode_model import CpuDecodeModel
+
 log = logging.getLogger(__name__)
 
 EXPERTS = "expert kernels"
@@ -42,8 +44,12 @@ PARTS = (EXPERTS, ATTN_PROJ, LM_HEAD, SHARED, ATTN_MATHS, DELTANET, DELTANET_GAT
          MOE_PY, FORWARD_PY, STEP_PY)
 # The weight-reading matmuls (with their Python calls); the rest is what issue 17 wants under 3 ms.
 MATMUL_PARTS = (EXPERTS, ATTN_PROJ, LM_HEAD, SHARED)
-# Reached by a decode step of every supported architecture.
-REQUIRED_PARTS = tuple(p for p in PARTS if p not in (SHARED, DELTANET, DELTANET_GATES))
+# Reached by a decode step of every supported architecture (the one-call CPU decode has no
+# MoE layer Python: its layers never return to Python).
+REQUIRED_PARTS = tuple(p for p in PARTS if p not in (SHARED, DELTANET, DELTANET_GATES, MOE_PY))
+# The one-call CPU decode (kernels/cpu/decode_model.py) times its own parts; they map to these.
+COMPILED_PARTS = {"norms": NORM_ROPE, "q/k/v": ATTN_PROJ, "attention": ATTN_MATHS, "output projection": ATTN_PROJ,
+                  "router": ROUTING, "experts": EXPERTS}
 # Hybrid models (qwen35moe): the token mixers' projections count as attention projections.
 _MIXER_LINEARS = ("wq", "wk", "wv", "wo", "qkv", "z", "alpha", "beta", "out")
 STEP_MEASURED = "decode step, measured between tokens"
@@ -78,6 +84,8 @@ PROBES = (
     Probe("moestream.engine.models.qwen35moe:Qwen35MoeModel", "_deltanet_step", DELTANET),
     Probe("moestream.engine.models.qwen35moe:Qwen35MoeModel", "_deltanet_prefill", DELTANET),
     Probe("moestream.engine.models.qwen35moe", "rms_norm", NORM_ROPE),
+    # what the compiled call does not time itself (its Python and pybind) is forward Python
+    Probe("moestream.kernels.cpu.decode_model:CpuDecodeModel", "run", FORWARD_PY),
 )
 
 
@@ -111,7 +119,7 @@ class StepProfiler:
             return LM_HEAD
         return ATTN_PROJ if id(linear) in self._attention else SHARED
 
-    def _timed(self, fn: Callable, part: str, is_linear: bool) -> Callable:
+    def _timed(self, fn: Callable, part: str, is_linear: bool, compiled: bool = False) -> Callable:
         @functools.wraps(fn)
         def timed(*args, **kwargs):
             if threading.get_ident() != self._thread:
@@ -120,6 +128,10 @@ class StepProfiler:
             try:
                 return fn(*args, **kwargs)
             finally:
+                if compiled:  # its own timers: their parts count as nested inside this call
+                    for name, seconds in args[0].last_seconds.items():
+                        self._current[COMPILED_PARTS[name]] = self._current.get(COMPILED_PARTS[name], 0.0) + seconds
+                        self._stack[-1][1] += seconds
                 start, nested = self._stack.pop()
                 elapsed = perf_counter() - start
                 label = self._linear_part(args[0]) if is_linear else part
@@ -144,11 +156,14 @@ class StepProfiler:
                 original = getattr(owner, probe.name)
                 patched.append((owner, probe.name, vars(owner).get(probe.name)))
                 setattr(owner, probe.name, self._timed(original, probe.part, probe.name == "__call__"
-                                                       and probe.module.endswith(":Linear")))
+                                                       and probe.module.endswith(":Linear"),
+                                                       probe.module.endswith(":CpuDecodeModel")))
             if missing:
                 log.warning("profile: the engine has no %s; their time counts in their callers", ", ".join(missing))
+            CpuDecodeModel.timing = True
             yield self
         finally:
+            CpuDecodeModel.timing = False
             for owner, name, own in reversed(patched):
                 if own is None:  # inherited: drop the wrapper, the base's attribute shows again
                     delattr(owner, name)

@@ -102,6 +102,10 @@ def _experts(part: torch.Tensor, n_experts: int, nbytes: int, what: str) -> tupl
 class CpuDecodeModel:
     """One decode token through all layers in one call; see the module's text."""
 
+    # When True (`moestream bench --profile` sets it), each run times its parts (PARTS) into
+    # `last_seconds`: a few clock reads a layer.
+    timing = False
+
     def __init__(self, layers: list[DecodeLayerSpec], shape: DecodeShape):
         ext = load_extension()
         if ext is None or not hasattr(ext, "DecodeModel"):
@@ -140,7 +144,6 @@ class CpuDecodeModel:
         dims = [D, s.n_heads, s.n_kv_heads, s.head_dim, s.intermediate, E, s.top_k, s.rope_dims]
         flags = [s.qk_norm_per_head, s.neox, s.exact_linear, s.exact_experts, s.sigmoid, s.norm_topk]
         self._model = ext.DecodeModel(dims, flags, s.eps, s.weights_scale, fields)
-        self.timing = False  # when True, `last_seconds` holds the parts of the last run
         self.last_seconds: dict[str, float] = {}
 
     def run(self, h: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot0: int, ctx: int,

@@ -22,6 +22,9 @@ namespace moestream_cpu {
 
 // Below this many multiply-adds (scores and values of every head) one thread does it all.
 constexpr int64_t ATTEND_PARALLEL_MIN_FMAS = 1 << 20;
+// Inside the one-call decode (decode_model.h) the threads are still spinning from the region
+// before, so a region is cheap: heads are split from ~16 slots of context on (OLMoE).
+constexpr int64_t ATTEND_PARALLEL_MIN_FMAS_WARM = 1 << 16;
 constexpr int64_t ATTEND_LANES = 16;  // independent partial sums of a dot product
 
 // sum a[i] b[i] over n, in ATTEND_LANES independent lanes the compiler vectorises (no
@@ -197,7 +200,8 @@ inline void attend_head_simd(const float* q, int64_t hd, const T* k, const T* v,
 // T: the cache's element type (float or c10::Half; attention computes in fp32).
 template <class T>
 inline void attend_one(const float* q, int64_t H, int64_t hd, const T* k, const T* v, int64_t ctx,
-                       int64_t n_kv, int64_t slot_stride, float scale, float* out) {
+                       int64_t n_kv, int64_t slot_stride, float scale, float* out,
+                       int64_t parallel_min_fmas = ATTEND_PARALLEL_MIN_FMAS) {
   const int64_t group = H / n_kv;
   auto heads = [&](int64_t begin, int64_t end) {
     std::vector<float> scaled(hd), p(ctx), row(hd);
@@ -230,7 +234,7 @@ inline void attend_one(const float* q, int64_t H, int64_t hd, const T* k, const 
       }
     }
   };
-  if (2 * H * hd * ctx < ATTEND_PARALLEL_MIN_FMAS) {
+  if (2 * H * hd * ctx < parallel_min_fmas) {
     heads(0, H);
   } else {
     at::parallel_for(0, H, 1, heads);
@@ -283,7 +287,8 @@ struct DecodeAttention {
 
 template <class T>
 inline void decode_attention(const DecodeAttention& a, float* q, float* k, const float* v, T* k_cache,
-                             T* v_cache, int64_t ctx, int64_t slot_stride, float scale, float* out) {
+                             T* v_cache, int64_t ctx, int64_t slot_stride, float scale, float* out,
+                             int64_t parallel_min_fmas = ATTEND_PARALLEL_MIN_FMAS) {
   if (a.q_norm != nullptr) {
     if (a.norm_per_head) {
       rms_norm_groups(q, a.H, a.hd, a.q_norm, a.eps);
@@ -297,7 +302,7 @@ inline void decode_attention(const DecodeAttention& a, float* q, float* k, const
   rope_heads(k, a.n_kv, a.hd, a.cos, a.signed_sin, a.rope_dims, a.neox);
   store_row(k, k_cache + (ctx - 1) * slot_stride, a.n_kv * a.hd);
   store_row(v, v_cache + (ctx - 1) * slot_stride, a.n_kv * a.hd);
-  attend_one(q, a.H, a.hd, k_cache, v_cache, ctx, a.n_kv, slot_stride, scale, out);
+  attend_one(q, a.H, a.hd, k_cache, v_cache, ctx, a.n_kv, slot_stride, scale, out, parallel_min_fmas);
 }
 
 }  // namespace moestream_cpu

@@ -92,7 +92,8 @@ struct DecodeModel {
       a.q_norm = L.q_norm;
       a.k_norm = L.k_norm;
       decode_attention(a, q.data(), k.data(), v.data(), k_cache + l * layer_stride + slot0 * slot_stride,
-                       v_cache + l * layer_stride + slot0 * slot_stride, ctx, slot_stride, scale, attn.data());
+                       v_cache + l * layer_stride + slot0 * slot_stride, ctx, slot_stride, scale, attn.data(),
+                       ATTEND_PARALLEL_MIN_FMAS_WARM);
       lap(PART_ATTENTION);
       project({{&L.o, delta.data()}}, attn.data(), H * hd);
       lap(PART_OUT);
