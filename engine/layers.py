@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 
 from moestream import kernels
-from moestream.kernels.cpu import cpu_qmatmul_many
+from moestream.kernels.cpu import cpu_dequantize, cpu_qmatmul_many, has_cpu_kernel
 from moestream.kernels.dispatch import uses_cpu_kernel
 from moestream.kernels.triton_configs import TRITON_QTYPES
 from moestream.engine.config import RopeStyle
@@ -55,6 +55,8 @@ class Embedding:
         rows = self.t.data[token_ids.cpu()]
         if rows.dtype != torch.uint8:
             return rows.to(device=self.device, dtype=self.dtype)
+        if self.device.type == "cpu" and has_cpu_kernel(self.t.qtype):  # exact, in C++ (~100x the torch decode)
+            return cpu_dequantize(rows.reshape(-1), self.t.qtype, (len(token_ids), self.d_model)).to(self.dtype)
         out = kernels.dequantize(rows.to(self.device), self.t.qtype, (len(token_ids), self.d_model),
                                  tensor_name=self.t.name)
         return out.to(self.dtype)

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from moestream.kernels.cpu import (attends_in_place, cpu_add_rms_norm, cpu_attend_one, cpu_decode_attention,
                                    cpu_expert_ffn, cpu_moe_layer, has_compiled_attention)
-from moestream.kernels.cpu.decode_model import CpuDecodeModel, DecodeLayerSpec, DecodeShape, QLinearSpec
+from moestream.kernels.cpu.decode_model import CpuDecodeModel, DecodeEnds, DecodeLayerSpec, DecodeShape, QLinearSpec
 from moestream.kernels.dispatch import qmatmul, use_triton, uses_cpu_kernel
 from moestream.kernels.moe_ffn import moe_ffn
 from moestream.engine.config import QKNorm, RopeStyle
@@ -261,8 +261,13 @@ class MoEModel:
                             cfg.n_experts_used, cfg.rms_eps, cfg.spec.qk_norm is not QKNorm.FULL, cfg.rope_dims,
                             self.rope.style is RopeStyle.NEOX, exact, exact,
                             cfg.router.gating is Gating.SIGMOID, cfg.router.norm_topk, cfg.router.weights_scale)
+        head = self.lm_head
+        ends = DecodeEnds(self.rope.inv_freq, self.rope.scale)
+        if head.weight is None and uses_cpu_kernel(head.qtype, self.device, head.backend) and head.bias is None:
+            ends = DecodeEnds(self.rope.inv_freq, self.rope.scale, self.output_norm.contiguous(),
+                              QLinearSpec(head.raw, head.qtype, *head.shape))
         try:
-            return CpuDecodeModel(specs, shape)
+            return CpuDecodeModel(specs, shape, ends)
         except (ValueError, RuntimeError) as error:  # a layout it does not take: the per-call path
             log.info("decode runs layer by layer in Python: %s", error)
             return None
@@ -270,13 +275,13 @@ class MoEModel:
     def _compiled_decode(self, batch: BatchInput, kv: KVCache) -> torch.Tensor:
         """One decode token through every layer in one compiled call (_compiled_decoder)."""
         decoder = self._decoder
-        seg = batch.segments[0]
-        context = seg.context_slots
-        cos, signed_sin = self.rope.tables(batch.positions)
-        h, ids, _ = decoder.run(self.embed(batch.token_ids), kv.k, kv.v, context.start, context.stop - context.start,
-                                cos, signed_sin)
+        context = batch.segments[0].context_slots
+        out, ids, _ = decoder.run(self.embed(batch.token_ids), kv.k, kv.v, context.start,
+                                  context.stop - context.start, int(batch.positions[0]))
         self.experts.count_lookups(ids)
-        h = rms_norm(h[batch.logits_rows], self.output_norm, self.config.rms_eps)
+        if decoder.vocab:  # the lm_head ran in the call
+            return out[batch.logits_rows]
+        h = rms_norm(out[batch.logits_rows], self.output_norm, self.config.rms_eps)
         return self.lm_head(h).float()
 
     def _add_norm(self, h: torch.Tensor, delta: torch.Tensor | None,

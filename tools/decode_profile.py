@@ -49,7 +49,7 @@ MATMUL_PARTS = (EXPERTS, ATTN_PROJ, LM_HEAD, SHARED)
 REQUIRED_PARTS = tuple(p for p in PARTS if p not in (SHARED, DELTANET, DELTANET_GATES, MOE_PY))
 # The one-call CPU decode (kernels/cpu/decode_model.py) times its own parts; they map to these.
 COMPILED_PARTS = {"norms": NORM_ROPE, "q/k/v": ATTN_PROJ, "attention": ATTN_MATHS, "output projection": ATTN_PROJ,
-                  "router": ROUTING, "experts": EXPERTS}
+                  "router": ROUTING, "experts": EXPERTS, "lm_head": LM_HEAD}
 # Hybrid models (qwen35moe): the token mixers' projections count as attention projections.
 _MIXER_LINEARS = ("wq", "wk", "wv", "wo", "qkv", "z", "alpha", "beta", "out")
 STEP_MEASURED = "decode step, measured between tokens"

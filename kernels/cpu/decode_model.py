@@ -21,7 +21,7 @@ from moestream.kernels.cpu.qmatmul import has_cpu_kernel
 from moestream.kernels.formats import row_bytes
 
 # The parts the compiled call times when asked (csrc/decode_model.h: DecodePart), in order.
-PARTS = ("norms", "q/k/v", "attention", "output projection", "router", "experts")
+PARTS = ("norms", "q/k/v", "attention", "output projection", "router", "experts", "lm_head")
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,18 @@ class DecodeShape:
     weights_scale: float = 1.0
 
 
+@dataclass(frozen=True)
+class DecodeEnds:
+    """What comes before and after the layers: the rope frequencies [rope_dims / 2] (float64)
+    and linear position scale (angle = position * scale * inv_freq, as engine/layers.py's
+    Rope), and optionally the output norm [D] and lm_head (then `run` returns logits)."""
+
+    inv_freq: torch.Tensor
+    rope_scale: float = 1.0
+    output_norm: torch.Tensor | None = None
+    lm_head: QLinearSpec | None = None
+
+
 def _f32(t: torch.Tensor | None, numel: int | tuple[int, ...], what: str) -> int:
     if t is None:
         return 0
@@ -106,7 +118,7 @@ class CpuDecodeModel:
     # `last_seconds`: a few clock reads a layer.
     timing = False
 
-    def __init__(self, layers: list[DecodeLayerSpec], shape: DecodeShape):
+    def __init__(self, layers: list[DecodeLayerSpec], shape: DecodeShape, ends: DecodeEnds):
         ext = load_extension()
         if ext is None or not hasattr(ext, "DecodeModel"):
             raise RuntimeError("the compiled CPU kernels are not available")
@@ -139,39 +151,47 @@ class CpuDecodeModel:
                      _experts(L.down, E, D * row_bytes(down_t, s.intermediate), p + " down")]
             row += [ptr for ptr, _ in parts] + [stride for _, stride in parts] + [int(t) for t in L.expert_types]
             fields.append(row)
-        self._keep = layers  # the addresses above point into these tensors
+        if ends.inv_freq.numel() != s.rope_dims // 2:
+            raise ValueError(f"rope: {ends.inv_freq.numel()} frequencies for {s.rope_dims} dims")
+        head = [0, 0, 0, 0]
+        if ends.lm_head is not None:
+            _f32(ends.output_norm, D, "output norm")
+            head = _linear(ends.lm_head, D, "lm_head")
+        self._keep = (layers, ends)  # the addresses above point into these tensors
         self.shape, self.n_layers, self.d_model, self.n_experts = shape, len(layers), D, E
+        self.vocab = ends.lm_head.rows if ends.lm_head is not None else 0
         dims = [D, s.n_heads, s.n_kv_heads, s.head_dim, s.intermediate, E, s.top_k, s.rope_dims]
         flags = [s.qk_norm_per_head, s.neox, s.exact_linear, s.exact_experts, s.sigmoid, s.norm_topk]
         self._model = ext.DecodeModel(dims, flags, s.eps, s.weights_scale, fields)
+        self._model.set_ends(ends.inv_freq.double().tolist(), float(ends.rope_scale),
+                             _f32(ends.output_norm, D, "output norm"), head[0], head[1], self.vocab)
         self.last_seconds: dict[str, float] = {}
 
     def run(self, h: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot0: int, ctx: int,
-            cos: torch.Tensor, signed_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(h [1, D], ids [L, k], weights [L, k]) for one token's embedding h [1, D]: h after
-        every layer (before the output norm) and each layer's routing. k_cache / v_cache
-        [L, slots, KV, hd] (fp32 or fp16, contiguous): the context is slots [slot0, slot0 +
-        ctx), the token's own the last, where its k and v are written. cos / signed_sin: the
-        token's rope tables (rope_dims values)."""
+            position: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(out, ids [L, k], weights [L, k]) for one token's embedding h [1, D] at `position`:
+        out is the logits [1, vocab] when the model has an lm_head (DecodeEnds), else h after
+        every layer [1, D] (before the output norm); ids and weights are each layer's routing.
+        k_cache / v_cache [L, slots, KV, hd] (fp32 or fp16, contiguous): the context is slots
+        [slot0, slot0 + ctx), the token's own the last, where its k and v are written."""
         s = self.shape
         L, D = self.n_layers, self.d_model
-        cos, signed_sin = cos.reshape(-1), signed_sin.reshape(-1)
-        kv_ok = (k_cache.dtype in (torch.float32, torch.float16) and v_cache.dtype == k_cache.dtype
-                 and k_cache.shape == v_cache.shape and k_cache.dim() == 4 and k_cache.shape[0] == L
-                 and k_cache.shape[2:] == (s.n_kv_heads, s.head_dim) and k_cache.is_contiguous()
-                 and v_cache.is_contiguous() and 1 <= ctx and 0 <= slot0 and slot0 + ctx <= k_cache.shape[1])
-        if not (kv_ok and h.shape == (1, D) and h.dtype == torch.float32 and cos.shape == signed_sin.shape == (s.rope_dims,)
-                and cos.dtype == signed_sin.dtype == torch.float32):
-            raise ValueError("CpuDecodeModel.run needs h [1, D] float32, contiguous KV caches [L, slots, KV, hd] "
-                             "holding the context, and rope tables of rope_dims float32 values")
+        if not (k_cache.dtype in (torch.float32, torch.float16) and v_cache.dtype == k_cache.dtype
+                and k_cache.shape == v_cache.shape and k_cache.dim() == 4 and k_cache.shape[0] == L
+                and k_cache.shape[2:] == (s.n_kv_heads, s.head_dim) and k_cache.is_contiguous()
+                and v_cache.is_contiguous() and 1 <= ctx and 0 <= slot0 and slot0 + ctx <= k_cache.shape[1]
+                and h.shape == (1, D) and h.dtype == torch.float32 and k_cache.device.type == "cpu"):
+            raise ValueError("CpuDecodeModel.run needs h [1, D] float32 and contiguous CPU KV caches "
+                             "[L, slots, KV, hd] holding the context")
         h = h.contiguous().clone()
-        cos, signed_sin = cos.contiguous(), signed_sin.contiguous()
         ids = torch.empty(L, s.top_k, dtype=torch.int64)
         weights = torch.empty(L, s.top_k)
+        logits = torch.empty(1, self.vocab) if self.vocab else None
         seconds = torch.zeros(len(PARTS), dtype=torch.float64) if self.timing else None
         self._model.run(h.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.dtype == torch.float16,
-                        k_cache.stride(0), k_cache.stride(1), slot0, ctx, cos.data_ptr(), signed_sin.data_ptr(),
-                        ids.data_ptr(), weights.data_ptr(), 0 if seconds is None else seconds.data_ptr())
+                        k_cache.stride(0), k_cache.stride(1), slot0, ctx, int(position), ids.data_ptr(),
+                        weights.data_ptr(), 0 if logits is None else logits.data_ptr(),
+                        0 if seconds is None else seconds.data_ptr())
         if seconds is not None:
             self.last_seconds = dict(zip(PARTS, seconds.tolist()))
-        return h, ids, weights
+        return (h if logits is None else logits), ids, weights

@@ -19,11 +19,9 @@ FilePmdMapped:         0 kB
 """
 
 
-def test_reads_the_pmd_mapped_bytes_of_the_mapping_at_an_address():
-    lines = SMAPS.splitlines(keepends=True)
-    assert page_cache.pmd_mapped_bytes(0x7F0000000000, lines) == 2048 * 1024
-    assert page_cache.pmd_mapped_bytes(0x7F0000600000, lines) == 0
-    assert page_cache.pmd_mapped_bytes(0x7F0000400000, lines) == 0  # no such mapping
+def test_reads_the_pmd_mapped_bytes_of_each_mapping():
+    assert page_cache.pmd_mapped(SMAPS.splitlines(keepends=True)) == {0x7F0000000000: 2048 * 1024,
+                                                                    0x7F0000600000: 0}
 
 
 @pytest.fixture
@@ -33,32 +31,41 @@ def model_file(tmp_path):
     return path
 
 
-def _spy(monkeypatch, shares):
-    """huge_share returns `shares` in turn; returns the list of posix_fadvise advices given."""
+def _spy(monkeypatch, rounds):
+    """chunk_shares returns the shares of `rounds` in turn (one list per call, over the chunks
+    it is given); returns the posix_fadvise calls made, (offset, length, advice)."""
     given = []
-    it = iter(shares)
-    monkeypatch.setattr(page_cache, "huge_share", lambda path: next(it))
+    it = iter(rounds)
+
+    def shares(path, chunks=None):
+        size = path.stat().st_size
+        chunks = chunks or [(off, min(page_cache.CHUNK, size - off)) for off in range(0, size, page_cache.CHUNK)]
+        return [(off, length, s) for (off, length), s in zip(chunks, next(it), strict=True)]
+
+    monkeypatch.setattr(page_cache, "chunk_shares", shares)
+    monkeypatch.setattr(page_cache, "CHUNK", 4 * page_cache.HUGE_PAGE)  # the 16 MiB file: two chunks
     monkeypatch.setattr(page_cache, "enabled", lambda: True)
-    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, advice: given.append(advice))
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, advice: given.append((off, n, advice)))
     return given
 
 
-def test_a_file_cached_in_small_pages_is_dropped_and_read_again(model_file, monkeypatch, caplog):
-    given = _spy(monkeypatch, [0.0, 0.97])
+def test_chunks_cached_in_small_pages_are_dropped_and_read_again(model_file, monkeypatch, caplog):
+    given = _spy(monkeypatch, [[1.0, 0.2], [0.97]])  # the second chunk small, then read again
     with caplog.at_level(logging.INFO, logger="moestream.engine.page_cache"):
         page_cache.prepare(model_file)
-    assert given == [os.POSIX_FADV_DONTNEED]
-    assert "read into 2 MiB pages" in caplog.text and "now 97% in 2 MiB pages" in caplog.text
+    chunk = 4 * page_cache.HUGE_PAGE
+    assert given == [(chunk, chunk, os.POSIX_FADV_DONTNEED)]  # that chunk only
+    assert "0.01 GiB of it read again into 2 MiB pages" in caplog.text and "now 97%" in caplog.text
 
 
 def test_a_file_already_in_huge_pages_is_left_alone(model_file, monkeypatch):
-    given = _spy(monkeypatch, [0.9])
+    given = _spy(monkeypatch, [[0.95, 1.0]])
     page_cache.prepare(model_file)
     assert given == []
 
 
 def test_a_file_larger_than_the_memory_available_is_not_read_in(model_file, monkeypatch):
-    given = _spy(monkeypatch, [])  # huge_share must not even be called
+    given = _spy(monkeypatch, [])  # chunk_shares must not even be called
     monkeypatch.setattr(page_cache, "available_bytes", lambda: model_file.stat().st_size)
     page_cache.prepare(model_file)
     assert given == []

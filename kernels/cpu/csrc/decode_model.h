@@ -47,7 +47,7 @@ struct DecodeLayer {
 
 // Parts timed when asked (seconds, summed over the layers): what `moestream bench --profile`
 // shows for this path.
-enum DecodePart { PART_NORM = 0, PART_QKV, PART_ATTENTION, PART_OUT, PART_ROUTER, PART_EXPERTS, N_PARTS };
+enum DecodePart { PART_NORM = 0, PART_QKV, PART_ATTENTION, PART_OUT, PART_ROUTER, PART_EXPERTS, PART_HEAD, N_PARTS };
 
 struct DecodeModel {
   int64_t D, H, n_kv, hd, I, E, top_k;
@@ -61,15 +61,34 @@ struct DecodeModel {
   bool norm_topk;
   float weights_scale;
   std::vector<DecodeLayer> layers;
+  std::vector<double> inv_freq;  // rope: rope_dims / 2 frequencies
+  double rope_scale = 1.0;       // positions are multiplied by it (linear scaling)
+  const float* output_norm = nullptr;
+  QLinear lm_head{nullptr, 0, 0, nullptr};
 
-  // h [D]: the token's embedding in, h + every layer's attention and FFN out (before the
-  // output norm). KV caches: layer l's slot s of KV head j at base + l * layer_stride +
-  // s * slot_stride + j * hd elements; the context is slots [slot0, slot0 + ctx), the new
-  // token's the last. cos / signed_sin [rope_dims] of the token's position. ids / weights
-  // [n_layers, top_k]: each layer's routing; seconds [N_PARTS] when not null.
+  // cos and signed sin [rope_dims] of a position, as engine/layers.py's Rope.tables makes
+  // them: angles in double, each repeated where its pair's two values sit (adjacent, or the
+  // two halves for NEOX), the sine negated at each pair's first value, cast to float.
+  void rope_tables(int64_t position, float* cos, float* signed_sin) const {
+    const int64_t half = rope_dims / 2;
+    for (int64_t i = 0; i < half; ++i) {
+      const double angle = (static_cast<double>(position) * rope_scale) * inv_freq[i];
+      const float c = static_cast<float>(std::cos(angle)), s = static_cast<float>(std::sin(angle));
+      const int64_t first = neox ? i : 2 * i, second = neox ? i + half : 2 * i + 1;
+      cos[first] = cos[second] = c;
+      signed_sin[first] = -s;
+      signed_sin[second] = s;
+    }
+  }
+
+  // h [D]: the token's embedding in, h + every layer's attention and FFN out. KV caches:
+  // layer l's slot s of KV head j at base + l * layer_stride + s * slot_stride + j * hd
+  // elements; the context is slots [slot0, slot0 + ctx), the new token's the last, at
+  // `position`. ids / weights [n_layers, top_k]: each layer's routing; logits [vocab] (when
+  // not null): lm_head of the output-normed h; seconds [N_PARTS] when not null.
   template <class T>
   void run(float* h, T* k_cache, T* v_cache, int64_t layer_stride, int64_t slot_stride, int64_t slot0, int64_t ctx,
-           const float* cos, const float* signed_sin, int64_t* ids, float* weights, double* seconds) const {
+           int64_t position, int64_t* ids, float* weights, float* logits, double* seconds) const {
     using clock = std::chrono::steady_clock;
     auto mark = clock::now();
     auto lap = [&](DecodePart part) {
@@ -79,8 +98,10 @@ struct DecodeModel {
       mark = now;
     };
     std::vector<float> x(D), q(H * hd), k(n_kv * hd), v(n_kv * hd), attn(H * hd), delta(D), ffn(D, 0.f);
-    std::vector<float> logits(E), probs(E), choice(E), routed(top_k * D);
-    const DecodeAttention shape{H, n_kv, hd, nullptr, nullptr, norm_per_head, eps, cos, signed_sin, rope_dims, neox};
+    std::vector<float> router_logits(E), probs(E), choice(E), routed(top_k * D), cos(rope_dims), signed_sin(rope_dims);
+    rope_tables(position, cos.data(), signed_sin.data());
+    const DecodeAttention shape{H, n_kv, hd, nullptr, nullptr, norm_per_head, eps, cos.data(), signed_sin.data(),
+                                rope_dims, neox};
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
     for (size_t l = 0; l < layers.size(); ++l) {
       const DecodeLayer& L = layers[l];
@@ -99,7 +120,7 @@ struct DecodeModel {
       lap(PART_OUT);
       add_rms_norm(h, delta.data(), L.ffn_norm, 1, D, eps, h, x.data());
       lap(PART_NORM);
-      route(L, x.data(), logits.data(), probs.data(), choice.data(), ids + l * top_k, weights + l * top_k);
+      route(L, x.data(), router_logits.data(), probs.data(), choice.data(), ids + l * top_k, weights + l * top_k);
       lap(PART_ROUTER);
       std::vector<LayerExpert> experts;
       experts.reserve(top_k);
@@ -122,6 +143,11 @@ struct DecodeModel {
       lap(PART_EXPERTS);
     }
     for (int64_t d = 0; d < D; ++d) h[d] += ffn[d];
+    if (logits != nullptr && lm_head.weight != nullptr) {
+      add_rms_norm(h, nullptr, output_norm, 1, D, eps, x.data(), x.data());
+      project({{&lm_head, logits}}, x.data(), D);
+      lap(PART_HEAD);
+    }
   }
 
  private:

@@ -138,17 +138,28 @@ DecodeModel make_decode_model(const std::vector<int64_t>& dims, const std::vecto
   return m;
 }
 
+// Rope frequencies and position scale; the output norm and lm_head (weight 0: none).
+void set_decode_ends(DecodeModel& m, const std::vector<double>& inv_freq, double rope_scale, uintptr_t output_norm,
+                     uintptr_t lm_weight, int64_t lm_type, int64_t vocab) {
+  if (int64_t(inv_freq.size()) != m.rope_dims / 2) throw std::invalid_argument("DecodeModel: rope_dims / 2 frequencies");
+  m.inv_freq = inv_freq;
+  m.rope_scale = rope_scale;
+  m.output_norm = address<const float>(output_norm);
+  m.lm_head = QLinear{address<const uint8_t>(lm_weight), lm_type, vocab, nullptr};
+}
+
 void run_decode_model(const DecodeModel& m, uintptr_t h, uintptr_t k_cache, uintptr_t v_cache, bool half_cache,
-                      int64_t layer_stride, int64_t slot_stride, int64_t slot0, int64_t ctx, uintptr_t cos,
-                      uintptr_t signed_sin, uintptr_t ids, uintptr_t weights, uintptr_t seconds) {
+                      int64_t layer_stride, int64_t slot_stride, int64_t slot0, int64_t ctx, int64_t position,
+                      uintptr_t ids, uintptr_t weights, uintptr_t logits, uintptr_t seconds) {
+  if (int64_t(m.inv_freq.size()) != m.rope_dims / 2) throw std::invalid_argument("DecodeModel: rope not set");
   if (half_cache)
     m.run(address<float>(h), address<c10::Half>(k_cache), address<c10::Half>(v_cache), layer_stride, slot_stride,
-          slot0, ctx, address<const float>(cos), address<const float>(signed_sin), address<int64_t>(ids),
-          address<float>(weights), address<double>(seconds));
+          slot0, ctx, position, address<int64_t>(ids), address<float>(weights), address<float>(logits),
+          address<double>(seconds));
   else
     m.run(address<float>(h), address<float>(k_cache), address<float>(v_cache), layer_stride, slot_stride, slot0,
-          ctx, address<const float>(cos), address<const float>(signed_sin), address<int64_t>(ids),
-          address<float>(weights), address<double>(seconds));
+          ctx, position, address<int64_t>(ids), address<float>(weights), address<float>(logits),
+          address<double>(seconds));
 }
 
 std::vector<int64_t> supported_types() {
@@ -174,8 +185,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &moestream_cpu::decode_attention_token, py::call_guard<py::gil_scoped_release>());
   m.def("add_rms_norm", &moestream_cpu::add_rms_norm_rows, py::call_guard<py::gil_scoped_release>());
   m.def("supported_types", &moestream_cpu::supported_types);
-  py::class_<moestream_cpu::DecodeModel>(m, "DecodeModel")
+  py::class_<moestream_cpu::DecodeModel>(m, "DecodeModel", py::module_local())
       .def(py::init(&moestream_cpu::make_decode_model))
+      .def("set_ends", &moestream_cpu::set_decode_ends)
       .def("run", &moestream_cpu::run_decode_model, py::call_guard<py::gil_scoped_release>());
   m.attr("isa") = moestream_cpu::ISA;
 }
