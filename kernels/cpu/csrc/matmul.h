@@ -77,25 +77,40 @@ inline QuantizedRows quantize_for(int64_t qtype, const float* x, int64_t M, int6
 }
 
 // Activation rows per pass. For every M this beat decoding each block once into memory and
-// dequantize + sgemm (measured: docs/CPU-KERNELS.md).
+// dequantize + sgemm (measured: docs/CPU-KERNELS.md). AVX-512's 32 registers hold 8 rows'
+// accumulators beside a decoded block (the decode then serves twice the rows: prefill of a
+// MoE layer runs its experts at ~8 rows each); AVX2's 16 hold 4.
 constexpr int FUSED_ROWS = 4;
+#ifdef MOESTREAM_AVX512_VNNI
+constexpr int INT8_FUSED_ROWS = 8;
+#else
+constexpr int INT8_FUSED_ROWS = FUSED_ROWS;
+#endif
 // With more than FUSED_ROWS activation rows the weights are read once per pass: passes run
 // over tiles of this many weight bytes, which stay in L2 between passes.
 constexpr int64_t ROW_TILE_BYTES = 256 * 1024;
 
-// Passes of up to FUSED_ROWS activation rows over tiles of weight rows: rows(t0, t1, m0, mt)
-// with a compile-time row count mt.
-template <class Rows>
+template <int I, int MAX, class Rows>
+inline void rows_of(int64_t n, Rows&& rows, int64_t t0, int64_t t1, int64_t m0) {
+  if constexpr (I < MAX) {
+    if (n == I) return rows(t0, t1, m0, std::integral_constant<int, I>{});
+    rows_of<I + 1, MAX>(n, rows, t0, t1, m0);
+  } else {
+    rows(t0, t1, m0, std::integral_constant<int, MAX>{});
+  }
+}
+
+// Passes of up to MAX activation rows over tiles of weight rows: rows(t0, t1, m0, mt) with a
+// compile-time row count mt. The rows are split into equal passes (M = 10 as 5 + 5, not 8 + 2).
+template <int MAX = FUSED_ROWS, class Rows>
 void row_passes(const Job& job, int64_t n0, int64_t n1, int64_t tile, Rows&& rows) {
+  const int64_t passes = (job.M + MAX - 1) / MAX;
   for (int64_t t0 = n0; t0 < n1; t0 += tile) {
     const int64_t t1 = std::min(n1, t0 + tile);
-    for (int64_t m0 = 0; m0 < job.M; m0 += FUSED_ROWS) {
-      switch (std::min<int64_t>(FUSED_ROWS, job.M - m0)) {
-        case 1: rows(t0, t1, m0, std::integral_constant<int, 1>{}); break;
-        case 2: rows(t0, t1, m0, std::integral_constant<int, 2>{}); break;
-        case 3: rows(t0, t1, m0, std::integral_constant<int, 3>{}); break;
-        default: rows(t0, t1, m0, std::integral_constant<int, 4>{}); break;
-      }
+    for (int64_t p = 0, m0 = 0; p < passes; ++p) {
+      const int64_t mt = (job.M - m0) / (passes - p);
+      rows_of<1, MAX>(mt, rows, t0, t1, m0);
+      m0 += mt;
     }
   }
 }
@@ -126,7 +141,7 @@ void fused_rows(const Job& job, int64_t n0, int64_t n1, int64_t m0) {
 template <class F>
 void run_rows(const Job& job, int64_t n0, int64_t n1) {
   const int64_t tile = std::max<int64_t>(1, ROW_TILE_BYTES / (job.K / F::block_size * F::type_size));
-  row_passes(job, n0, n1, tile, [&](int64_t t0, int64_t t1, int64_t m0, auto mt) {
+  row_passes<INT8_FUSED_ROWS>(job, n0, n1, tile, [&](int64_t t0, int64_t t1, int64_t m0, auto mt) {
     fused_rows<F, decltype(mt)::value>(job, t0, t1, m0);
   });
 }
