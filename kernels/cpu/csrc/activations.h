@@ -3,6 +3,8 @@
 // the integer route loses precision: |x - d q| <= d / 2 per element, d = max|x| / 127.
 #pragma once
 
+#include <ATen/Parallel.h>
+
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -37,13 +39,20 @@ inline void quantize(const float* x, Act32& a) {
   a.sum = sum;
 }
 
-// Rows [M, K] of floats (row stride ldx) as M * K / block_size blocks, row-major.
+// Elements of activation rows per parallel task when quantising (a decode step's one row stays
+// on the caller; a prefill's thousand rows of a MoE layer are split over the threads).
+constexpr int64_t QUANTIZE_GRAIN = 64 * 1024;
+
+// Rows [M, K] of floats (row stride ldx) as M * K / block_size blocks, row-major. Each row is
+// quantised on its own, so the split over threads does not change a bit.
 template <class Act, int BlockSize>
 std::vector<Act> quantize_rows(const float* x, int64_t M, int64_t K, int64_t ldx) {
   const int64_t nb = K / BlockSize;
   std::vector<Act> out(M * nb);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t b = 0; b < nb; ++b) quantize(x + m * ldx + b * BlockSize, out[m * nb + b]);
+  at::parallel_for(0, M, std::max<int64_t>(1, QUANTIZE_GRAIN / std::max<int64_t>(K, 1)), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t b = 0; b < nb; ++b) quantize(x + m * ldx + b * BlockSize, out[m * nb + b]);
+  });
   return out;
 }
 

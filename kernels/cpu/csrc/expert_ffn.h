@@ -135,14 +135,20 @@ inline void run_moe_layer(const float* x, int64_t T, int64_t D, int64_t I, int64
   const int64_t R = pairs.size();
   if (R != T * k)
     throw std::invalid_argument("moe_layer: the experts given do not cover every routed (token, k) pair once");
+  // the gather and the weighted scatter split over the threads when a prefill has many rows
+  const int64_t grain = std::max<int64_t>(1, QUANTIZE_GRAIN / std::max<int64_t>(D, 1));
   std::vector<float> xs(R * D);
-  for (int64_t r = 0; r < R; ++r) std::copy_n(x + pairs[r] / k * D, D, xs.begin() + r * D);
+  at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) std::copy_n(x + pairs[r] / k * D, D, xs.begin() + r * D);
+  });
   std::vector<float> ys(R * D);
   run_experts(runs, types, xs.data(), R, D, I, ys.data(), exact);
-  for (int64_t r = 0; r < R; ++r) {
-    const float w = route_weights[pairs[r]];
-    for (int64_t d = 0; d < D; ++d) out[pairs[r] * D + d] = ys[r * D + d] * w;
-  }
+  at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float w = route_weights[pairs[r]];
+      for (int64_t d = 0; d < D; ++d) out[pairs[r] * D + d] = ys[r * D + d] * w;
+    }
+  });
 }
 
 }  // namespace moestream_cpu
