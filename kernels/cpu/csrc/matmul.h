@@ -115,6 +115,17 @@ void row_passes(const Job& job, int64_t n0, int64_t n1, int64_t tile, Rows&& row
   }
 }
 
+// Passes of 5-8 rows are compute-bound with the weights coming from DRAM: the decode and
+// eight rows' dots fill the out-of-order window, so loads are not issued early enough and
+// the passes ran at 102 GMAC/s (Q4_K, 2 threads) against 117 with the next 2 KiB of weight
+// bytes prefetched (and 88 -> 99 for Q6_K; python /tmp-style harness in docs/CPU-KERNELS.md).
+// Fewer rows are bandwidth-bound, where software prefetch cost more than it gained (one
+// row: 28 -> 21 GB/s), so they run without it.
+#ifndef MOESTREAM_PREFETCH_BYTES
+#define MOESTREAM_PREFETCH_BYTES 2048
+#endif
+constexpr int PREFETCH_MIN_ROWS = 5;
+
 #ifdef MOESTREAM_AVX512_VNNI
 
 // Each block is decoded into registers once per FUSED_ROWS activation rows and dotted with
@@ -131,6 +142,10 @@ void fused_rows(const Job& job, int64_t n0, int64_t n1, int64_t m0) {
     const uint8_t* row = job.weight + n * row_bytes;
     for (int64_t b = 0; b < nb; ++b) {
       typename Kernel::Regs regs;
+      if constexpr (MT >= PREFETCH_MIN_ROWS && MOESTREAM_PREFETCH_BYTES > 0) {
+        const uint8_t* ahead = row + b * F::type_size + MOESTREAM_PREFETCH_BYTES;
+        for (int i = 0; i < F::type_size; i += 64) __builtin_prefetch(ahead + i, 0, 3);
+      }
       F::decode_regs(row + b * F::type_size, regs);
       for (int m = 0; m < MT; ++m) acc[m].template add<F::narrow>(regs, act[m * nb + b]);
     }
