@@ -118,9 +118,9 @@ void row_passes(const Job& job, int64_t n0, int64_t n1, int64_t tile, Rows&& row
 // Passes of 5-8 rows are compute-bound with the weights coming from DRAM: the decode and
 // eight rows' dots fill the out-of-order window, so loads are not issued early enough and
 // the passes ran at 102 GMAC/s (Q4_K, 2 threads) against 117 with the next 2 KiB of weight
-// bytes prefetched (and 88 -> 99 for Q6_K; python /tmp-style harness in docs/CPU-KERNELS.md).
-// Fewer rows are bandwidth-bound, where software prefetch cost more than it gained (one
-// row: 28 -> 21 GB/s), so they run without it.
+// bytes prefetched (and 88 -> 99 for Q6_K; `python -m bench.cpu_prefetch`). Fewer rows are
+// bandwidth-bound, and a variant that prefetched for every pass read one row at 21 GB/s
+// against 28 without (docs/CPU-KERNELS.md), so they run without it.
 #ifndef MOESTREAM_PREFETCH_BYTES
 #define MOESTREAM_PREFETCH_BYTES 2048
 #endif
