@@ -218,12 +218,8 @@ class MoEModel:
             return False
         if kv.v.shape[-1] != kv.k.shape[-1] or not kv.k.is_contiguous() or not kv.v.is_contiguous():
             return False
-        seg = batch.segments[0]
-        new, context = seg.new_slots, seg.context_slots
-        if not (isinstance(new, slice) and isinstance(context, slice) and new.start == context.stop - 1
-                and kv.k.dtype in (torch.float32, torch.float16) and kv.k.device.type == "cpu"):
-            return False
-        return self._compiled_decoder() is not None
+        return (self.device.type == "cpu" and self.dtype == torch.float32 and self._slots_in_place(batch, kv)
+                and self._compiled_decoder() is not None)
 
     def _compiled_decoder(self) -> CpuDecodeModel | None:
         """The model's CpuDecodeModel, built at the first decode step; None where it does not
@@ -321,6 +317,12 @@ class MoEModel:
         token of one sequence, fp32 on the CPU, its KV slots one run in an fp32 or fp16 cache."""
         if x.shape[0] != 1 or x.device.type != "cpu" or x.dtype != torch.float32:
             return False
+        return self._slots_in_place(batch, kv)
+
+    @staticmethod
+    def _slots_in_place(batch: BatchInput, kv: KVCache) -> bool:
+        """The first sequence's KV slots one run ending with its new token's, in an fp32 or
+        fp16 cache, and the compiled attention there: what the fused decode reads in place."""
         if kv.k.dtype not in (torch.float32, torch.float16):
             return False
         seg = batch.segments[0]

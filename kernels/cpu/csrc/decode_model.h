@@ -151,25 +151,11 @@ struct DecodeModel {
   }
 
  private:
-  // y_i = W_i x (+ b_i) for matrices of one input, one parallel region, x quantised once per
-  // block family (as qmatmul_many).
+  // y_i = W_i x (+ b_i) for matrices of one input: one parallel region (project_rows).
   void project(std::initializer_list<std::pair<const QLinear*, float*>> mats, const float* x, int64_t K) const {
-    std::vector<Activations> acts;
-    std::vector<int64_t> families;
-    acts.reserve(2);
-    std::vector<Job> jobs;
-    for (const auto& [lin, y] : mats) {
-      const int64_t family = exact_linear ? 0 : block_size_of(lin->qtype);
-      auto found = std::find(families.begin(), families.end(), family);
-      if (found == families.end()) {
-        families.push_back(family);
-        acts.emplace_back(lin->qtype, x, 1, K, exact_linear);
-        found = families.end() - 1;
-      }
-      jobs.push_back(Job{lin->weight, lin->qtype, lin->N, K, acts[found - families.begin()].data, 1, y, lin->N,
-                         exact_linear});
-    }
-    run_jobs(jobs);
+    std::vector<Projection> projections;
+    for (const auto& [lin, y] : mats) projections.push_back(Projection{lin->weight, lin->qtype, lin->N, y});
+    project_rows(projections, x, 1, K, exact_linear);
     for (const auto& [lin, y] : mats)
       if (lin->bias != nullptr)
         for (int64_t n = 0; n < lin->N; ++n) y[n] += lin->bias[n];

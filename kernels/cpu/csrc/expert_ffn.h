@@ -6,6 +6,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <stdexcept>
 #include <tuple>
@@ -48,6 +49,33 @@ inline int64_t block_size_of(int64_t qtype) {
   int64_t size = 0;
   with_format(qtype, [&](auto fmt) { size = decltype(fmt)::block_size; });
   return size;
+}
+
+// One matrix of a projection of shared input rows: W [N, K] of qtype, y [M, N].
+struct Projection {
+  const uint8_t* weight;
+  int64_t qtype, N;
+  float* y;
+};
+
+// y_i = x W_i^T for several matrices of one input x [M, K] (an attention layer's q, k and v)
+// in one parallel region, x quantised once per block family.
+inline void project_rows(const std::vector<Projection>& mats, const float* x, int64_t M, int64_t K, bool exact) {
+  std::vector<Activations> acts;  // one per block family: at most two
+  std::vector<int64_t> families;
+  acts.reserve(mats.size());
+  std::vector<Job> jobs;
+  for (const Projection& p : mats) {
+    const int64_t family = exact ? 0 : block_size_of(p.qtype);
+    auto found = std::find(families.begin(), families.end(), family);
+    if (found == families.end()) {
+      families.push_back(family);
+      acts.emplace_back(p.qtype, x, M, K, exact);
+      found = families.end() - 1;
+    }
+    jobs.push_back(Job{p.weight, p.qtype, p.N, K, acts[found - families.begin()].data, M, p.y, p.N, exact});
+  }
+  run_jobs(jobs);
 }
 
 struct FfnTypes {

@@ -33,22 +33,10 @@ void qmatmul(uintptr_t x, uintptr_t weight, int64_t qtype, int64_t M, int64_t N,
 // parallel region: x is quantised once per block family, each (weight, qtype, N_i, y_i).
 void qmatmul_many(uintptr_t x, int64_t M, int64_t K, const std::vector<std::tuple<uintptr_t, int64_t, int64_t, uintptr_t>>& mats,
                   bool exact) {
-  std::vector<Activations> acts;  // one per block family: at most two
-  std::vector<int64_t> families;
-  acts.reserve(2);
-  std::vector<Job> jobs;
-  for (const auto& [weight, qtype, N, y] : mats) {
-    const int64_t family = exact ? 0 : block_size_of(qtype);
-    auto found = std::find(families.begin(), families.end(), family);
-    if (found == families.end()) {
-      families.push_back(family);
-      acts.emplace_back(qtype, address<const float>(x), M, K, exact);
-      found = families.end() - 1;
-    }
-    const Activations& act = acts[found - families.begin()];
-    jobs.push_back(Job{address<const uint8_t>(weight), qtype, N, K, act.data, M, address<float>(y), N, exact});
-  }
-  run_jobs(jobs);
+  std::vector<Projection> projections;
+  for (const auto& [weight, qtype, N, y] : mats)
+    projections.push_back(Projection{address<const uint8_t>(weight), qtype, N, address<float>(y)});
+  project_rows(projections, address<const float>(x), M, K, exact);
 }
 
 void dequantize_weight(uintptr_t weight, int64_t qtype, int64_t N, int64_t K, uintptr_t out) {
