@@ -15,7 +15,7 @@
 #include "isa.h"
 #include "job.h"
 
-#ifdef MOESTREAM_AVX2
+#if defined(MOESTREAM_AVX2) || defined(MOESTREAM_AVX512_VNNI)
 
 namespace moestream_cpu {
 
