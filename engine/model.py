@@ -218,8 +218,14 @@ class MoEModel:
             return False
         if kv.v.shape[-1] != kv.k.shape[-1] or not kv.k.is_contiguous() or not kv.v.is_contiguous():
             return False
-        return (self.device.type == "cpu" and self.dtype == torch.float32 and self._slots_in_place(batch, kv)
-                and self._compiled_decoder() is not None)
+        if self.device.type != "cpu" or self.dtype != torch.float32 or kv.k.dtype not in (torch.float32, torch.float16):
+            return False
+        seg = batch.segments[0]
+        new, context = seg.new_slots, seg.context_slots
+        last = context.stop - 1 if isinstance(context, slice) else int(context[-1])
+        # the context in a block table's slots (not one run) is read through their ids
+        return (isinstance(new, slice) and new.stop - new.start == 1 and new.start == last
+                and has_compiled_attention() and self._compiled_decoder() is not None)
 
     def _compiled_decoder(self) -> CpuDecodeModel | None:
         """The model's CpuDecodeModel, built at the first decode step; None where it does not
@@ -271,9 +277,8 @@ class MoEModel:
     def _compiled_decode(self, batch: BatchInput, kv: KVCache) -> torch.Tensor:
         """One decode token through every layer in one compiled call (_compiled_decoder)."""
         decoder = self._decoder
-        context = batch.segments[0].context_slots
-        out, ids, _ = decoder.run(self.embed(batch.token_ids), kv.k, kv.v, context.start,
-                                  context.stop - context.start, int(batch.positions[0]))
+        out, ids, _ = decoder.run(self.embed(batch.token_ids), kv.k, kv.v, batch.segments[0].context_slots,
+                                  int(batch.positions[0]))
         self.experts.count_lookups(ids)
         if decoder.vocab:  # the lm_head ran in the call
             return out[batch.logits_rows]

@@ -167,31 +167,41 @@ class CpuDecodeModel:
                              _f32(ends.output_norm, D, "output norm"), head[0], head[1], self.vocab)
         self.last_seconds: dict[str, float] = {}
 
-    def run(self, h: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot0: int, ctx: int,
+    def run(self, h: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, context: slice | torch.Tensor,
             position: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(out, ids [L, k], weights [L, k]) for one token's embedding h [1, D] at `position`:
         out is the logits [1, vocab] when the model has an lm_head (DecodeEnds), else h after
         every layer [1, D] (before the output norm); ids and weights are each layer's routing.
-        k_cache / v_cache [L, slots, KV, hd] (fp32 or fp16, contiguous): the context is slots
-        [slot0, slot0 + ctx), the token's own the last, where its k and v are written."""
+        k_cache / v_cache [L, slots, KV, hd] (fp32 or fp16, contiguous); `context`: the cache
+        slots of the sequence's tokens in order (a slice, or int64 slot ids as a block table
+        gives them), the token's own the last, where its k and v are written."""
         s = self.shape
         L, D = self.n_layers, self.d_model
-        if not (k_cache.dtype in (torch.float32, torch.float16) and v_cache.dtype == k_cache.dtype
-                and k_cache.shape == v_cache.shape and k_cache.dim() == 4 and k_cache.shape[0] == L
-                and k_cache.shape[2:] == (s.n_kv_heads, s.head_dim) and k_cache.is_contiguous()
-                and v_cache.is_contiguous() and 1 <= ctx and 0 <= slot0 and slot0 + ctx <= k_cache.shape[1]
-                and h.shape == (1, D) and h.dtype == torch.float32 and k_cache.device.type == "cpu"):
-            raise ValueError("CpuDecodeModel.run needs h [1, D] float32 and contiguous CPU KV caches "
-                             "[L, slots, KV, hd] holding the context")
+        n_slots = k_cache.shape[1] if k_cache.dim() == 4 else 0
+        if isinstance(context, slice):
+            slot0, ctx, slot_ids = context.start, context.stop - context.start, None
+            slots_ok = 0 <= slot0 and slot0 + ctx <= n_slots
+        else:
+            slot_ids = context.to(torch.int64).contiguous()
+            slot0, ctx = 0, slot_ids.numel()
+            slots_ok = (slot_ids.dim() == 1 and slot_ids.device.type == "cpu"
+                        and ctx > 0 and 0 <= int(slot_ids.min()) and int(slot_ids.max()) < n_slots)
+        if not (slots_ok and ctx >= 1 and k_cache.dtype in (torch.float32, torch.float16)
+                and v_cache.dtype == k_cache.dtype and k_cache.shape == v_cache.shape and k_cache.dim() == 4
+                and k_cache.shape[0] == L and k_cache.shape[2:] == (s.n_kv_heads, s.head_dim)
+                and k_cache.is_contiguous() and v_cache.is_contiguous() and h.shape == (1, D)
+                and h.dtype == torch.float32 and k_cache.device.type == "cpu"):
+            raise ValueError("CpuDecodeModel.run needs h [1, D] float32, contiguous CPU KV caches "
+                             "[L, slots, KV, hd] and the context's slots inside them")
         h = h.contiguous().clone()
         ids = torch.empty(L, s.top_k, dtype=torch.int64)
         weights = torch.empty(L, s.top_k)
         logits = torch.empty(1, self.vocab) if self.vocab else None
         seconds = torch.zeros(len(PARTS), dtype=torch.float64) if self.timing else None
         self._model.run(h.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.dtype == torch.float16,
-                        k_cache.stride(0), k_cache.stride(1), slot0, ctx, int(position), ids.data_ptr(),
-                        weights.data_ptr(), 0 if logits is None else logits.data_ptr(),
-                        0 if seconds is None else seconds.data_ptr())
+                        k_cache.stride(0), k_cache.stride(1), slot0, ctx, int(position),
+                        0 if slot_ids is None else slot_ids.data_ptr(), ids.data_ptr(), weights.data_ptr(),
+                        0 if logits is None else logits.data_ptr(), 0 if seconds is None else seconds.data_ptr())
         if seconds is not None:
             self.last_seconds = dict(zip(PARTS, seconds.tolist()))
         return (h if logits is None else logits), ids, weights

@@ -88,3 +88,31 @@ def test_a_routing_hook_takes_the_layer_path():
     seen.clear()
     step_logits(engine, prompt + [prompt[0]], len(prompt), table)
     assert seen == list(range(engine.model.config.n_layers))  # every layer's routing shown
+
+
+@pytest.mark.parametrize("backend,tol", [("auto", 2e-5), ("q8", 2e-3)])
+def test_a_scattered_block_table_reads_through_slot_ids(backend, tol):
+    """A sequence whose KV blocks are not consecutive (another sequence took the block after
+    its first): the one-call decode reads the context through the slot ids, and its logits
+    are the layer path's (which gathers the slots)."""
+    engine = _engine("olmoe", "Q4_K_M", backend)
+    kv, bs = engine.kv, engine.kv.block_size
+    prompt = sample_token_ids(get_fixture("olmoe"), bs - 2, seed=7)
+    logits = {}
+    for compiled in (True, False):
+        engine.model._decoder = False if compiled else None
+        table, other = [], []
+        ids = list(prompt)
+        step_logits(engine, ids, 0, table)
+        kv.allocate(other, bs)  # the next block goes to another sequence
+        out = []
+        for j in range(5):  # grows into a third block: the table is no longer one run
+            ids.append(prompt[j])
+            out.append(step_logits(engine, ids, len(ids) - 1, table))
+        assert not isinstance(kv.index(table, 0, len(ids)), slice), "the test needs a scattered table"
+        assert (engine.model._decoder is not None) == compiled
+        kv.free(table)
+        kv.free(other)
+        logits[compiled] = out
+    for a, b in zip(logits[True], logits[False]):
+        assert (a - b).abs().max() <= tol * b.abs().max()

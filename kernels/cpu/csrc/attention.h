@@ -27,6 +27,13 @@ constexpr int64_t ATTEND_PARALLEL_MIN_FMAS = 1 << 20;
 constexpr int64_t ATTEND_PARALLEL_MIN_FMAS_WARM = 1 << 16;
 constexpr int64_t ATTEND_LANES = 16;  // independent partial sums of a dot product
 
+// Which cache slot holds the context's t-th token: t itself (a contiguous run from the base
+// pointer), or ids[t] (a block table's slots, counted from the base).
+struct SlotMap {
+  const int64_t* ids = nullptr;
+  int64_t operator()(int64_t t) const { return ids != nullptr ? ids[t] : t; }
+};
+
 // sum a[i] b[i] over n, in ATTEND_LANES independent lanes the compiler vectorises (no
 // reordering of one lane's sum needed, so no -ffast-math).
 inline float lane_dot(const float* a, const float* b, int64_t n) {
@@ -130,18 +137,19 @@ inline VecF vexp_nonpositive(VecF x) {
 // four vectors of the head at a time, all in registers.
 template <class T>
 inline void attend_head_simd(const float* q, int64_t hd, const T* k, const T* v, int64_t ctx, int64_t stride,
-                             float* p, float* out) {
+                             SlotMap slot, float* p, float* out) {
   const int64_t nc = hd / VEC;
   int64_t t = 0;
   for (; t + 4 <= ctx; t += 4) {
     VecF a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
-    const T* kt = k + t * stride;
+    const T *k0 = k + slot(t) * stride, *k1 = k + slot(t + 1) * stride, *k2 = k + slot(t + 2) * stride,
+            *k3 = k + slot(t + 3) * stride;
     for (int64_t c = 0; c < nc; ++c) {
       const VecF qc = vload(q + c * VEC);
-      a0 = vfma(qc, vload(kt + c * VEC), a0);
-      a1 = vfma(qc, vload(kt + stride + c * VEC), a1);
-      a2 = vfma(qc, vload(kt + 2 * stride + c * VEC), a2);
-      a3 = vfma(qc, vload(kt + 3 * stride + c * VEC), a3);
+      a0 = vfma(qc, vload(k0 + c * VEC), a0);
+      a1 = vfma(qc, vload(k1 + c * VEC), a1);
+      a2 = vfma(qc, vload(k2 + c * VEC), a2);
+      a3 = vfma(qc, vload(k3 + c * VEC), a3);
     }
     p[t] = vsum(a0);
     p[t + 1] = vsum(a1);
@@ -150,7 +158,7 @@ inline void attend_head_simd(const float* q, int64_t hd, const T* k, const T* v,
   }
   for (; t < ctx; ++t) {
     VecF a = vzero();
-    for (int64_t c = 0; c < nc; ++c) a = vfma(vload(q + c * VEC), vload(k + t * stride + c * VEC), a);
+    for (int64_t c = 0; c < nc; ++c) a = vfma(vload(q + c * VEC), vload(k + slot(t) * stride + c * VEC), a);
     p[t] = vsum(a);
   }
   float top = -INFINITY;
@@ -175,7 +183,7 @@ inline void attend_head_simd(const float* q, int64_t hd, const T* k, const T* v,
     const T* vc = v + c * VEC;
     for (t = 0; t < ctx; ++t) {
       const VecF w = vset(p[t]);
-      const T* vt = vc + t * stride;
+      const T* vt = vc + slot(t) * stride;
       o0 = vfma(w, vload(vt), o0);
       o1 = vfma(w, vload(vt + VEC), o1);
       o2 = vfma(w, vload(vt + 2 * VEC), o2);
@@ -188,7 +196,7 @@ inline void attend_head_simd(const float* q, int64_t hd, const T* k, const T* v,
   }
   for (; c < nc; ++c) {
     VecF o = vzero();
-    for (t = 0; t < ctx; ++t) o = vfma(vset(p[t]), vload(v + c * VEC + t * stride), o);
+    for (t = 0; t < ctx; ++t) o = vfma(vset(p[t]), vload(v + c * VEC + slot(t) * stride), o);
     vstore(out + c * VEC, vmul(o, inv));
   }
 }
@@ -196,12 +204,12 @@ inline void attend_head_simd(const float* q, int64_t hd, const T* k, const T* v,
 #endif
 
 // out [H, hd] = softmax(scale q_h . k[t, h / group]) @ v[:, h / group] for each head h.
-// q [H, hd] contiguous; k, v: ctx slots, slot t of KV head j at base + t * slot_stride + j * hd.
+// q [H, hd] contiguous; k, v: ctx slots, token t's KV head j at base + slot(t) * slot_stride + j * hd.
 // T: the cache's element type (float or c10::Half; attention computes in fp32).
 template <class T>
 inline void attend_one(const float* q, int64_t H, int64_t hd, const T* k, const T* v, int64_t ctx,
                        int64_t n_kv, int64_t slot_stride, float scale, float* out,
-                       int64_t parallel_min_fmas = ATTEND_PARALLEL_MIN_FMAS) {
+                       int64_t parallel_min_fmas = ATTEND_PARALLEL_MIN_FMAS, SlotMap slot = {}) {
   const int64_t group = H / n_kv;
   auto heads = [&](int64_t begin, int64_t end) {
     std::vector<float> scaled(hd), p(ctx), row(hd);
@@ -210,13 +218,13 @@ inline void attend_one(const float* q, int64_t H, int64_t hd, const T* k, const 
       for (int64_t d = 0; d < hd; ++d) scaled[d] = q[h * hd + d] * scale;
 #ifdef MOESTREAM_ATTEND_SIMD
       if (hd % VEC == 0) {
-        attend_head_simd(scaled.data(), hd, k + j * hd, v + j * hd, ctx, slot_stride, p.data(), out + h * hd);
+        attend_head_simd(scaled.data(), hd, k + j * hd, v + j * hd, ctx, slot_stride, slot, p.data(), out + h * hd);
         continue;
       }
 #endif
       float top = -INFINITY;
       for (int64_t t = 0; t < ctx; ++t) {
-        load_row(k + t * slot_stride + j * hd, row.data(), hd);
+        load_row(k + slot(t) * slot_stride + j * hd, row.data(), hd);
         p[t] = lane_dot(scaled.data(), row.data(), hd);
         top = std::max(top, p[t]);
       }
@@ -229,7 +237,7 @@ inline void attend_one(const float* q, int64_t H, int64_t hd, const T* k, const 
       std::fill(o, o + hd, 0.f);
       for (int64_t t = 0; t < ctx; ++t) {
         const float w = p[t] / total;
-        load_row(v + t * slot_stride + j * hd, row.data(), hd);
+        load_row(v + slot(t) * slot_stride + j * hd, row.data(), hd);
         for (int64_t d = 0; d < hd; ++d) o[d] += w * row[d];
       }
     }
@@ -288,7 +296,7 @@ struct DecodeAttention {
 template <class T>
 inline void decode_attention(const DecodeAttention& a, float* q, float* k, const float* v, T* k_cache,
                              T* v_cache, int64_t ctx, int64_t slot_stride, float scale, float* out,
-                             int64_t parallel_min_fmas = ATTEND_PARALLEL_MIN_FMAS) {
+                             int64_t parallel_min_fmas = ATTEND_PARALLEL_MIN_FMAS, SlotMap slot = {}) {
   if (a.q_norm != nullptr) {
     if (a.norm_per_head) {
       rms_norm_groups(q, a.H, a.hd, a.q_norm, a.eps);
@@ -300,9 +308,9 @@ inline void decode_attention(const DecodeAttention& a, float* q, float* k, const
   }
   rope_heads(q, a.H, a.hd, a.cos, a.signed_sin, a.rope_dims, a.neox);
   rope_heads(k, a.n_kv, a.hd, a.cos, a.signed_sin, a.rope_dims, a.neox);
-  store_row(k, k_cache + (ctx - 1) * slot_stride, a.n_kv * a.hd);
-  store_row(v, v_cache + (ctx - 1) * slot_stride, a.n_kv * a.hd);
-  attend_one(q, a.H, a.hd, k_cache, v_cache, ctx, a.n_kv, slot_stride, scale, out, parallel_min_fmas);
+  store_row(k, k_cache + slot(ctx - 1) * slot_stride, a.n_kv * a.hd);
+  store_row(v, v_cache + slot(ctx - 1) * slot_stride, a.n_kv * a.hd);
+  attend_one(q, a.H, a.hd, k_cache, v_cache, ctx, a.n_kv, slot_stride, scale, out, parallel_min_fmas, slot);
 }
 
 }  // namespace moestream_cpu

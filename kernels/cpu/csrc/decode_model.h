@@ -83,12 +83,15 @@ struct DecodeModel {
 
   // h [D]: the token's embedding in, h + every layer's attention and FFN out. KV caches:
   // layer l's slot s of KV head j at base + l * layer_stride + s * slot_stride + j * hd
-  // elements; the context is slots [slot0, slot0 + ctx), the new token's the last, at
-  // `position`. ids / weights [n_layers, top_k]: each layer's routing; logits [vocab] (when
+  // elements; the context is slots [slot0, slot0 + ctx), or slot_ids[0 .. ctx) when not null
+  // (a block table's slots), the new token's the last, at `position`. ids / weights [n_layers, top_k]: each layer's routing; logits [vocab] (when
   // not null): lm_head of the output-normed h; seconds [N_PARTS] when not null.
   template <class T>
   void run(float* h, T* k_cache, T* v_cache, int64_t layer_stride, int64_t slot_stride, int64_t slot0, int64_t ctx,
-           int64_t position, int64_t* ids, float* weights, float* logits, double* seconds) const {
+           int64_t position, const int64_t* slot_ids, int64_t* ids, float* weights, float* logits,
+           double* seconds) const {
+    if (slot_ids != nullptr) slot0 = 0;
+    const SlotMap slot{slot_ids};
     using clock = std::chrono::steady_clock;
     auto mark = clock::now();
     auto lap = [&](DecodePart part) {
@@ -114,7 +117,7 @@ struct DecodeModel {
       a.k_norm = L.k_norm;
       decode_attention(a, q.data(), k.data(), v.data(), k_cache + l * layer_stride + slot0 * slot_stride,
                        v_cache + l * layer_stride + slot0 * slot_stride, ctx, slot_stride, scale, attn.data(),
-                       ATTEND_PARALLEL_MIN_FMAS_WARM);
+                       ATTEND_PARALLEL_MIN_FMAS_WARM, slot);
       lap(PART_ATTENTION);
       project({{&L.o, delta.data()}}, attn.data(), H * hd);
       lap(PART_OUT);

@@ -138,16 +138,16 @@ void set_decode_ends(DecodeModel& m, const std::vector<double>& inv_freq, double
 
 void run_decode_model(const DecodeModel& m, uintptr_t h, uintptr_t k_cache, uintptr_t v_cache, bool half_cache,
                       int64_t layer_stride, int64_t slot_stride, int64_t slot0, int64_t ctx, int64_t position,
-                      uintptr_t ids, uintptr_t weights, uintptr_t logits, uintptr_t seconds) {
+                      uintptr_t slot_ids, uintptr_t ids, uintptr_t weights, uintptr_t logits, uintptr_t seconds) {
   if (int64_t(m.inv_freq.size()) != m.rope_dims / 2) throw std::invalid_argument("DecodeModel: rope not set");
   if (half_cache)
     m.run(address<float>(h), address<c10::Half>(k_cache), address<c10::Half>(v_cache), layer_stride, slot_stride,
-          slot0, ctx, position, address<int64_t>(ids), address<float>(weights), address<float>(logits),
-          address<double>(seconds));
+          slot0, ctx, position, address<const int64_t>(slot_ids), address<int64_t>(ids), address<float>(weights),
+          address<float>(logits), address<double>(seconds));
   else
     m.run(address<float>(h), address<float>(k_cache), address<float>(v_cache), layer_stride, slot_stride, slot0,
-          ctx, position, address<int64_t>(ids), address<float>(weights), address<float>(logits),
-          address<double>(seconds));
+          ctx, position, address<const int64_t>(slot_ids), address<int64_t>(ids), address<float>(weights),
+          address<float>(logits), address<double>(seconds));
 }
 
 std::vector<int64_t> supported_types() {
