@@ -322,12 +322,6 @@ class MoEModel:
         token of one sequence, fp32 on the CPU, its KV slots one run in an fp32 or fp16 cache."""
         if x.shape[0] != 1 or x.device.type != "cpu" or x.dtype != torch.float32:
             return False
-        return self._slots_in_place(batch, kv)
-
-    @staticmethod
-    def _slots_in_place(batch: BatchInput, kv: KVCache) -> bool:
-        """The first sequence's KV slots one run ending with its new token's, in an fp32 or
-        fp16 cache, and the compiled attention there: what the fused decode reads in place."""
         if kv.k.dtype not in (torch.float32, torch.float16):
             return False
         seg = batch.segments[0]

@@ -14,8 +14,8 @@
 #include <chrono>
 #include <cmath>
 #include <cstdint>
-#include <numeric>
-#include <stdexcept>
+#include <initializer_list>
+#include <utility>
 #include <vector>
 
 #include "attention.h"
@@ -125,16 +125,13 @@ struct DecodeModel {
       lap(PART_NORM);
       route(L, x.data(), router_logits.data(), probs.data(), choice.data(), ids + l * top_k, weights + l * top_k);
       lap(PART_ROUTER);
-      std::vector<LayerExpert> experts;
+      std::vector<LayerExpert> experts;  // the top-k are distinct experts
       experts.reserve(top_k);
       for (int64_t j = 0; j < top_k; ++j) {
         const int64_t e = ids[l * top_k + j];
-        bool seen = false;
-        for (const auto& ex : experts) seen = seen || std::get<0>(ex) == e;
-        if (!seen)
-          experts.emplace_back(e, reinterpret_cast<uintptr_t>(L.gate + e * L.gate_stride),
-                               reinterpret_cast<uintptr_t>(L.up + e * L.up_stride),
-                               reinterpret_cast<uintptr_t>(L.down + e * L.down_stride));
+        experts.emplace_back(e, reinterpret_cast<uintptr_t>(L.gate + e * L.gate_stride),
+                             reinterpret_cast<uintptr_t>(L.up + e * L.up_stride),
+                             reinterpret_cast<uintptr_t>(L.down + e * L.down_stride));
       }
       run_moe_layer(x.data(), 1, D, I, top_k, ids + l * top_k, weights + l * top_k, experts, L.types, routed.data(),
                     exact_experts);
@@ -181,14 +178,15 @@ struct DecodeModel {
     }
     for (int64_t e = 0; e < E; ++e) choice[e] = L.router_bias != nullptr ? probs[e] + L.router_bias[e] : probs[e];
     float sum = 0.f;
+    std::vector<bool> taken(E, false);  // distinct experts even where scores are NaN
     for (int64_t j = 0; j < top_k; ++j) {
       int64_t best = -1;
       for (int64_t e = 0; e < E; ++e)
-        if (best < 0 || choice[e] > choice[best]) best = e;
+        if (!taken[e] && (best < 0 || choice[e] > choice[best])) best = e;
+      taken[best] = true;
       ids[j] = best;
       w[j] = probs[best];
       sum += probs[best];
-      choice[best] = -INFINITY;
     }
     if (norm_topk)
       for (int64_t j = 0; j < top_k; ++j) w[j] /= std::max(sum, 6.103515625e-5f);
