@@ -104,7 +104,7 @@ class Engine:
     @classmethod
     def from_gguf(cls, path: str | Path, device: str = "cpu", vram_budget: str | int | None = None,
                   max_cached_experts: int | None = None, **options) -> Engine:
-        return cls(open_gguf(path), EngineConfig(device=device, vram_budget=vram_budget,
+        return cls(open_gguf(path, compute=True), EngineConfig(device=device, vram_budget=vram_budget,
                                                  max_cached_experts=max_cached_experts, **options))
 
     # -- requests -------------------------------------------------------------------

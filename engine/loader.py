@@ -90,15 +90,19 @@ def _raw_tensor(path: Path, t: Any) -> RawTensor:
     return RawTensor(t.name, qtype, dims, data)
 
 
-def open_gguf(path: str | Path) -> GGUFModelFile:
+def open_gguf(path: str | Path, compute: bool = False) -> GGUFModelFile:
+    """The checked file; `compute`: the engine will read its weights from this mapping, so the
+    page cache is first brought into 2 MiB folios and the mapping advised (page_cache.py),
+    which can read the whole file in: not for a header look (inspect, a check before loading)."""
     path = Path(path)
     # A read-only map: a copy-on-write one (mode 'c') is charged against the commit limit in
     # full, so under Linux's default overcommit a file larger than RAM + swap (GLM-4.5-Air's
     # 72 GB, gpt-oss-120b's 63 GB on a 32-64 GB host) failed to open with ENOMEM.
-    # 2 MiB page-cache folios: the CPU reads weights ~20% faster through them (page_cache.py)
-    page_cache.prepare(path)
+    if compute:  # 2 MiB page-cache folios: the CPU reads weights ~20% faster through them
+        page_cache.prepare(path)
     reader = read_gguf(path)
-    page_cache.advise(reader.data)
+    if compute:
+        page_cache.advise(reader.data)
     check_strings(path, reader)  # before any string is decoded
     meta = read_metadata(reader)
     tensors = {t.name: _raw_tensor(path, t) for t in reader.tensors}

@@ -92,3 +92,19 @@ def test_prepare_puts_the_file_in_huge_pages_where_the_kernel_can(model_file):
     else:
         print(f"share in 2 MiB pages after prepare: {share:.2f}")  # filesystem dependent
         assert 0.0 <= share <= 1.0
+
+
+def test_only_a_load_for_compute_prepares_the_file(monkeypatch):
+    """`moestream inspect` and the checks before loading read the header only: reading a
+    whole file into the page cache there would cost minutes on a large model."""
+    from moestream.engine import loader
+    from tests.fixtures.models import get_fixture
+
+    prepared, advised = [], []
+    monkeypatch.setattr(page_cache, "prepare", lambda path: prepared.append(path))
+    monkeypatch.setattr(page_cache, "advise", lambda array: advised.append(array))
+    path = get_fixture("olmoe", "Q4_K_M").gguf_path
+    loader.open_gguf(path)
+    assert prepared == [] and advised == []
+    loader.open_gguf(path, compute=True)
+    assert len(prepared) == 1 and len(advised) == 1
