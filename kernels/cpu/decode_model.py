@@ -153,9 +153,9 @@ class CpuDecodeModel:
             fields.append(row)
         if ends.inv_freq.numel() != s.rope_dims // 2:
             raise ValueError(f"rope: {ends.inv_freq.numel()} frequencies for {s.rope_dims} dims")
-        head = [0, 0, 0, 0]
+        head, output_norm = [0, 0, 0, 0], 0
         if ends.lm_head is not None:
-            _f32(ends.output_norm, D, "output norm")
+            output_norm = _f32(ends.output_norm, D, "output norm")
             head = _linear(ends.lm_head, D, "lm_head")
         self._keep = (layers, ends)  # the addresses above point into these tensors
         self.shape, self.n_layers, self.d_model, self.n_experts = shape, len(layers), D, E
@@ -164,7 +164,7 @@ class CpuDecodeModel:
         flags = [s.qk_norm_per_head, s.neox, s.exact_linear, s.exact_experts, s.sigmoid, s.norm_topk]
         self._model = ext.DecodeModel(dims, flags, s.eps, s.weights_scale, fields)
         self._model.set_ends(ends.inv_freq.double().tolist(), float(ends.rope_scale),
-                             _f32(ends.output_norm, D, "output norm"), head[0], head[1], self.vocab)
+                             output_norm, head[0], head[1], self.vocab)
         self.last_seconds: dict[str, float] = {}
 
     def run(self, h: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, context: slice | torch.Tensor,
