@@ -103,7 +103,9 @@ def test_dequantize_matches_gguf(qtype: Q, generator: torch.Generator) -> None:
                                err_msg=f"seed {generator.initial_seed()}")
 
 
-@pytest.mark.parametrize("m", [1, 3, 16, 64])
+# 8: one pass of eight lanes on AVX-512 (kernels/cpu/csrc/lanes.h); 11, 23: sixteen-lane passes
+# with lanes left empty, and two unequal passes.
+@pytest.mark.parametrize("m", [1, 3, 8, 11, 16, 23, 64])
 @pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
 def test_qmatmul_within_int8_error(qtype: Q, m: int, generator: torch.Generator) -> None:
     rows, cols = 37, 512
@@ -177,11 +179,12 @@ def test_older_cpu_paths(older_cpu_build, qtype: Q, generator: torch.Generator) 
     np.testing.assert_allclose(w.double().numpy(), dense, rtol=1e-6, atol=1e-6 * np.abs(dense).max())
 
 
+@pytest.mark.parametrize("m", [5, 20])
 @pytest.mark.parametrize("exact", [False, True], ids=["int8", "exact"])
-def test_independent_of_thread_count(exact: bool, generator: torch.Generator) -> None:
+def test_independent_of_thread_count(exact: bool, m: int, generator: torch.Generator) -> None:
     """Rows split across threads (and the gate/up job boundary) compute the same numbers."""
     raw, _ = _weights(Q.Q4_K, 301, 512, generator)
-    x = _activations(5, 512, generator)
+    x = _activations(m, 512, generator)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -189,6 +192,21 @@ def test_independent_of_thread_count(exact: bool, generator: torch.Generator) ->
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(cpu_qmatmul(x, raw, Q.Q4_K, (301, 512), exact), single)
+
+
+@pytest.mark.parametrize("m", [8, 11, 40])
+@pytest.mark.parametrize("qtype", SUPER_BLOCK_TYPES, ids=lambda q: q.name)
+def test_rows_together_sum_the_same_integers(qtype: Q, m: int, generator: torch.Generator) -> None:
+    """Activation rows multiplied together (in vector lanes on AVX-512) and one at a time (one
+    row: the weights' own lanes) sum the same integers per block; only the float sums over
+    blocks may round differently."""
+    rows, cols = 45, 1024
+    raw, _ = _weights(qtype, rows, cols, generator)
+    x = _activations(m, cols, generator)
+    together = cpu_qmatmul(x, raw, qtype, (rows, cols)).double()
+    alone = torch.cat([cpu_qmatmul(x[i : i + 1], raw, qtype, (rows, cols)) for i in range(m)]).double()
+    worst = ((together - alone).abs().max() / alone.abs().max()).item()
+    assert worst <= 1e-5, f"seed {generator.initial_seed()}: rows together differ by {worst:.3g} of the scale"
 
 
 def _silu(v: np.ndarray) -> np.ndarray:

@@ -41,6 +41,7 @@ inline void split_nibbles_64(const uint8_t* qs, __m512i& first, __m512i& second)
 
 struct Q4K : SuperBlockFormat {
   static constexpr int type_size = 144;
+  static constexpr int scale_group = 32;  // one 6-bit scale and min per 32 elements
   static void decode_regs(const uint8_t* block, Regs256& out) {
     split_nibbles_64(block + 16, out.u[0], out.u[1]);
     split_nibbles_64(block + 80, out.u[2], out.u[3]);
@@ -50,6 +51,7 @@ struct Q4K : SuperBlockFormat {
 
 struct Q5K : SuperBlockFormat {
   static constexpr int type_size = 176;
+  static constexpr int scale_group = 32;  // one 6-bit scale and min per 32 elements
   static void decode_regs(const uint8_t* block, Regs256& out) {
     const uint8_t* qh = block + 16;
     split_nibbles_64(block + 48, out.u[0], out.u[1]);
@@ -104,6 +106,7 @@ inline void set_affine_k(const uint8_t* block, Decoded256& out) {
 
 struct Q4K : SuperBlockFormat {
   static constexpr int type_size = 144;
+  static constexpr int scale_group = 32;  // one 6-bit scale and min per 32 elements
   static void decode(const uint8_t* block, Decoded256& out) {
     const uint8_t* qs = block + 16;
     for (int c = 0; c < 4; ++c)  // 32 bytes: low nibbles, then high nibbles, 64 elements
@@ -117,6 +120,7 @@ struct Q4K : SuperBlockFormat {
 
 struct Q5K : SuperBlockFormat {
   static constexpr int type_size = 176;
+  static constexpr int scale_group = 32;  // one 6-bit scale and min per 32 elements
   static void decode(const uint8_t* block, Decoded256& out) {
     const uint8_t* qh = block + 16;
     const uint8_t* qs = block + 48;

@@ -21,6 +21,7 @@
 #include "exact.h"
 #include "gguf_constants.h"
 #include "job.h"
+#include "lanes.h"
 
 namespace moestream_cpu {
 
@@ -160,6 +161,8 @@ void run_rows(const Job& job, int64_t n0, int64_t n1) {
   // more per byte: the two bits' inserts). Q4_K streams alike on both (32 GB/s).
   if constexpr (std::is_same_v<F, Q6K>)
     if (job.M == 1) return avx2_rows<F, 1>(job, n0, n1, 0);
+  if constexpr (std::is_same_v<typename F::Act, Act256>)
+    if (job.M >= MOESTREAM_LANE_MIN_ROWS) return run_lanes<F>(job, n0, n1);
   const int64_t tile = std::max<int64_t>(1, ROW_TILE_BYTES / (job.K / F::block_size * F::type_size));
   row_passes<INT8_FUSED_ROWS>(job, n0, n1, tile, [&](int64_t t0, int64_t t1, int64_t m0, auto mt) {
     fused_rows<F, decltype(mt)::value>(job, t0, t1, m0);
@@ -225,14 +228,29 @@ constexpr int64_t TASK_WORK = 64 * 1024;
 // get equal shares of work even when jobs differ in M (a layer's experts during prefill).
 // Thread ranges cut between rows; a row belongs to the range holding its start, and every
 // output element is computed the same way whichever thread computes it.
+// The cost of one output row per K element, in quarters of an activation row's dot: passes
+// of activation rows in lanes cost by the pass, not by the row (lanes.h; measured on Q4_K and
+// Q6_K [768, 2048] from DRAM: a tile's decode ~3 rows, an 8-lane pass ~4.4, a 16-lane one ~8).
+inline int64_t row_cost(const Job& job) {
+  int64_t cost = 4 * job.M;
+#ifdef MOESTREAM_AVX512_VNNI
+  if (!job.exact && job.M >= MOESTREAM_LANE_MIN_ROWS)
+    with_format(job.qtype, [&](auto fmt) {
+      if constexpr (std::is_same_v<typename decltype(fmt)::Act, Act256>)
+        cost = job.M <= 8 ? 30 : 12 + 32 * ((job.M + 15) / 16);
+    });
+#endif
+  return cost;
+}
+
 inline void run_jobs(const std::vector<Job>& jobs) {
   int64_t total_work = 0;
-  for (const Job& job : jobs) total_work += job.N * job.K * job.M;
-  const int64_t grain = 2 * TASK_WORK;  // work counts elements: ~2 per byte of the K-quants
+  for (const Job& job : jobs) total_work += job.N * job.K * row_cost(job);
+  const int64_t grain = 8 * TASK_WORK;  // work counts quarter elements: ~2 elements per byte of the K-quants
   at::parallel_for(0, total_work, grain, [&](int64_t begin, int64_t end) {
     int64_t offset = 0;
     for (const Job& job : jobs) {
-      const int64_t row_work = job.K * job.M;
+      const int64_t row_work = job.K * row_cost(job);
       const int64_t job_end = offset + job.N * row_work;
       if (row_work > 0 && begin < job_end && end > offset) {
         // Rows whose start offset + n * row_work lies in [begin, end).
