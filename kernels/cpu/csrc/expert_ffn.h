@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <stdexcept>
 #include <tuple>
 #include <type_traits>
@@ -31,8 +32,50 @@ inline int64_t act_row_bytes(int64_t qtype, int64_t K, bool exact) {
   return bytes;
 }
 
+// A grow-only buffer kept by the calling thread across calls: a prefill's MoE layer needs
+// tens of MB of rows, which as fresh allocations cost page faults and zeroing in every layer
+// (~5% of a Qwen3-30B-A3B prefill here). Contents are not initialised.
+template <class T, int Slot>
+T* scratch(int64_t n) {
+  thread_local std::unique_ptr<T[]> data;
+  thread_local int64_t size = 0;
+  if (n > size) {
+    data.reset(new T[n]);
+    size = n;
+  }
+  return data.get();
+}
+
+template <class Act, class Rows>
+auto& blocks_of(Rows& rows) {
+  if constexpr (std::is_same_v<Act, Act256>)
+    return rows.k;
+  else
+    return rows.legacy;
+}
+
+// Rows `src` of quantised rows (row m of the result is row src[m]), block by block.
+inline QuantizedRows gather_rows(int64_t qtype, const QuantizedRows& from, const int64_t* src, int64_t M, int64_t K) {
+  QuantizedRows out;
+  with_format(qtype, [&](auto fmt) {
+    using F = decltype(fmt);
+    using Act = typename F::Act;
+    const int64_t nb = K / F::block_size;
+    const std::vector<Act>& in = blocks_of<Act>(from);
+    std::vector<Act>& rows = blocks_of<Act>(out);
+    rows.resize(M * nb);
+    at::parallel_for(0, M, std::max<int64_t>(1, QUANTIZE_GRAIN / std::max<int64_t>(K, 1)), [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) std::copy_n(in.begin() + src[m] * nb, nb, rows.begin() + m * nb);
+    });
+    out.data = rows.data();
+  });
+  return out;
+}
+
 // Activation rows as the route reads them: float32 as they are (exact), else int8 blocks.
-// Rows are quantised independently, so any run of them serves as a job's activations.
+// Rows are quantised independently, so any run of them serves as a job's activations. With
+// `src`, row m is row src[m] of x [T, K]: the T rows are quantised once and their blocks
+// copied (a prefill's MoE layer stacks each token's row once per routed expert).
 struct Activations {
   QuantizedRows quantized;
   const void* data;
@@ -42,6 +85,11 @@ struct Activations {
       : quantized(exact ? QuantizedRows{} : quantize_for(qtype, x, M, K, K)),
         data(exact ? static_cast<const void*>(x) : quantized.data),
         row_bytes(act_row_bytes(qtype, K, exact)) {}
+
+  Activations(int64_t qtype, const float* x, int64_t T, int64_t K, const int64_t* src, int64_t M)
+      : quantized(gather_rows(qtype, quantize_for(qtype, x, T, K, K), src, M, K)),
+        data(quantized.data),
+        row_bytes(act_row_bytes(qtype, K, false)) {}
 
   const void* row(int64_t m) const { return static_cast<const uint8_t*>(data) + m * row_bytes; }
 };
@@ -94,6 +142,12 @@ struct FfnInputs {
         up_own(types.up, x, shared_input(types, exact) ? 0 : R, D, exact),
         shared(shared_input(types, exact)) {}
 
+  // Rows src[0..R) of x [T, D], on the int8 route.
+  FfnInputs(const FfnTypes& types, const float* x, int64_t T, int64_t D, const int64_t* src, int64_t R)
+      : gate(types.gate, x, T, D, src, R),
+        up_own(types.up, x, shared_input(types, false) ? 0 : T, D, src, shared_input(types, false) ? 0 : R),
+        shared(shared_input(types, false)) {}
+
   const Activations& up() const { return shared ? gate : up_own; }
 
   static bool shared_input(const FfnTypes& types, bool exact) {
@@ -133,19 +187,18 @@ struct ExpertRun {
 
 // y [R, D] for stacked rows x [R, D]: each run's rows through its expert. Gate and up of all
 // runs form one parallel region, down of all runs a second.
-inline void run_experts(const std::vector<ExpertRun>& runs, const FfnTypes& types, const float* x, int64_t R,
+inline void run_experts(const std::vector<ExpertRun>& runs, const FfnTypes& types, const FfnInputs& in, int64_t R,
                         int64_t D, int64_t I, float* y, bool exact) {
-  const FfnInputs in(types, x, R, D, exact);
-  std::vector<float> h(R * 2 * I);  // [R, gate | up]
+  float* h = scratch<float, 0>(R * 2 * I);  // [R, gate | up]
   std::vector<Job> jobs;
   for (const ExpertRun& e : runs) {
-    jobs.push_back(Job{e.gate, types.gate, I, D, in.gate.row(e.r0), e.M, h.data() + e.r0 * 2 * I, 2 * I, exact});
-    jobs.push_back(Job{e.up, types.up, I, D, in.up().row(e.r0), e.M, h.data() + e.r0 * 2 * I + I, 2 * I, exact});
+    jobs.push_back(Job{e.gate, types.gate, I, D, in.gate.row(e.r0), e.M, h + e.r0 * 2 * I, 2 * I, exact});
+    jobs.push_back(Job{e.up, types.up, I, D, in.up().row(e.r0), e.M, h + e.r0 * 2 * I + I, 2 * I, exact});
   }
   run_jobs(jobs);
-  std::vector<float> a(R * I);
-  at::parallel_for(0, R, SILU_ROWS, [&](int64_t r0, int64_t r1) { silu_product(h.data(), I, r0, r1, a.data()); });
-  const Activations hidden(types.down, a.data(), R, I, exact);
+  float* a = scratch<float, 1>(R * I);
+  at::parallel_for(0, R, SILU_ROWS, [&](int64_t r0, int64_t r1) { silu_product(h, I, r0, r1, a); });
+  const Activations hidden(types.down, a, R, I, exact);
   jobs.clear();
   for (const ExpertRun& e : runs)
     jobs.push_back(Job{e.down, types.down, D, I, hidden.row(e.r0), e.M, y + e.r0 * D, D, exact});
@@ -177,12 +230,18 @@ inline void run_moe_layer(const float* x, int64_t T, int64_t D, int64_t I, int64
     throw std::invalid_argument("moe_layer: the experts given do not cover every routed (token, k) pair once");
   // the gather and the weighted scatter split over the threads when a prefill has many rows
   const int64_t grain = std::max<int64_t>(1, QUANTIZE_GRAIN / std::max<int64_t>(D, 1));
-  std::vector<float> xs(R * D);
-  at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) std::copy_n(x + pairs[r] / k * D, D, xs.begin() + r * D);
-  });
-  std::vector<float> ys(R * D);
-  run_experts(runs, types, xs.data(), R, D, I, ys.data(), exact);
+  float* ys = scratch<float, 2>(R * D);
+  if (exact) {
+    float* xs = scratch<float, 3>(R * D);
+    at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) std::copy_n(x + pairs[r] / k * D, D, xs + r * D);
+    });
+    run_experts(runs, types, FfnInputs(types, xs, R, D, true), R, D, I, ys, true);
+  } else {
+    std::vector<int64_t> tokens(R);
+    for (int64_t r = 0; r < R; ++r) tokens[r] = pairs[r] / k;
+    run_experts(runs, types, FfnInputs(types, x, T, D, tokens.data(), R), R, D, I, ys, false);
+  }
   at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const float w = route_weights[pairs[r]];

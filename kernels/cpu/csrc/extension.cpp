@@ -48,8 +48,8 @@ void dequantize_weight(uintptr_t weight, int64_t qtype, int64_t N, int64_t K, ui
 void expert_ffn(uintptr_t x, uintptr_t gate, uintptr_t up, uintptr_t down, int64_t gate_type, int64_t up_type,
                 int64_t down_type, int64_t T, int64_t D, int64_t I, uintptr_t y, bool exact) {
   const ExpertRun run{address<const uint8_t>(gate), address<const uint8_t>(up), address<const uint8_t>(down), 0, T};
-  run_experts({run}, FfnTypes{gate_type, up_type, down_type}, address<const float>(x), T, D, I, address<float>(y),
-              exact);
+  const FfnTypes types{gate_type, up_type, down_type};
+  run_experts({run}, types, FfnInputs(types, address<const float>(x), T, D, exact), T, D, I, address<float>(y), exact);
 }
 
 // out [T, k, D] = route_weights[t, j] * FFN_{ids[t, j]}(x[t]) for every routed expert of a
