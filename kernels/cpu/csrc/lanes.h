@@ -5,15 +5,12 @@
 // row: per 64 multiply-adds and row a u8 x s8 -> int16 product and an int16 x scale -> int32
 // one (two multiplies), because the group scales have to be applied inside the vector. Here
 // the lanes hold 8 or 16 activation rows instead: one `vpdpbusd` multiplies four weights of
-// one output row (broadcast from memory) with the same four elements of every activation
+// one output row (u8, broadcast from memory) with the same four elements (s8) of every activation
 // row, so a group's sum needs no scale inside it, and the scale is applied once per group of
 // 16 or 32 elements and output row (`vpmulld`). A tile of 8 weight rows is decoded once into
 // L1 (the same decode_regs as fused_rows) and serves every pass of activation rows.
-//
-// vpdpbusd multiplies u8 by s8. For the narrow formats (every u <= 127) the weights are the
-// signed operand and the activations go in as q + 128 (u8); the extra 128 sum_j sc_j (sum of
-// u over group j) of a block is a constant of the weight row, computed at decode and
-// subtracted once. Wide formats (u up to 255) broadcast u as the unsigned operand instead.
+// (Activations as q + 128 and the weights as the signed operand, which would let the
+// broadcast fold into vpdpbusd, measured the same here: broadcasts from memory cost no ALU.)
 // The integers are those of fused_rows (sum_j sc_j (u . q)_j and sum_j mn_j bsum_j per block);
 // only the float sums over blocks run in another order.
 #pragma once
@@ -26,6 +23,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace moestream_cpu {
@@ -80,7 +78,6 @@ struct LaneTile {
   std::vector<int32_t> u;   // 64 words of four u8 per (block, row)
   std::vector<int32_t> sc;  // 16 group scales per (block, row)
   std::vector<int32_t> mn;  // 8 pairs of int16 group mins per (block, row)
-  std::vector<int32_t> base;  // -128 sum_j sc_j (sum of u over group j) per (block, row): narrow
   std::vector<float> d, dmin;
 
   void resize(int64_t nb) {
@@ -88,23 +85,21 @@ struct LaneTile {
     u.resize(n * KGROUPS);
     sc.resize(n * NGROUP);
     mn.resize(n * NGROUP / 2);
-    base.resize(n);
     d.resize(n);
     dmin.resize(n);
   }
 };
 
 // A pass of up to L activation rows, block-major, lane = row: [block][four-element group][L]
-// words of four int8 (or, `shifted`, of four q + 128 in u8), [block][pair of 16-groups][L]
-// int16 pairs of block sums, [block][L] scales. Lanes past the pass's rows have dx = 0.
+// words of four int8, [block][pair of 16-groups][L] int16 pairs of block sums, [block][L]
+// scales. Lanes past the pass's rows are zero.
 template <int L>
 struct LanePass {
   std::vector<int32_t> q, bsum;
   std::vector<float> dx;
 
-  void fill(const Act256* act, int64_t nb, int64_t rows, bool shifted) {
-    const int32_t shift = shifted ? static_cast<int32_t>(0x80808080u) : 0;
-    q.assign(nb * KGROUPS * L, shift);
+  void fill(const Act256* act, int64_t nb, int64_t rows) {
+    q.assign(nb * KGROUPS * L, 0);
     bsum.assign(nb * NGROUP / 2 * L, 0);
     dx.assign(nb * L, 0.0f);
     for (int64_t m = 0; m < rows; ++m)
@@ -113,40 +108,26 @@ struct LanePass {
         int32_t words[KGROUPS], pairs[NGROUP / 2];
         std::memcpy(words, a.q, sizeof(words));
         std::memcpy(pairs, a.bsum, sizeof(pairs));
-        for (int g = 0; g < KGROUPS; ++g) q[(b * KGROUPS + g) * L + m] = words[g] ^ shift;
+        for (int g = 0; g < KGROUPS; ++g) q[(b * KGROUPS + g) * L + m] = words[g];
         for (int p = 0; p < NGROUP / 2; ++p) bsum[(b * NGROUP / 2 + p) * L + m] = pairs[p];
         dx[b * L + m] = a.d;
       }
   }
 };
 
-// The sums of eight 16-lane vectors as the eight lanes of one (a transposing tree of
-// horizontal adds instead of eight reductions).
-inline __m256i sum_each(const __m512i v[8]) {
-  __m256i h[8];
-  for (int r = 0; r < 8; ++r) h[r] = _mm256_add_epi32(_mm512_castsi512_si256(v[r]), _mm512_extracti64x4_epi64(v[r], 1));
-  const __m256i b0 = _mm256_hadd_epi32(_mm256_hadd_epi32(h[0], h[1]), _mm256_hadd_epi32(h[2], h[3]));
-  const __m256i b1 = _mm256_hadd_epi32(_mm256_hadd_epi32(h[4], h[5]), _mm256_hadd_epi32(h[6], h[7]));
-  return _mm256_add_epi32(_mm256_permute2x128_si256(b0, b1, 0x20), _mm256_permute2x128_si256(b0, b1, 0x31));
-}
-
 // Decodes weight rows [0, rows) of the tile (rows <= LANE_TILE_ROWS; the rest are zeros).
 template <class Format>
 void decode_tile(const uint8_t* weight, int64_t row_bytes, int64_t nb, int64_t rows, LaneTile& t) {
   constexpr int R = LANE_TILE_ROWS;
-  static_assert(R == 8, "sum_each reduces eight rows");
   // Raw pointers: the vector stores may alias anything, so vector members would be reloaded.
   int32_t* const tu = t.u.data();
   int32_t* const tsc = t.sc.data();
   int32_t* const tmn = t.mn.data();
-  int32_t* const tbase = t.base.data();
   float* const td = t.d.data();
   float* const tdmin = t.dmin.data();
-  for (int64_t b = 0; b < nb; ++b) {
-    __m512i sums[R];
+  for (int64_t b = 0; b < nb; ++b)
     for (int64_t r = 0; r < R; ++r) {
       const int64_t i = b * R + r;
-      sums[r] = _mm512_setzero_si512();
       if (r >= rows) {
         std::fill_n(tu + i * KGROUPS, KGROUPS, 0);
         std::fill_n(tsc + i * NGROUP, NGROUP, 0);
@@ -156,19 +137,12 @@ void decode_tile(const uint8_t* weight, int64_t row_bytes, int64_t nb, int64_t r
       }
       Regs256 regs;
       Format::decode_regs(weight + r * row_bytes + b * Format::type_size, regs);
-      if constexpr (Format::narrow)  // sum_j sc_j (sum of u over group j): 4-element sums x lane scales
-        for (int k = 0; k < 4; ++k)
-          sums[r] = _mm512_add_epi32(
-              sums[r], _mm512_mullo_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), regs.u[k], _mm512_set1_epi8(1)),
-                                          regs.sc[k]));
       for (int k = 0; k < 4; ++k) _mm512_storeu_si512(tu + i * KGROUPS + 16 * k, regs.u[k]);
       _mm512_storeu_si512(tsc + i * NGROUP, regs.sc16);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(tmn + i * NGROUP / 2), regs.mn);
       td[i] = regs.d;
       tdmin[i] = regs.dmin;
     }
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(tbase + b * R), _mm256_mullo_epi32(sum_each(sums), _mm256_set1_epi32(-128)));
-  }
 }
 
 // out[r * L + lane] = the tile's row r dotted with the pass's row `lane`. GS: elements per
@@ -176,7 +150,7 @@ void decode_tile(const uint8_t* weight, int64_t row_bytes, int64_t nb, int64_t r
 // weight bytes [ahead, ahead + ahead_bytes) are prefetched over the blocks: decoding a tile
 // is a burst of loads that the out-of-order window alone leaves waiting on DRAM (it took as
 // long as the dots without this).
-template <int L, int GS, bool narrow>
+template <int L, int GS>
 void lane_tile(const LaneTile& t, const LanePass<L>& a, int64_t nb, float* out, const uint8_t* ahead,
                int64_t ahead_bytes) {
   const int64_t ahead_step = (ahead_bytes / nb + 63) / 64 * 64;
@@ -191,18 +165,14 @@ void lane_tile(const LaneTile& t, const LanePass<L>& a, int64_t nb, float* out, 
     const int32_t* sc = &t.sc[b * R * NGROUP];
     const int32_t* q = &a.q[b * KGROUPS * L];
     typename V::I s1[R], p[R];
-    for (int r = 0; r < R; ++r) s1[r] = V::set1(t.base[b * R + r]);
+    for (int r = 0; r < R; ++r) s1[r] = V::zero();
     for (int j = 0; j < NGROUP; j += GS / GROUP) {
       for (int r = 0; r < R; ++r) p[r] = V::zero();
 #pragma GCC unroll 8
       for (int i = 0; i < GS / 4; ++i) {
         const int g = 4 * j + i;
         const typename V::I codes = V::load(q + g * L);
-        for (int r = 0; r < R; ++r)
-          if constexpr (narrow)  // u <= 127 as the signed operand, broadcast from memory: (q + 128) . u
-            p[r] = V::dpbusd(p[r], codes, V::set1(u[r * KGROUPS + g]));
-          else
-            p[r] = V::dpbusd(p[r], V::set1(u[r * KGROUPS + g]), codes);
+        for (int r = 0; r < R; ++r) p[r] = V::dpbusd(p[r], V::set1(u[r * KGROUPS + g]), codes);
       }
       for (int r = 0; r < R; ++r) s1[r] = V::mac(s1[r], p[r], V::set1(sc[r * NGROUP + j]));
     }
@@ -247,7 +217,7 @@ void lane_rows(const Job& job, int64_t n0, int64_t n1) {
   std::vector<int64_t> first(passes + 1);
   for (int64_t p = 0; p < passes; ++p) {
     first[p + 1] = first[p] + (job.M - first[p]) / (passes - p);
-    pass_buf[p].fill(act + first[p] * nb, nb, first[p + 1] - first[p], Format::narrow);
+    pass_buf[p].fill(act + first[p] * nb, nb, first[p + 1] - first[p]);
   }
   tile.resize(nb);
   alignas(64) float out[R * L];
@@ -256,7 +226,7 @@ void lane_rows(const Job& job, int64_t n0, int64_t n1) {
     decode_tile<Format>(job.weight + n * row_bytes, row_bytes, nb, rows, tile);
     const int64_t next = std::min<int64_t>(R, n1 - n - rows);  // the next tile's rows
     for (int64_t p = 0; p < passes; ++p) {
-      lane_tile<L, ScaleGroup<Format>::value, Format::narrow>(tile, pass_buf[p], nb, out, job.weight + (n + R) * row_bytes,
+      lane_tile<L, ScaleGroup<Format>::value>(tile, pass_buf[p], nb, out, job.weight + (n + R) * row_bytes,
                                               p == 0 ? next * row_bytes : 0);
       for (int64_t m = first[p]; m < first[p + 1]; ++m)
         for (int64_t r = 0; r < rows; ++r) job.y[m * job.ldy + n + r] = out[r * L + (m - first[p])];

@@ -224,10 +224,6 @@ void run_exact(const Job& job, int64_t n0, int64_t n1) {
 // Bytes of weights (times activation rows) per parallel task: small matrices stay on one core.
 constexpr int64_t TASK_WORK = 64 * 1024;
 
-// The jobs' output rows as one index space, each row weighted by its work (K * M): threads
-// get equal shares of work even when jobs differ in M (a layer's experts during prefill).
-// Thread ranges cut between rows; a row belongs to the range holding its start, and every
-// output element is computed the same way whichever thread computes it.
 // The cost of one output row per K element, in quarters of an activation row's dot: passes
 // of activation rows in lanes cost by the pass, not by the row (lanes.h; measured on Q4_K and
 // Q6_K [768, 2048] from DRAM: a tile's decode ~3 rows, an 8-lane pass ~4.4, a 16-lane one ~8).
@@ -243,6 +239,10 @@ inline int64_t row_cost(const Job& job) {
   return cost;
 }
 
+// The jobs' output rows as one index space, each row weighted by its work (K * row_cost):
+// threads get equal shares of work even when jobs differ in M (a layer's experts during
+// prefill). Thread ranges cut between rows; a row belongs to the range holding its start,
+// and every output element is computed the same way whichever thread computes it.
 inline void run_jobs(const std::vector<Job>& jobs) {
   int64_t total_work = 0;
   for (const Job& job : jobs) total_work += job.N * job.K * row_cost(job);
