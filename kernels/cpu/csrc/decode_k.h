@@ -106,7 +106,6 @@ inline void set_affine_k(const uint8_t* block, Decoded256& out) {
 
 struct Q4K : SuperBlockFormat {
   static constexpr int type_size = 144;
-  static constexpr int scale_group = 32;  // one 6-bit scale and min per 32 elements
   static void decode(const uint8_t* block, Decoded256& out) {
     const uint8_t* qs = block + 16;
     for (int c = 0; c < 4; ++c)  // 32 bytes: low nibbles, then high nibbles, 64 elements
@@ -120,7 +119,6 @@ struct Q4K : SuperBlockFormat {
 
 struct Q5K : SuperBlockFormat {
   static constexpr int type_size = 176;
-  static constexpr int scale_group = 32;  // one 6-bit scale and min per 32 elements
   static void decode(const uint8_t* block, Decoded256& out) {
     const uint8_t* qh = block + 16;
     const uint8_t* qs = block + 48;

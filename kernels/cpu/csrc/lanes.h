@@ -115,6 +115,46 @@ struct LanePass {
   }
 };
 
+// Bumped by each thread as it starts its share of a parallel region (matmul.h: run_jobs):
+// within one share the activation rows a job points to do not change.
+inline uint64_t& lane_epoch() {
+  thread_local uint64_t epoch = 1;
+  return epoch;
+}
+
+// A job's activation rows as passes of up to L lanes (equal passes: 20 rows as 10 + 10),
+// kept by the thread while its jobs in one region read the same rows (an expert's gate and
+// up, an attention layer's q, k and v): the transposition is done once, not once per job.
+template <int L>
+struct LanePasses {
+  std::vector<LanePass<L>> pass;
+  std::vector<int64_t> first;  // pass p holds rows [first[p], first[p + 1])
+  const void* act = nullptr;
+  int64_t M = 0, nb = 0;
+  uint64_t epoch = 0;
+
+  static LanePasses& of(const Job& job, int64_t nb) {
+    thread_local LanePasses kept;
+    if (kept.act != job.act || kept.M != job.M || kept.nb != nb || kept.epoch != lane_epoch()) {
+      const int64_t passes = (job.M + L - 1) / L;
+      if (static_cast<int64_t>(kept.pass.size()) < passes) kept.pass.resize(passes);
+      kept.first.assign(passes + 1, 0);
+      const Act256* act = static_cast<const Act256*>(job.act);
+      for (int64_t p = 0; p < passes; ++p) {
+        kept.first[p + 1] = kept.first[p] + (job.M - kept.first[p]) / (passes - p);
+        kept.pass[p].fill(act + kept.first[p] * nb, nb, kept.first[p + 1] - kept.first[p]);
+      }
+      kept.act = job.act;
+      kept.M = job.M;
+      kept.nb = nb;
+      kept.epoch = lane_epoch();
+    }
+    return kept;
+  }
+
+  int64_t passes() const { return static_cast<int64_t>(first.size()) - 1; }
+};
+
 // Decodes weight rows [0, rows) of the tile (rows <= LANE_TILE_ROWS; the rest are zeros).
 template <class Format>
 void decode_tile(const uint8_t* weight, int64_t row_bytes, int64_t nb, int64_t rows, LaneTile& t) {
@@ -209,24 +249,17 @@ void lane_rows(const Job& job, int64_t n0, int64_t n1) {
   constexpr int R = LANE_TILE_ROWS;
   const int64_t nb = job.K / QK;
   const int64_t row_bytes = nb * Format::type_size;
-  const int64_t passes = (job.M + L - 1) / L;
-  const Act256* act = static_cast<const Act256*>(job.act);
-  thread_local std::vector<LanePass<L>> pass_buf;
+  const LanePasses<L>& passes = LanePasses<L>::of(job, nb);
+  const std::vector<int64_t>& first = passes.first;
   thread_local LaneTile tile;
-  if (static_cast<int64_t>(pass_buf.size()) < passes) pass_buf.resize(passes);
-  std::vector<int64_t> first(passes + 1);
-  for (int64_t p = 0; p < passes; ++p) {
-    first[p + 1] = first[p] + (job.M - first[p]) / (passes - p);
-    pass_buf[p].fill(act + first[p] * nb, nb, first[p + 1] - first[p]);
-  }
   tile.resize(nb);
   alignas(64) float out[R * L];
   for (int64_t n = n0; n < n1; n += R) {
     const int64_t rows = std::min<int64_t>(R, n1 - n);
     decode_tile<Format>(job.weight + n * row_bytes, row_bytes, nb, rows, tile);
     const int64_t next = std::min<int64_t>(R, n1 - n - rows);  // the next tile's rows
-    for (int64_t p = 0; p < passes; ++p) {
-      lane_tile<L, ScaleGroup<Format>::value>(tile, pass_buf[p], nb, out, job.weight + (n + R) * row_bytes,
+    for (int64_t p = 0; p < passes.passes(); ++p) {
+      lane_tile<L, ScaleGroup<Format>::value>(tile, passes.pass[p], nb, out, job.weight + (n + R) * row_bytes,
                                               p == 0 ? next * row_bytes : 0);
       for (int64_t m = first[p]; m < first[p + 1]; ++m)
         for (int64_t r = 0; r < rows; ++r) job.y[m * job.ldy + n + r] = out[r * L + (m - first[p])];

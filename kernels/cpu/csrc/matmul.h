@@ -248,6 +248,9 @@ inline void run_jobs(const std::vector<Job>& jobs) {
   for (const Job& job : jobs) total_work += job.N * job.K * row_cost(job);
   const int64_t grain = 8 * TASK_WORK;  // work counts quarter elements: ~2 elements per byte of the K-quants
   at::parallel_for(0, total_work, grain, [&](int64_t begin, int64_t end) {
+#ifdef MOESTREAM_AVX512_VNNI
+    ++lane_epoch();  // activation rows transposed for lanes are reused within this share only
+#endif
     int64_t offset = 0;
     for (const Job& job : jobs) {
       const int64_t row_work = job.K * row_cost(job);
