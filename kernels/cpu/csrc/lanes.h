@@ -68,8 +68,8 @@ struct Lanes<8> {
   static void fstore(float* p, F v) { _mm256_storeu_ps(p, v); }
 };
 
-// Weight rows per tile: their accumulators, group sums and running float sums fill 24 of the
-// 32 vector registers.
+// Weight rows per tile: their group and block sums take 16 of the 32 vector registers (the
+// float sums over blocks live in L1: lane_tile).
 constexpr int LANE_TILE_ROWS = 8;
 constexpr int KGROUPS = QK / 4;  // four-element groups per super-block (one vpdpbusd lane each)
 
@@ -273,9 +273,12 @@ void lane_rows(const Job& job, int64_t n0, int64_t n1) {
 #define MOESTREAM_LANE_MIN_ROWS 8
 #endif
 
+// Lanes per pass for M activation rows: 8 (ymm) up to 8 rows, else 16 (zmm).
+inline int lane_width(int64_t M) { return M <= 8 ? 8 : 16; }
+
 template <class Format>
 void run_lanes(const Job& job, int64_t n0, int64_t n1) {
-  if (job.M <= 8)
+  if (lane_width(job.M) == 8)
     lane_rows<Format, 8>(job, n0, n1);
   else
     lane_rows<Format, 16>(job, n0, n1);

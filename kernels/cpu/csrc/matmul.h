@@ -233,7 +233,7 @@ inline int64_t row_cost(const Job& job) {
   if (!job.exact && job.M >= MOESTREAM_LANE_MIN_ROWS)
     with_format(job.qtype, [&](auto fmt) {
       if constexpr (std::is_same_v<typename decltype(fmt)::Act, Act256>)
-        cost = job.M <= 8 ? 30 : 12 + 32 * ((job.M + 15) / 16);
+        cost = lane_width(job.M) == 8 ? 30 : 12 + 32 * ((job.M + 15) / 16);
     });
 #endif
   return cost;
